@@ -1,0 +1,23 @@
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test train bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -n 2 --dist loadfile -q
+
+bench: install
+	JAX_PLATFORMS=cpu $(BIN)/lime-jax bench --depths 8,16,32,64,128 --json runs/bench.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

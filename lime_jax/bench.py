@@ -1,0 +1,158 @@
+"""`lime-jax bench`: memory, FLOPs, compile and step time of a full training step vs depth.
+
+For each depth, the baseline (`none`) and LIMe (`kv-static`) train steps (loss, gradient, AdamW
+update) are compiled at one fixed shape. Reported per point:
+- temp_bytes: compiled `memory_analysis().temp_size_in_bytes` (deterministic);
+- flops: `cost_analysis()` of the same step lowered with the layer scan unrolled. XLA's
+  cost analysis counts a while-loop body once, so the scanned program under-reports;
+  unrolling the scan keeps the same operations and makes the count honest;
+- compile_s: lowering + compiling the scanned step;
+- step_s: median wall time of `--steps` executed steps after one warm-up.
+Ratios LIMe/baseline come from the same run, so a noisy shared machine affects both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lime_jax import flops
+from lime_jax.config import ModelConfig
+from lime_jax.optimizer import OptimConfig, make_optimizer
+from lime_jax.step import init_train_state, train_step
+
+RECORD_KEYS = ("router", "depth", "width", "temp_bytes", "flops", "compile_s", "step_s")
+
+
+def _cost_flops(lowered_or_compiled) -> float:
+  cost = lowered_or_compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost["flops"])
+
+
+def bench_point(cfg: ModelConfig, batch: int, steps: int, seed: int = 0) -> dict[str, Any]:
+  tx = make_optimizer(OptimConfig(total_steps=1000, warmup_steps=10))
+  step_fn = functools.partial(train_step, model_cfg=cfg, tx=tx)
+  rng = jax.random.key(seed)
+  state = jax.jit(init_train_state, static_argnums=(0, 1))(cfg, tx, rng)
+  tokens = np.random.default_rng(seed).integers(0, cfg.V, (batch, cfg.T + 1), dtype=np.int32)
+  batch_arrays = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:])}
+
+  jitted = jax.jit(step_fn, donate_argnums=(0,))
+  start = time.perf_counter()
+  compiled = jitted.lower(state, batch_arrays).compile()
+  compile_s = time.perf_counter() - start
+  temp_bytes = int(compiled.memory_analysis().temp_size_in_bytes)
+
+  unrolled_step = functools.partial(train_step, model_cfg=cfg.replace(scan_unroll=cfg.L), tx=tx)
+  step_flops = _cost_flops(jax.jit(unrolled_step).lower(state, batch_arrays))
+
+  times = []
+  for i in range(steps + 1):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch_arrays)
+    jax.block_until_ready(metrics["loss"])
+    if i:  # the first call pays one-off allocation costs
+      times.append(time.perf_counter() - start)
+  if not np.isfinite(float(metrics["loss"])):
+    raise RuntimeError(f"bench: non-finite loss at router={cfg.router} depth={cfg.L}")
+  return {"router": cfg.router, "depth": cfg.L, "width": cfg.D, "temp_bytes": temp_bytes,
+          "flops": step_flops, "compile_s": compile_s, "step_s": statistics.median(times)}
+
+
+def ratio_rows(records: list[dict[str, Any]], batch: int) -> list[dict[str, Any]]:
+  """LIMe/baseline ratios per depth, and LIMe's FLOP overhead against the spec formula."""
+  by_key = {(r["router"], r["depth"]): r for r in records}
+  rows = []
+  for depth in sorted({r["depth"] for r in records}):
+    base, lime = by_key.get(("none", depth)), by_key.get(("kv-static", depth))
+    if not (base and lime):
+      continue
+    cfg = lime["_cfg"]
+    formula = flops.routing_train_flops(cfg, batch * cfg.T)
+    rows.append({
+        "depth": depth,
+        "mem_ratio": lime["temp_bytes"] / base["temp_bytes"],
+        "step_ratio": lime["step_s"] / base["step_s"],
+        "compile_ratio": lime["compile_s"] / base["compile_s"],
+        "flops_overhead": lime["flops"] - base["flops"],
+        "flops_overhead_formula": formula,
+    })
+  return rows
+
+
+def format_tables(records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+  lines = ["| router | depth | width | temp MiB | GFLOPs/step | compile s | step s |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+  for r in records:
+    lines.append(f"| {r['router']} | {r['depth']} | {r['width']} | {r['temp_bytes'] / 2**20:.1f} |"
+                 f" {r['flops'] / 1e9:.2f} | {r['compile_s']:.2f} | {r['step_s']:.3f} |")
+  lines += ["", "| depth | LIMe/base temp mem | LIMe/base step time | LIMe/base compile |"
+            " routing GFLOPs measured | spec formula | measured/formula |",
+            "|---:|---:|---:|---:|---:|---:|---:|"]
+  for row in rows:
+    lines.append(
+        f"| {row['depth']} | {row['mem_ratio']:.3f} | {row['step_ratio']:.3f} |"
+        f" {row['compile_ratio']:.3f} | {row['flops_overhead'] / 1e9:.3f} |"
+        f" {row['flops_overhead_formula'] / 1e9:.3f} |"
+        f" {row['flops_overhead'] / row['flops_overhead_formula']:.3f} |")
+  return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--depths", default="8,16,32,64,128", help="comma-separated layer counts")
+  parser.add_argument("--routers", default="none,kv-static")
+  parser.add_argument("--width", type=int, default=256)
+  parser.add_argument("--heads", type=int, default=4)
+  parser.add_argument("--kv-heads", type=int, default=4)
+  parser.add_argument("--mlp", type=int, default=1024)
+  parser.add_argument("--vocab", type=int, default=256, help="256 = byte vocabulary")
+  parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--length", type=int, default=256)
+  parser.add_argument("--steps", type=int, default=3, help="timed steps per point (median)")
+  parser.add_argument("--remat", default="none")
+  parser.add_argument("--json", default=None, help="write the records to this JSON file")
+
+
+def _parse_ints(text: str, flag: str) -> list[int]:
+  try:
+    values = [int(v) for v in text.split(",") if v.strip()]
+  except ValueError:
+    raise SystemExit(f"lime-jax bench: {flag} must be comma-separated integers, got {text!r}")
+  if not values or min(values) < 1:
+    raise SystemExit(f"lime-jax bench: {flag} needs positive integers, got {text!r}")
+  return values
+
+
+def run(args: argparse.Namespace) -> int:
+  depths = _parse_ints(args.depths, "--depths")
+  routers = [r.strip() for r in args.routers.split(",") if r.strip()]
+  records = []
+  for depth in depths:
+    for router in routers:
+      try:
+        cfg = ModelConfig(V=args.vocab, D=args.width, L=depth, H=args.heads, R=args.kv_heads,
+                          F=args.mlp, T=args.length, router=router, remat_policy=args.remat)
+      except ValueError as err:
+        raise SystemExit(f"lime-jax bench: {err}")
+      record = bench_point(cfg, args.batch, args.steps)
+      print(f"router={router:9s} depth={depth:4d} temp={record['temp_bytes'] / 2**20:9.1f} MiB"
+            f" flops={record['flops'] / 1e9:9.2f} G compile={record['compile_s']:6.2f} s"
+            f" step={record['step_s']:7.3f} s", flush=True)
+      records.append(dict(record, _cfg=cfg))
+  rows = ratio_rows(records, args.batch)
+  print()
+  print(format_tables(records, rows))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump([{k: r[k] for k in RECORD_KEYS} for r in records], f, indent=1)
+  return 0

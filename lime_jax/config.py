@@ -1,0 +1,136 @@
+"""Model configuration: one frozen dataclass, validated on construction.
+
+Field names follow the axis letters used in tensor names throughout the package:
+V vocab, D width, L layers, H query heads, R key/value heads, Hd head size, F MLP width,
+T maximum length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+ROUTERS = ("none", "kv-static")
+REMAT_POLICIES = ("none", "full", "dots", "save_proj")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A decoder-only Llama-style model, optionally with LIMe key/value routing."""
+
+  V: int = 256  # vocabulary size
+  D: int = 256  # model width
+  L: int = 8  # layers
+  H: int = 4  # query heads
+  R: int | None = None  # key/value heads (None: same as H, i.e. MHA)
+  Hd: int | None = None  # head size (None: D // H)
+  F: int = 1024  # SwiGLU hidden width
+  T: int = 256  # maximum sequence length (RoPE tables)
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = True
+  param_dtype: str = "float32"
+  compute_dtype: str = "float32"
+  router: str = "kv-static"
+  scan_layers: bool = True
+  scan_unroll: int = 1  # layers per scan iteration (L = straight-line code, same math)
+  remat_policy: str = "none"
+
+  def __post_init__(self):
+    for name in ("V", "D", "L", "H", "F", "T", "scan_unroll"):
+      _require_positive_int(name, getattr(self, name))
+    if self.R is None:
+      object.__setattr__(self, "R", self.H)
+    _require_positive_int("R", self.R)
+    if self.Hd is None:
+      if self.D % self.H:
+        raise ValueError(
+            f"ModelConfig.Hd: not given and D={self.D} is not divisible by H={self.H};"
+            " set Hd explicitly")
+      object.__setattr__(self, "Hd", self.D // self.H)
+    _require_positive_int("Hd", self.Hd)
+    if self.H % self.R:
+      raise ValueError(
+          f"ModelConfig.R: H={self.H} query heads must be divisible by R={self.R} kv heads")
+    if self.H * self.Hd != self.D:
+      raise ValueError(
+          f"ModelConfig.Hd: H*Hd={self.H}*{self.Hd}={self.H * self.Hd} must equal D={self.D}")
+    if self.Hd % 2:
+      raise ValueError(f"ModelConfig.Hd: RoPE needs an even head size, got {self.Hd}")
+    if self.router not in ROUTERS:
+      raise ValueError(f"ModelConfig.router: unknown router {self.router!r}; choose from {ROUTERS}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(
+          f"ModelConfig.remat_policy: unknown policy {self.remat_policy!r};"
+          f" choose from {REMAT_POLICIES}")
+    for name in ("param_dtype", "compute_dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(
+            f"ModelConfig.{name}: unknown dtype {getattr(self, name)!r}; choose from {DTYPES}")
+    if not self.rope_theta > 0:
+      raise ValueError(f"ModelConfig.rope_theta: must be > 0, got {self.rope_theta}")
+    if not self.norm_eps > 0:
+      raise ValueError(f"ModelConfig.norm_eps: must be > 0, got {self.norm_eps}")
+
+  @property
+  def is_lime(self) -> bool:
+    return self.router != "none"
+
+  def replace(self, **changes: Any) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any], where: str = "model") -> "ModelConfig":
+    """Builds a config from a mapping; unknown keys and wrong types raise ValueError."""
+    return build_dataclass(cls, values, where)
+
+
+def _require_positive_int(name: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"ModelConfig.{name}: must be a positive integer, got {value!r}")
+
+
+def build_dataclass(cls, values: Mapping[str, Any], where: str):
+  """Instantiates a frozen config dataclass from plain data with strict key and type checks."""
+  if not isinstance(values, Mapping):
+    raise ValueError(f"{where}: expected a mapping, got {type(values).__name__}")
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - set(fields))
+  if unknown:
+    raise ValueError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
+  kwargs = {}
+  for key, value in values.items():
+    kwargs[key] = _check_type(f"{where}.{key}", fields[key].type, value)
+  return cls(**kwargs)
+
+
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _check_type(where: str, annotation: Any, value: Any) -> Any:
+  """Checks a value against a simple string annotation ('int', 'int | None', 'float', ...)."""
+  text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+  options = [t.strip() for t in text.split("|")]
+  if value is None:
+    if "None" in options:
+      return None
+    raise ValueError(f"{where}: must not be null (expected {text})")
+  for option in options:
+    kind = _SCALARS.get(option)
+    if kind is None:
+      continue
+    if kind is bool and isinstance(value, bool):
+      return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+      return value
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    if kind is str and isinstance(value, str):
+      return value
+  if not any(o in _SCALARS for o in options):  # containers: accept as given
+    return value
+  raise ValueError(f"{where}: expected {text}, got {type(value).__name__} {value!r}")

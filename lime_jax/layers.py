@@ -1,0 +1,108 @@
+"""Building blocks shared by every layer: RMSNorm, RoPE, causal GQA attention, SwiGLU MLP."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from jax.ad_checkpoint import checkpoint_name
+
+from lime_jax.config import ModelConfig
+
+normal_init = nn.initializers.normal(stddev=0.02)
+
+
+def dtype_of(name: str) -> jnp.dtype:
+  return jnp.dtype(name)
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm computed in float32, returned in the compute dtype."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    scale_D = self.param("scale", nn.initializers.ones, (x_BxTxD.shape[-1],),
+                         dtype_of(self.cfg.param_dtype))
+    x32_BxTxD = x_BxTxD.astype(jnp.float32)
+    rms_BxTx1 = jax.lax.rsqrt(jnp.mean(jnp.square(x32_BxTxD), axis=-1, keepdims=True)
+                              + self.cfg.norm_eps)
+    y_BxTxD = x32_BxTxD * rms_BxTx1 * scale_D.astype(jnp.float32)
+    return y_BxTxD.astype(dtype_of(self.cfg.compute_dtype))
+
+
+def apply_rope(x_BxTxNxHd: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+  """Rotates query or key heads by their positions; math in float32."""
+  Hd = x_BxTxNxHd.shape[-1]
+  inv_freq_Hd2 = 1.0 / (theta ** (jnp.arange(0, Hd, 2, dtype=jnp.float32) / Hd))
+  angle_BxTxHd2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_Hd2
+  angle_BxTx1xHd = jnp.concatenate([angle_BxTxHd2, angle_BxTxHd2], axis=-1)[:, :, None, :]
+  x32 = x_BxTxNxHd.astype(jnp.float32)
+  half = Hd // 2
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  out = x32 * jnp.cos(angle_BxTx1xHd) + rotated * jnp.sin(angle_BxTx1xHd)
+  return out.astype(x_BxTxNxHd.dtype)
+
+
+def causal_attention(q_BxTxHxHd: jax.Array, k_BxSxRxHd: jax.Array, v_BxSxRxHd: jax.Array,
+                     q_positions_BxT: jax.Array, k_positions_BxS: jax.Array) -> jax.Array:
+  """Grouped-query causal attention; logits and softmax in float32.
+
+  A key at position s is visible to a query at position t iff s <= t, so the same function
+  serves a full forward (S == T) and cached decoding (S is the cache length).
+  """
+  B, T, H, Hd = q_BxTxHxHd.shape
+  R = k_BxSxRxHd.shape[2]
+  q_BxTxRxGxHd = q_BxTxHxHd.reshape(B, T, R, H // R, Hd)
+  logits_BxRxGxTxS = jnp.einsum("btrgd,bsrd->brgts", q_BxTxRxGxHd, k_BxSxRxHd,
+                                preferred_element_type=jnp.float32) / jnp.sqrt(Hd).astype(jnp.float32)
+  visible_BxTxS = k_positions_BxS[:, None, :] <= q_positions_BxT[:, :, None]
+  logits_BxRxGxTxS = jnp.where(visible_BxTxS[:, None, None], logits_BxRxGxTxS,
+                               jnp.finfo(jnp.float32).min)
+  probs_BxRxGxTxS = jax.nn.softmax(logits_BxRxGxTxS, axis=-1).astype(v_BxSxRxHd.dtype)
+  out_BxTxRxGxHd = jnp.einsum("brgts,bsrd->btrgd", probs_BxRxGxTxS, v_BxSxRxHd)
+  return out_BxTxRxGxHd.reshape(B, T, H, Hd)
+
+
+class Mlp(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    pdt, cdt = dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype)
+    gate_up_Dx2xF = self.param("gate_up", normal_init, (cfg.D, 2, cfg.F), pdt)
+    down_FxD = self.param("down", normal_init, (cfg.F, cfg.D), pdt)
+    h_BxTx2xF = jnp.einsum("btd,dkf->btkf", x_BxTxD, gate_up_Dx2xF.astype(cdt))
+    h_BxTx2xF = checkpoint_name(h_BxTx2xF, "mlp_hidden")
+    h_BxTxF = nn.silu(h_BxTx2xF[:, :, 0]) * h_BxTx2xF[:, :, 1]
+    return jnp.einsum("btf,fd->btd", h_BxTxF, down_FxD.astype(cdt))
+
+
+class Attention(nn.Module):
+  """Query projection, RoPE, causal attention over given (routed) keys/values, output projection.
+
+  The key/value projection lives in the layer, because LIMe routes the raw kv across layers
+  before attention sees them.
+  """
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array, kv_BxSxRx2xHd: jax.Array, q_positions_BxT: jax.Array,
+               k_positions_BxS: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    pdt, cdt = dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype)
+    q_proj_DxHxHd = self.param("q_proj", normal_init, (cfg.D, cfg.H, cfg.Hd), pdt)
+    o_proj_HxHdxD = self.param("o_proj", normal_init, (cfg.H, cfg.Hd, cfg.D), pdt)
+    q_BxTxHxHd = jnp.einsum("btd,dhk->bthk", x_BxTxD, q_proj_DxHxHd.astype(cdt))
+    q_BxTxHxHd = checkpoint_name(q_BxTxHxHd, "q_proj")
+    q_BxTxHxHd = apply_rope(q_BxTxHxHd, q_positions_BxT, cfg.rope_theta)
+    k_BxSxRxHd = apply_rope(kv_BxSxRx2xHd[:, :, :, 0], k_positions_BxS, cfg.rope_theta)
+    v_BxSxRxHd = kv_BxSxRx2xHd[:, :, :, 1]
+    out_BxTxHxHd = causal_attention(q_BxTxHxHd, k_BxSxRxHd, v_BxSxRxHd, q_positions_BxT,
+                                    k_positions_BxS)
+    return jnp.einsum("bthk,hkd->btd", out_BxTxHxHd.astype(cdt), o_proj_HxHdxD.astype(cdt))

@@ -1,0 +1,86 @@
+"""LIMe key/value routing (the paper's v2, `router: kv-static`) in push form.
+
+The spec's router W_l [R, l+1, R] belongs to reader layer l. Under `nn.scan` each layer only
+sees its own parameter slice, so we store the same numbers indexed by *source* layer:
+
+    push_l[i, r, s] = W_i[r, l, s]      shape [L, R, R] for every layer l
+
+Layer l adds its raw kv, mixed by push_l, into one accumulator slot per reader layer i, then
+reads its own slot. Additions need no saved copies under reverse-mode autodiff, so training
+memory stays linear in depth (spec section 5), unlike a carried buffer that every layer reads.
+Entries with reader i < l are masked to exactly zero, so every layer has one shape; the
+layer-0 self entry is the fixed identity (layer 0 does no routing), not a parameter.
+
+All routing math runs in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def learnable_mask(L: int) -> np.ndarray:
+  """Boolean [L_src, L_reader]: True where push weight (source j, reader i) is a parameter."""
+  mask_LxL = np.tril(np.ones((L, L), dtype=bool)).T  # source j <= reader i
+  mask_LxL[0, 0] = False  # layer 0 reads only itself, through the fixed identity
+  return mask_LxL
+
+
+def num_router_params(L: int, R: int) -> int:
+  """The spec's extra parameter count, R^2 (L(L+1)/2 - 1)."""
+  return R * R * (L * (L + 1) // 2 - 1)
+
+
+def init_push_weights(rng: jax.Array, layer_idx, L: int, R: int) -> jax.Array:
+  """push_l [L, R, R]: readers i > l ~ U(-a_i, a_i), a_i = sqrt(3 / ((i+1) R)); i == l: I_R."""
+  reader_L = jnp.arange(L)
+  bound_L = jnp.sqrt(3.0 / ((reader_L + 1) * R))
+  uniform_LxRxR = jax.random.uniform(rng, (L, R, R), jnp.float32, -1.0, 1.0) * bound_L[:, None, None]
+  eye_RxR = jnp.eye(R, dtype=jnp.float32)
+  is_self_L = (reader_L == layer_idx)[:, None, None]
+  is_later_L = (reader_L > layer_idx)[:, None, None]
+  return jnp.where(is_self_L, eye_RxR, jnp.where(is_later_L, uniform_LxRxR, 0.0))
+
+
+def effective_push_weights(push_LxRxR: jax.Array, layer_idx) -> jax.Array:
+  """Masks the stored weights of source layer l: zero for readers i < l, identity at (0, 0)."""
+  L, R, _ = push_LxRxR.shape
+  reader_L = jnp.arange(L)
+  is_layer0_self_L = (reader_L == 0) & (layer_idx == 0)
+  learnable_L = (reader_L >= layer_idx) & ~is_layer0_self_L
+  fixed_LxRxR = jnp.where(is_layer0_self_L[:, None, None], jnp.eye(R, dtype=jnp.float32), 0.0)
+  return push_LxRxR.astype(jnp.float32) * learnable_L[:, None, None] + fixed_LxRxR
+
+
+def push_and_read(acc_LxBxTxRx2xHd: jax.Array, push_LxRxR: jax.Array, kv_BxTxRx2xHd: jax.Array,
+                  layer_idx) -> tuple[jax.Array, jax.Array]:
+  """Adds layer l's kv into every reader slot, returns (new accumulator, routed kv of layer l).
+
+  With a Python-int layer index (the unrolled path) only the live readers i >= l are touched,
+  so the unrolled path does exactly the spec's routing work; under `nn.scan` the index is
+  traced and all L slots are updated (masked weights are zero).
+  """
+  weights_LxRxR = effective_push_weights(push_LxRxR, layer_idx)
+  kv32_BxTxRx2xHd = kv_BxTxRx2xHd.astype(jnp.float32)
+  if isinstance(layer_idx, int):
+    l = layer_idx
+    mixed_IxBxTxRx2xHd = jnp.einsum("irs,btscd->ibtrcd", weights_LxRxR[l:], kv32_BxTxRx2xHd)
+    acc_LxBxTxRx2xHd = acc_LxBxTxRx2xHd.at[l:].add(mixed_IxBxTxRx2xHd)
+    return acc_LxBxTxRx2xHd, acc_LxBxTxRx2xHd[l]
+  mixed_LxBxTxRx2xHd = jnp.einsum("irs,btscd->ibtrcd", weights_LxRxR, kv32_BxTxRx2xHd)
+  acc_LxBxTxRx2xHd = acc_LxBxTxRx2xHd + mixed_LxBxTxRx2xHd
+  routed_BxTxRx2xHd = jax.lax.dynamic_index_in_dim(acc_LxBxTxRx2xHd, layer_idx, 0, keepdims=False)
+  return acc_LxBxTxRx2xHd, routed_BxTxRx2xHd
+
+
+def router_view(push_LsrcxLxRxR: jax.Array) -> jax.Array:
+  """The spec's routers of all layers as one masked array W [L_reader, R, L_src, R].
+
+  W[i, r, j, s] is the weight reader layer i gives to head s of source layer j (zero for j > i).
+  Takes the push weights stacked over source layers, [L_src, L_reader, R, R].
+  """
+  L = push_LsrcxLxRxR.shape[0]
+  effective_LsrcxLxRxR = jax.vmap(effective_push_weights)(push_LsrcxLxRxR, jnp.arange(L))
+  return jnp.transpose(effective_LsrcxLxRxR, (1, 2, 0, 3))

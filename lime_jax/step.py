@@ -1,0 +1,48 @@
+"""The train state and one optimizer step: loss, gradient, update. Pure functions, jit-ready."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from lime_jax.config import ModelConfig
+from lime_jax.loss import mean_loss
+from lime_jax.model import Transformer
+
+Batch = dict[str, jax.Array]  # inputs_BxT, targets_BxT, optional weights_BxT
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def init_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation,
+                     rng: jax.Array) -> TrainState:
+  tokens_BxT = jnp.zeros((1, min(model_cfg.T, 8)), jnp.int32)
+  params = Transformer(model_cfg).init(rng, tokens_BxT)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def loss_fn(params: Any, model_cfg: ModelConfig, batch: Batch) -> jax.Array:
+  logits_BxTxV = Transformer(model_cfg).apply({"params": params}, batch["inputs"])
+  return mean_loss(logits_BxTxV, batch["targets"], batch.get("weights"))
+
+
+def train_step(state: TrainState, batch: Batch, model_cfg: ModelConfig,
+               tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
+  loss, grads = jax.value_and_grad(loss_fn)(state.params, model_cfg, batch)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params: Any, batch: Batch, model_cfg: ModelConfig) -> jax.Array:
+  return loss_fn(params, model_cfg, batch)
