@@ -2,7 +2,7 @@
 
 Layers run under `nn.scan` (one compiled body whatever the depth) or unrolled
 (`scan_layers=False`, a cross-check). LIMe threads a float32 accumulator
-`acc_LxBxTxRx2xHd` through the layers; see `routing.py` for why it is push-form.
+`acc_LxRxBxTx2xHd` through the layers; see `routing.py` for why it is push-form.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, acc_LxBxTxRx2xHd: jax.Array | None, layer_idx,
+  def __call__(self, x_BxTxD: jax.Array, acc_LxRxBxTx2xHd: jax.Array | None, layer_idx,
                positions_BxT: jax.Array):
     cfg = self.cfg
     pdt, cdt = dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype)
@@ -51,14 +51,14 @@ class Block(nn.Module):
     if cfg.is_lime:
       push_LxRxR = self.param(
           "router", lambda rng: routing.init_push_weights(rng, layer_idx, cfg.L, cfg.R))
-      acc_LxBxTxRx2xHd, kv32_BxTxRx2xHd = routing.push_and_read(
-          acc_LxBxTxRx2xHd, push_LxRxR, kv_BxTxRx2xHd, layer_idx)
+      acc_LxRxBxTx2xHd, kv32_BxTxRx2xHd = routing.push_and_read(
+          acc_LxRxBxTx2xHd, push_LxRxR, kv_BxTxRx2xHd, layer_idx)
       kv_BxTxRx2xHd = kv32_BxTxRx2xHd.astype(cdt)
     attention = _maybe_remat(Attention, cfg)(cfg, name="attn")
     x_BxTxD = x_BxTxD + attention(h_BxTxD, kv_BxTxRx2xHd, positions_BxT, positions_BxT)
     mlp = _maybe_remat(Mlp, cfg)(cfg, name="mlp")
     x_BxTxD = x_BxTxD + mlp(RMSNorm(cfg, name="mlp_norm")(x_BxTxD))
-    return x_BxTxD, acc_LxBxTxRx2xHd
+    return x_BxTxD, acc_LxRxBxTx2xHd
 
 
 def _symmetric_uniform(bound: float):
@@ -74,8 +74,8 @@ class _ScanBody(nn.Module):
 
   @nn.compact
   def __call__(self, carry, layer_idx, positions_BxT):
-    x_BxTxD, acc_LxBxTxRx2xHd = carry
-    carry = Block(self.cfg, name="block")(x_BxTxD, acc_LxBxTxRx2xHd, layer_idx, positions_BxT)
+    x_BxTxD, acc_LxRxBxTx2xHd = carry
+    carry = Block(self.cfg, name="block")(x_BxTxD, acc_LxRxBxTx2xHd, layer_idx, positions_BxT)
     return carry, None
 
 
@@ -109,14 +109,14 @@ class Transformer(nn.Module):
     B, T, _ = x_BxTxD.shape
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
-    acc_LxBxTxRx2xHd = None
+    acc_LxRxBxTx2xHd = None
     if cfg.is_lime:
-      acc_LxBxTxRx2xHd = jnp.zeros((cfg.L, B, T, cfg.R, 2, cfg.Hd), jnp.float32)
+      acc_LxRxBxTx2xHd = jnp.zeros((cfg.L, cfg.R, B, T, 2, cfg.Hd), jnp.float32)
     if cfg.scan_layers:
-      (x_BxTxD, _), _ = self.stack((x_BxTxD, acc_LxBxTxRx2xHd), jnp.arange(cfg.L), positions_BxT)
+      (x_BxTxD, _), _ = self.stack((x_BxTxD, acc_LxRxBxTx2xHd), jnp.arange(cfg.L), positions_BxT)
     else:
       for l, block in enumerate(self.blocks):
-        x_BxTxD, acc_LxBxTxRx2xHd = block(x_BxTxD, acc_LxBxTxRx2xHd, l, positions_BxT)
+        x_BxTxD, acc_LxRxBxTx2xHd = block(x_BxTxD, acc_LxRxBxTx2xHd, l, positions_BxT)
     h_BxTxD = self.final_norm(x_BxTxD)
     cdt = dtype_of(cfg.compute_dtype)
     unembed_DxV = self.embed.T if cfg.tie_embeddings else self.unembed

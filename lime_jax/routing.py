@@ -54,7 +54,7 @@ def effective_push_weights(push_LxRxR: jax.Array, layer_idx) -> jax.Array:
   return push_LxRxR.astype(jnp.float32) * learnable_L[:, None, None] + fixed_LxRxR
 
 
-def push_and_read(acc_LxBxTxRx2xHd: jax.Array, push_LxRxR: jax.Array, kv_BxTxRx2xHd: jax.Array,
+def push_and_read(acc_LxRxBxTx2xHd: jax.Array, push_LxRxR: jax.Array, kv_BxTxRx2xHd: jax.Array,
                   layer_idx) -> tuple[jax.Array, jax.Array]:
   """Adds layer l's kv into every reader slot, returns (new accumulator, routed kv of layer l).
 
@@ -63,16 +63,19 @@ def push_and_read(acc_LxBxTxRx2xHd: jax.Array, push_LxRxR: jax.Array, kv_BxTxRx2
   traced and all L slots are updated (masked weights are zero).
   """
   weights_LxRxR = effective_push_weights(push_LxRxR, layer_idx)
-  kv32_BxTxRx2xHd = kv_BxTxRx2xHd.astype(jnp.float32)
+  # Heads lead the slot so the mix is one plain matmul [L*R, R] x [R, B*T*2*Hd].
+  kv32_RxBxTx2xHd = jnp.transpose(kv_BxTxRx2xHd.astype(jnp.float32), (2, 0, 1, 3, 4))
   if isinstance(layer_idx, int):
     l = layer_idx
-    mixed_IxBxTxRx2xHd = jnp.einsum("irs,btscd->ibtrcd", weights_LxRxR[l:], kv32_BxTxRx2xHd)
-    acc_LxBxTxRx2xHd = acc_LxBxTxRx2xHd.at[l:].add(mixed_IxBxTxRx2xHd)
-    return acc_LxBxTxRx2xHd, acc_LxBxTxRx2xHd[l]
-  mixed_LxBxTxRx2xHd = jnp.einsum("irs,btscd->ibtrcd", weights_LxRxR, kv32_BxTxRx2xHd)
-  acc_LxBxTxRx2xHd = acc_LxBxTxRx2xHd + mixed_LxBxTxRx2xHd
-  routed_BxTxRx2xHd = jax.lax.dynamic_index_in_dim(acc_LxBxTxRx2xHd, layer_idx, 0, keepdims=False)
-  return acc_LxBxTxRx2xHd, routed_BxTxRx2xHd
+    mixed_IxRxBxTx2xHd = jnp.einsum("irs,sbtcd->irbtcd", weights_LxRxR[l:], kv32_RxBxTx2xHd)
+    acc_LxRxBxTx2xHd = acc_LxRxBxTx2xHd.at[l:].add(mixed_IxRxBxTx2xHd)
+    routed_RxBxTx2xHd = acc_LxRxBxTx2xHd[l]
+  else:
+    mixed_LxRxBxTx2xHd = jnp.einsum("irs,sbtcd->irbtcd", weights_LxRxR, kv32_RxBxTx2xHd)
+    acc_LxRxBxTx2xHd = acc_LxRxBxTx2xHd + mixed_LxRxBxTx2xHd
+    routed_RxBxTx2xHd = jax.lax.dynamic_index_in_dim(acc_LxRxBxTx2xHd, layer_idx, 0,
+                                                     keepdims=False)
+  return acc_LxRxBxTx2xHd, jnp.transpose(routed_RxBxTx2xHd, (1, 2, 0, 3, 4))
 
 
 def router_view(push_LsrcxLxRxR: jax.Array) -> jax.Array:
