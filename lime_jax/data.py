@@ -1,0 +1,339 @@
+"""Text corpora -> packed token sequences -> shuffled, sharded, checkpointable batches.
+
+Pipeline: documents (list[str]) -> split by document (seeded permutation, `val_fraction`) ->
+each document tokenized and wrapped as BOS doc EOS -> concatenated per split -> cut into
+sequences of T+1 tokens (the remainder is dropped) -> inputs = seq[:-1], targets = seq[1:].
+
+Sources ("data.source"):
+- "embedded": the standard library's `pydoc_data.topics` (79 topics, ~465k characters of English),
+  one document per topic, sorted by key. No download; the default.
+- "text": a .txt file is one document; a directory means every *.txt under it (sorted), one each.
+- "jsonl": a file or directory of *.jsonl; one document per line, in field `text_field`.
+- "parquet": a file or directory of *.parquet; one document per row of column `text_field`.
+- "fineweb": FineWeb-Edu. A local directory of downloaded *.parquet shards, or a Hugging Face
+  dataset id (e.g. "HuggingFaceFW/fineweb-edu") streamed with `datasets` (then `max_documents`
+  is required).
+
+Training batches come from a grain MapDataset pipeline, so the iterator state is a small JSON dict
+and a resumed run continues at exactly the next batch. With several processes, process p reads
+rows p, p + P, p + 2P, ... of every global batch: its own disjoint share, the union being the
+single-process global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import grain
+import numpy as np
+
+from lime_jax.config import build_dataclass
+from lime_jax.tokenizer import Tokenizer
+
+SOURCES = ("embedded", "text", "jsonl", "parquet", "fineweb")
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SPLIT_STREAM = 0x5EED  # keeps the split's randomness apart from grain's shuffle seeds
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  source: str = "embedded"
+  path: str | None = None  # file, directory or (fineweb) HF dataset id; unused by "embedded"
+  text_field: str = "text"  # JSONL key / Parquet column
+  tokenizer: str = "byte"  # "byte" or a path to tokenizer.json
+  seq_len: int = 256  # T: tokens per training example (sequences hold T + 1)
+  batch_size: int = 8  # GLOBAL batch, split evenly over processes
+  val_fraction: float = 0.05  # fraction of documents held out
+  seed: int = 0  # split and shuffle
+  val_batches: int = 8  # at most this many validation batches
+  fineweb_name: str | None = None  # HF config name, e.g. "sample-10BT"
+  max_documents: int | None = None  # keep the first N documents (bounds HF streaming)
+
+  def __post_init__(self):
+    if self.source not in SOURCES:
+      raise ValueError(f"data.source: unknown source {self.source!r}; choose from {SOURCES}")
+    if self.source == "embedded":
+      if self.path is not None:
+        raise ValueError(f"data.path: not used by source 'embedded', got {self.path!r}")
+    elif not isinstance(self.path, str) or not self.path:
+      raise ValueError(f"data.path: required for source {self.source!r}, got {self.path!r}")
+    for name in ("text_field", "tokenizer"):
+      if not isinstance(getattr(self, name), str) or not getattr(self, name):
+        raise ValueError(f"data.{name}: must be a non-empty string, got {getattr(self, name)!r}")
+    for name in ("seq_len", "batch_size", "val_batches"):
+      _require_positive_int(name, getattr(self, name))
+    if self.max_documents is not None:
+      _require_positive_int("max_documents", self.max_documents)
+    if (isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float))
+        or not 0 <= self.val_fraction < 1):
+      raise ValueError(f"data.val_fraction: must be in [0, 1), got {self.val_fraction!r}")
+    if (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        or not 0 <= self.seed < 2**32):
+      raise ValueError(f"data.seed: must be an integer in [0, 2**32), got {self.seed!r}")
+    if self.fineweb_name is not None and self.source != "fineweb":
+      raise ValueError(f"data.fineweb_name: only used by source 'fineweb', got {self.source!r}")
+
+  def replace(self, **changes: Any) -> "DataConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any], where: str = "data") -> "DataConfig":
+    return build_dataclass(cls, values, where)
+
+
+def _require_positive_int(name: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"data.{name}: must be a positive integer, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents.
+
+
+def load_documents(cfg: DataConfig) -> list[str]:
+  """All documents of the corpus (train + validation), in a deterministic order."""
+  loader = {"embedded": _embedded, "text": _text, "jsonl": _jsonl, "parquet": _parquet,
+            "fineweb": _fineweb}[cfg.source]
+  docs = loader(cfg)
+  if cfg.max_documents is not None:
+    docs = docs[:cfg.max_documents]
+  if not docs:
+    raise ValueError(f"data: corpus at {_where(cfg)} has no documents")
+  return docs
+
+
+def _where(cfg: DataConfig) -> str:
+  return "pydoc_data.topics" if cfg.source == "embedded" else str(cfg.path)
+
+
+def _embedded(cfg: DataConfig) -> list[str]:
+  del cfg
+  from pydoc_data.topics import topics  # pylint: disable=g-import-not-at-top
+  return [topics[key] for key in sorted(topics)]
+
+
+def _files(cfg: DataConfig, suffix: str) -> list[str]:
+  path = os.path.expanduser(cfg.path)
+  if os.path.isfile(path):
+    return [path]
+  if os.path.isdir(path):
+    files = sorted(glob.glob(os.path.join(path, "**", f"*{suffix}"), recursive=True))
+    if not files:
+      raise ValueError(f"data.path: no *{suffix} files in directory {path}")
+    return files
+  raise ValueError(f"data.path: no such file or directory: {path}")
+
+
+def _text(cfg: DataConfig) -> list[str]:
+  docs = []
+  for f in _files(cfg, ".txt"):
+    with open(f, encoding="utf-8") as fh:
+      docs.append(fh.read())
+  return docs
+
+
+def _jsonl(cfg: DataConfig) -> list[str]:
+  docs = []
+  for f in _files(cfg, ".jsonl"):
+    with open(f, encoding="utf-8") as fh:
+      for line_no, line in enumerate(fh, start=1):
+        if not line.strip():
+          continue
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"data.path: {f}:{line_no}: invalid JSON ({e.msg})") from None
+        text = record.get(cfg.text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+          raise ValueError(
+              f"data.text_field: {f}:{line_no}: no string field {cfg.text_field!r}")
+        docs.append(text)
+        if cfg.max_documents is not None and len(docs) >= cfg.max_documents:
+          return docs
+  return docs
+
+
+def _parquet(cfg: DataConfig) -> list[str]:
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+  docs = []
+  for f in _files(cfg, ".parquet"):
+    pf = pq.ParquetFile(f)
+    if cfg.text_field not in pf.schema_arrow.names:
+      raise ValueError(
+          f"data.text_field: column {cfg.text_field!r} not in {f}; columns: {pf.schema_arrow.names}")
+    # Row batches, so that max_documents stops early on large FineWeb shards.
+    for batch in pf.iter_batches(columns=[cfg.text_field]):
+      docs.extend(t for t in batch.column(0).to_pylist() if t is not None)
+      if cfg.max_documents is not None and len(docs) >= cfg.max_documents:
+        return docs[:cfg.max_documents]
+  return docs
+
+
+def _fineweb(cfg: DataConfig) -> list[str]:
+  if os.path.exists(os.path.expanduser(cfg.path)):
+    return _parquet(cfg)
+  if not _HF_ID.match(cfg.path):
+    raise ValueError(
+        f"data.path: no such file or directory: {cfg.path} (nor is it a Hugging Face dataset id)")
+  if cfg.max_documents is None:
+    raise ValueError(
+        f"data.max_documents: required to stream {cfg.path}, which is not a local directory,"
+        " from the Hugging Face hub (the documents are held in memory)")
+  try:
+    import datasets  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ValueError(
+        f"data.path: {cfg.path} is not a local directory; streaming it as a Hugging Face dataset"
+        " needs the `datasets` library (pip install datasets)") from None
+  stream = datasets.load_dataset(cfg.path, name=cfg.fineweb_name, split="train", streaming=True)
+  docs = []
+  for record in stream:
+    docs.append(record[cfg.text_field])
+    if len(docs) >= cfg.max_documents:
+      break
+  return docs
+
+
+def split_documents(n_docs: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Sorted document indices of (train, val): a seeded permutation, the first share held out."""
+  if val_fraction > 0 and n_docs < 2:
+    raise ValueError(
+        f"data.val_fraction: {n_docs} document cannot be split into train and validation;"
+        " use more documents (e.g. a directory of files) or val_fraction=0")
+  # A positive fraction holds out at least one document and keeps at least one for training.
+  n_val = 0 if val_fraction == 0 else min(max(round(val_fraction * n_docs), 1), n_docs - 1)
+  perm = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(n_docs)
+  return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokens.
+
+
+def pack_documents(token_docs: list[np.ndarray], bos_id: int, eos_id: int,
+                   seq_len: int) -> np.ndarray:
+  """BOS doc EOS, concatenated, cut into rows of seq_len + 1; the final remainder is dropped."""
+  if not token_docs:
+    return np.zeros((0, seq_len + 1), np.int32)
+  bos, eos = np.array([bos_id], np.int32), np.array([eos_id], np.int32)
+  stream_S = np.concatenate([part for doc in token_docs for part in (bos, doc, eos)])
+  n = stream_S.size // (seq_len + 1)
+  return stream_S[:n * (seq_len + 1)].reshape(n, seq_len + 1).astype(np.int32)
+
+
+def _encode_all(tokenizer: Tokenizer, docs: list[str]) -> list[np.ndarray]:
+  encode_batch = getattr(tokenizer, "encode_batch", None)
+  if encode_batch is not None:
+    return [np.asarray(ids, np.int32) for ids in encode_batch(docs)]
+  return [np.asarray(tokenizer.encode(d), np.int32) for d in docs]
+
+
+def build_token_sequences(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+  """(train_seqs_NxT1, val_seqs_MxT1), int32, T1 = seq_len + 1; split by document, then packed.
+
+  Cached per (corpus settings, tokenizer): the iterator, validation batches and entropy bar of one
+  run tokenize once. The arrays are read-only for that reason.
+  """
+  try:
+    hash(tokenizer)
+  except TypeError:
+    return _build_token_sequences(cfg, tokenizer)
+  # Batch settings do not change the tokens: one cache entry serves every batch size.
+  return _cached_sequences(cfg.replace(batch_size=1, val_batches=1, tokenizer="-"), tokenizer)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_sequences(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+  return _build_token_sequences(cfg, tokenizer)
+
+
+def _build_token_sequences(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+  docs = load_documents(cfg)
+  train_idx, val_idx = split_documents(len(docs), cfg.val_fraction, cfg.seed)
+  token_docs = _encode_all(tokenizer, docs)
+  pack = functools.partial(pack_documents, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+                           seq_len=cfg.seq_len)
+  train_seqs_NxT1 = pack([token_docs[i] for i in train_idx])
+  val_seqs_MxT1 = pack([token_docs[i] for i in val_idx])
+  if len(train_seqs_NxT1) == 0:
+    n_tokens = sum(token_docs[i].size + 2 for i in train_idx)
+    raise ValueError(
+        f"data: corpus at {_where(cfg)} has {n_tokens} training tokens, fewer than one sequence"
+        f" of {cfg.seq_len + 1}")
+  for a in (train_seqs_NxT1, val_seqs_MxT1):
+    a.setflags(write=False)
+  return train_seqs_NxT1, val_seqs_MxT1
+
+
+def _to_example(seqs_BxT1: np.ndarray) -> dict[str, np.ndarray]:
+  return {"inputs": seqs_BxT1[:, :-1], "targets": seqs_BxT1[:, 1:]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches.
+
+
+def make_train_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int = 0,
+                        process_count: int = 1) -> grain.DatasetIterator:
+  """Endless {"inputs", "targets"}: int32 [batch_size // process_count, seq_len] batches.
+
+  Sequences are shuffled by `cfg.seed`, differently (and deterministically) every epoch. The
+  iterator's `get_state()` is a small JSON-serializable dict; `set_state` resumes exactly.
+  """
+  _require_positive_int("process_count", process_count)
+  if isinstance(process_index, bool) or not isinstance(process_index, int) or not (
+      0 <= process_index < process_count):
+    raise ValueError(
+        f"data: process_index must be in [0, {process_count}), got {process_index!r}")
+  if cfg.batch_size % process_count:
+    raise ValueError(
+        f"data.batch_size: global batch {cfg.batch_size} is not divisible by process_count"
+        f" {process_count}")
+  train_seqs_NxT1, _ = build_token_sequences(cfg, tokenizer)
+  ds = (grain.MapDataset.source(train_seqs_NxT1)
+        .seed(cfg.seed)
+        .shuffle()
+        .repeat(None)  # reseeds the shuffle every epoch
+        # Global row g*B + i belongs to process i % P: a strided slice, then a local batch.
+        .slice(slice(process_index, None, process_count))
+        # drop_remainder: an endless stream has none, and ceil(len / b) overflows at b = 1.
+        .batch(cfg.batch_size // process_count, drop_remainder=True)
+        .map(_to_example))
+  # In-memory rows: threads would only contend for the GIL.
+  options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  return iter(ds.to_iter_dataset(options))
+
+
+def make_val_batches(cfg: DataConfig, tokenizer: Tokenizer) -> list[dict[str, np.ndarray]]:
+  """The first `val_batches` full global batches of validation sequences, in order.
+
+  A validation set smaller than one batch gives a single smaller batch.
+  """
+  _, val_seqs_MxT1 = build_token_sequences(cfg, tokenizer)
+  m = len(val_seqs_MxT1)
+  if m == 0:
+    raise ValueError(
+        f"data.val_fraction: {cfg.val_fraction} holds out no full sequence of {cfg.seq_len + 1}"
+        f" tokens from {_where(cfg)}; use a larger val_fraction (or a shorter seq_len)")
+  B = min(cfg.batch_size, m)
+  n_batches = min(cfg.val_batches, m // B)
+  return [_to_example(np.array(val_seqs_MxT1[i * B:(i + 1) * B])) for i in range(n_batches)]
+
+
+def unigram_entropy(cfg: DataConfig, tokenizer: Tokenizer) -> float:
+  """Nats per token of the unigram distribution of the training tokens (a bar to beat)."""
+  train_seqs_NxT1, _ = build_token_sequences(cfg, tokenizer)
+  counts_V = np.bincount(train_seqs_NxT1.ravel(), minlength=tokenizer.vocab_size)
+  p_V = counts_V[counts_V > 0] / counts_V.sum()
+  return float(-(p_V * np.log(p_V)).sum())
+
