@@ -1,4 +1,8 @@
-"""`lime-jax` command line: one subcommand per job. `python -m lime_jax` is the same."""
+"""`lime-jax` command line: one subcommand per job. `python -m lime_jax` is the same.
+
+Bad input (config, data, checkpoint) prints one line `lime-jax <cmd>: <message>` to stderr and
+exits with code 2, before anything is written; so does a run stopped by a non-finite loss.
+"""
 
 from __future__ import annotations
 
@@ -11,20 +15,100 @@ def _bench(args: argparse.Namespace) -> int:
   return bench.run(args)
 
 
+def _train(args: argparse.Namespace) -> int:
+  if args.default:
+    if args.config or args.overrides or args.resume:
+      raise ValueError("--default takes no --config, --resume or overrides")
+    from lime_jax import default_run
+    return default_run.main([])
+  from lime_jax import experiment, train
+  cfg = experiment.load_experiment(args.config, args.overrides)
+  result = train.train(cfg, resume="always" if args.resume else None)
+  print(_summary(result))
+  return 0
+
+
+def _summary(result) -> str:
+  parts = [f"{result.out_dir}: step {result.step}"]
+  if result.loss is not None:
+    parts.append(f"train loss {result.loss:.4f}")
+  if result.val_loss is not None:
+    parts.append(f"val loss {result.val_loss:.4f}")
+  parts.append(f"{result.wall_s:.1f} s")
+  return ", ".join(parts)
+
+
+def _eval(args: argparse.Namespace) -> int:
+  from lime_jax import evaluate
+  return evaluate.run(args)
+
+
+def _plot(args: argparse.Namespace) -> int:
+  from lime_jax import plot
+  return plot.run(args)
+
+
+def _tokenizer_train(args: argparse.Namespace) -> int:
+  from lime_jax import tokenizer
+  return tokenizer.run_train(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="lime-jax", description=__doc__)
+  parser = argparse.ArgumentParser(prog="lime-jax", description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", required=True)
 
   from lime_jax import bench
   bench_parser = sub.add_parser("bench", help="memory/FLOPs/time of a train step vs depth")
   bench.add_arguments(bench_parser)
   bench_parser.set_defaults(func=_bench)
+
+  train_parser = sub.add_parser(
+      "train", help="train a model from a YAML config with section.key=value overrides")
+  train_parser.add_argument("--config", default=None, help="YAML file (default: all defaults)")
+  train_parser.add_argument("--resume", action="store_true",
+                            help="require a checkpoint in run.out_dir and continue from it")
+  train_parser.add_argument("--default", action="store_true",
+                            help="the embedded default job: LIMe vs baseline on CPU, then a plot")
+  train_parser.add_argument("overrides", nargs="*", help="e.g. model.D=128 run.steps=100")
+  train_parser.set_defaults(func=_train)
+
+  from lime_jax import evaluate
+  eval_parser = sub.add_parser("eval", help="validation loss/perplexity of a checkpoint")
+  evaluate.add_arguments(eval_parser)
+  eval_parser.set_defaults(func=_eval)
+
+  from lime_jax import plot
+  plot_parser = sub.add_parser("plot", help="validation loss vs training FLOPs of runs (PNG)")
+  plot.add_arguments(plot_parser)
+  plot_parser.set_defaults(func=_plot)
+
+  from lime_jax import tokenizer
+  tok_parser = sub.add_parser("tokenizer", help="tokenizer tools")
+  tok_sub = tok_parser.add_subparsers(dest="tokenizer_command", required=True)
+  tok_train = tok_sub.add_parser("train", help="fit a byte-level BPE tokenizer.json")
+  tokenizer.add_train_arguments(tok_train)
+  tok_train.set_defaults(func=_tokenizer_train)
   return parser
+
+
+def quiet_libraries() -> None:
+  """orbax logs routine warnings through absl; keep the terminal for the run itself."""
+  try:
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.ERROR)
+  except ImportError:
+    pass
 
 
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
-  return args.func(args)
+  quiet_libraries()
+  from lime_jax.train import NonFiniteLossError
+  try:
+    return args.func(args)
+  except (ValueError, NonFiniteLossError) as err:
+    print(f"lime-jax {args.command}: {' '.join(str(err).split())}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -34,11 +34,12 @@ class ModelConfig:
   compute_dtype: str = "float32"
   router: str = "kv-static"
   scan_layers: bool = True
+  scan_segments: int = 8  # LIMe: scans over contiguous layer ranges; see routing.segment_bounds
   scan_unroll: int = 1  # layers per scan iteration (L = straight-line code, same math)
   remat_policy: str = "none"
 
   def __post_init__(self):
-    for name in ("V", "D", "L", "H", "F", "T", "scan_unroll"):
+    for name in ("V", "D", "L", "H", "F", "T", "scan_segments", "scan_unroll"):
       _require_positive_int(name, getattr(self, name))
     if self.R is None:
       object.__setattr__(self, "R", self.H)

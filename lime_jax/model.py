@@ -1,8 +1,8 @@
 """The decoder: a Llama baseline (`router: none`) and LIMe kv routing (`router: kv-static`).
 
 Layers run under `nn.scan` (one compiled body whatever the depth) or unrolled
-(`scan_layers=False`, a cross-check). LIMe threads a float32 accumulator
-`acc_LxRxBxTx2xHd` through the layers; see `routing.py` for why it is push-form.
+(`scan_layers=False`, a cross-check). LIMe threads a float32 accumulator `acc_IxRxBxTx2xHd`,
+one slot per reader layer I still to run, through the layers; `routing.py` says why.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ import flax.linen as nn
 from lime_jax import routing
 from lime_jax.config import ModelConfig
 from lime_jax.layers import Attention, Mlp, RMSNorm, dtype_of, normal_init
-
-STACK_NAME = "layers"  # scanned parameters: params[STACK_NAME][...] with a leading L axis
 
 REMAT_POLICIES = {
     "full": None,  # save nothing inside the sub-block
@@ -38,9 +36,10 @@ class Block(nn.Module):
   """One pre-norm decoder layer; with LIMe it also pushes its kv into the accumulator."""
 
   cfg: ModelConfig
+  first_reader: int = 0  # the accumulator holds reader slots first_reader .. L-1
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, acc_LxRxBxTx2xHd: jax.Array | None, layer_idx,
+  def __call__(self, x_BxTxD: jax.Array, acc_IxRxBxTx2xHd: jax.Array | None, layer_idx,
                positions_BxT: jax.Array):
     cfg = self.cfg
     pdt, cdt = dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype)
@@ -51,14 +50,14 @@ class Block(nn.Module):
     if cfg.is_lime:
       push_LxRxR = self.param(
           "router", lambda rng: routing.init_push_weights(rng, layer_idx, cfg.L, cfg.R))
-      acc_LxRxBxTx2xHd, kv32_BxTxRx2xHd = routing.push_and_read(
-          acc_LxRxBxTx2xHd, push_LxRxR, kv_BxTxRx2xHd, layer_idx)
+      acc_IxRxBxTx2xHd, kv32_BxTxRx2xHd = routing.push_and_read(
+          acc_IxRxBxTx2xHd, push_LxRxR, kv_BxTxRx2xHd, layer_idx, self.first_reader)
       kv_BxTxRx2xHd = kv32_BxTxRx2xHd.astype(cdt)
     attention = _maybe_remat(Attention, cfg)(cfg, name="attn")
     x_BxTxD = x_BxTxD + attention(h_BxTxD, kv_BxTxRx2xHd, positions_BxT, positions_BxT)
     mlp = _maybe_remat(Mlp, cfg)(cfg, name="mlp")
     x_BxTxD = x_BxTxD + mlp(RMSNorm(cfg, name="mlp_norm")(x_BxTxD))
-    return x_BxTxD, acc_LxRxBxTx2xHd
+    return x_BxTxD, acc_IxRxBxTx2xHd
 
 
 def _symmetric_uniform(bound: float):
@@ -71,12 +70,48 @@ class _ScanBody(nn.Module):
   """Adapts Block to nn.scan's (carry, xs) -> (carry, ys) signature."""
 
   cfg: ModelConfig
+  first_reader: int = 0
 
   @nn.compact
   def __call__(self, carry, layer_idx, positions_BxT):
-    x_BxTxD, acc_LxRxBxTx2xHd = carry
-    carry = Block(self.cfg, name="block")(x_BxTxD, acc_LxRxBxTx2xHd, layer_idx, positions_BxT)
-    return carry, None
+    x_BxTxD, acc_IxRxBxTx2xHd = carry
+    block = Block(self.cfg, self.first_reader, name="block")
+    return block(x_BxTxD, acc_IxRxBxTx2xHd, layer_idx, positions_BxT), None
+
+
+def scan_segments(cfg: ModelConfig) -> list[tuple[int, int]]:
+  """[start, stop) layer ranges, one nn.scan each (the baseline needs only one)."""
+  return routing.segment_bounds(cfg.L, cfg.scan_segments if cfg.is_lime else 1)
+
+
+class LayerStack(nn.Module):
+  """All L layers. Parameters: `segment_{b}/block/...` with a leading layer axis when scanned,
+  `layer_{l}/...` when unrolled; `stacked_layer_params` gives one [L, ...] view of either."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    B, T, _ = x_BxTxD.shape
+    acc_IxRxBxTx2xHd = None
+    if cfg.is_lime:
+      acc_IxRxBxTx2xHd = jnp.zeros((cfg.L, cfg.R, B, T, 2, cfg.Hd), jnp.float32)
+    if not cfg.scan_layers:
+      for l in range(cfg.L):
+        x_BxTxD, acc_IxRxBxTx2xHd = Block(cfg, name=f"layer_{l}")(
+            x_BxTxD, acc_IxRxBxTx2xHd, l, positions_BxT)
+      return x_BxTxD
+    for b, (start, stop) in enumerate(scan_segments(cfg)):
+      segment = nn.scan(
+          _ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(0, nn.broadcast), length=stop - start,
+          unroll=min(cfg.scan_unroll, stop - start))(cfg, start, name=f"segment_{b}")
+      (x_BxTxD, acc_IxRxBxTx2xHd), _ = segment(
+          (x_BxTxD, acc_IxRxBxTx2xHd), jnp.arange(start, stop), positions_BxT)
+      if cfg.is_lime:  # readers start..stop-1 have read their slots
+        acc_IxRxBxTx2xHd = acc_IxRxBxTx2xHd[stop - start:]
+    return x_BxTxD
 
 
 class Transformer(nn.Module):
@@ -90,13 +125,7 @@ class Transformer(nn.Module):
     self.embed = self.param("embed", normal_init, (cfg.V, cfg.D), pdt)
     if not cfg.tie_embeddings:
       self.unembed = self.param("unembed", normal_init, (cfg.D, cfg.V), pdt)
-    if cfg.scan_layers:
-      self.stack = nn.scan(
-          _ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
-          in_axes=(0, nn.broadcast), length=cfg.L,
-          unroll=min(cfg.scan_unroll, cfg.L))(cfg, name=STACK_NAME)
-    else:
-      self.blocks = [Block(cfg, name=f"layer_{l}") for l in range(cfg.L)]
+    self.layers = LayerStack(cfg)
     self.final_norm = RMSNorm(cfg)
 
   def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None) -> jax.Array:
@@ -109,52 +138,50 @@ class Transformer(nn.Module):
     B, T, _ = x_BxTxD.shape
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
-    acc_LxRxBxTx2xHd = None
-    if cfg.is_lime:
-      acc_LxRxBxTx2xHd = jnp.zeros((cfg.L, cfg.R, B, T, 2, cfg.Hd), jnp.float32)
-    if cfg.scan_layers:
-      (x_BxTxD, _), _ = self.stack((x_BxTxD, acc_LxRxBxTx2xHd), jnp.arange(cfg.L), positions_BxT)
-    else:
-      for l, block in enumerate(self.blocks):
-        x_BxTxD, acc_LxRxBxTx2xHd = block(x_BxTxD, acc_LxRxBxTx2xHd, l, positions_BxT)
-    h_BxTxD = self.final_norm(x_BxTxD)
-    cdt = dtype_of(cfg.compute_dtype)
+    h_BxTxD = self.final_norm(self.layers(x_BxTxD, positions_BxT))
     unembed_DxV = self.embed.T if cfg.tie_embeddings else self.unembed
-    return jnp.einsum("btd,dv->btv", h_BxTxD, unembed_DxV.astype(cdt),
+    return jnp.einsum("btd,dv->btv", h_BxTxD, unembed_DxV.astype(dtype_of(cfg.compute_dtype)),
                       preferred_element_type=jnp.float32)
 
 
-def layer_params(params: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
-  """The per-layer parameters stacked over layers (leading L axis), from either layout."""
+def stacked_layer_params(params: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
+  """The per-layer parameters stacked over layers (leading L axis), from any layout.
+
+  Keys: attn_norm/scale [L, D], kv_proj [L, D, R, 2, Hd], attn/q_proj [L, D, H, Hd],
+  attn/o_proj [L, H, Hd, D], mlp_norm/scale, mlp/gate_up [L, D, 2, F], mlp/down [L, F, D],
+  and for LIMe router [L_src, L_reader, R, R] (push layout, see routing.py).
+  """
+  layers = params["layers"]
   if cfg.scan_layers:
-    return params[STACK_NAME]["block"]
-  per_layer = [params[f"layer_{l}"] for l in range(cfg.L)]
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+    parts = [layers[f"segment_{b}"]["block"] for b in range(len(scan_segments(cfg)))]
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *[layers[f"layer_{l}"] for l in range(cfg.L)])
 
 
-def to_scanned(params: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
-  """Converts unrolled parameters (`layer_{l}`) to the scanned layout."""
-  out = {k: v for k, v in params.items() if not k.startswith("layer_")}
-  out[STACK_NAME] = {"block": layer_params(params, cfg.replace(scan_layers=False))}
-  return out
+def with_stacked_layer_params(params: dict[str, Any], stacked: dict[str, Any],
+                              cfg: ModelConfig) -> dict[str, Any]:
+  """Returns `params` with its layers replaced by `stacked`, laid out as `cfg` expects."""
+  if cfg.scan_layers:
+    layers = {f"segment_{b}": {"block": jax.tree.map(lambda x: x[start:stop], stacked)}
+              for b, (start, stop) in enumerate(scan_segments(cfg))}
+  else:
+    layers = {f"layer_{l}": jax.tree.map(lambda x: x[l], stacked) for l in range(cfg.L)}
+  return {**params, "layers": layers}
 
 
-def to_unrolled(params: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
-  """Converts scanned parameters to the unrolled layout (`layer_{l}`)."""
-  out = {k: v for k, v in params.items() if k != STACK_NAME}
-  stacked = params[STACK_NAME]["block"]
-  for l in range(cfg.L):
-    out[f"layer_{l}"] = jax.tree.map(lambda x: x[l], stacked)
-  return out
+def convert_layout(params: dict[str, Any], from_cfg: ModelConfig,
+                   to_cfg: ModelConfig) -> dict[str, Any]:
+  """Re-lays parameters between scanned / unrolled / differently segmented configs."""
+  return with_stacked_layer_params(params, stacked_layer_params(params, from_cfg), to_cfg)
 
 
 def router_weights(params: dict[str, Any], cfg: ModelConfig) -> jax.Array:
   """All routers as one masked W [L_reader, R, L_src, R] (spec section 2 notation)."""
   if not cfg.is_lime:
     raise ValueError(f"router_weights: model has router={cfg.router!r}, which has no kv router")
-  return routing.router_view(layer_params(params, cfg)["router"])
+  return routing.router_view(stacked_layer_params(params, cfg)["router"])
 
 
-def init_params(cfg: ModelConfig, rng: jax.Array, batch: int = 1) -> dict[str, Any]:
-  tokens_BxT = jnp.zeros((batch, min(cfg.T, 8)), jnp.int32)
+def init_params(cfg: ModelConfig, rng: jax.Array) -> dict[str, Any]:
+  tokens_BxT = jnp.zeros((1, min(cfg.T, 8)), jnp.int32)
   return Transformer(cfg).init(rng, tokens_BxT)["params"]

@@ -54,26 +54,39 @@ def effective_push_weights(push_LxRxR: jax.Array, layer_idx) -> jax.Array:
   return push_LxRxR.astype(jnp.float32) * learnable_L[:, None, None] + fixed_LxRxR
 
 
-def push_and_read(acc_LxRxBxTx2xHd: jax.Array, push_LxRxR: jax.Array, kv_BxTxRx2xHd: jax.Array,
-                  layer_idx) -> tuple[jax.Array, jax.Array]:
-  """Adds layer l's kv into every reader slot, returns (new accumulator, routed kv of layer l).
+def push_and_read(acc_IxRxBxTx2xHd: jax.Array, push_LxRxR: jax.Array, kv_BxTxRx2xHd: jax.Array,
+                  layer_idx, first_reader: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Adds layer l's kv into every live reader slot; returns (accumulator, routed kv of layer l).
 
-  With a Python-int layer index (the unrolled path) only the live readers i >= l are touched,
-  so the unrolled path does exactly the spec's routing work; under `nn.scan` the index is
-  traced and all L slots are updated (masked weights are zero).
+  The accumulator holds slots for readers `first_reader .. L-1` (earlier readers are done).
+  With a Python-int layer index (the unrolled path) only readers i >= l are touched, the
+  spec's exact routing work. Under `nn.scan` the index is traced and every slot of the
+  segment's accumulator is updated (masked weights are zero).
   """
-  weights_LxRxR = effective_push_weights(push_LxRxR, layer_idx)
-  # Heads lead the slot so the mix is one plain matmul [L*R, R] x [R, B*T*2*Hd].
+  weights_IxRxR = effective_push_weights(push_LxRxR, layer_idx)[first_reader:]
+  # Heads lead the slot so the mix is one plain matmul [I*R, R] x [R, B*T*2*Hd].
   kv32_RxBxTx2xHd = jnp.transpose(kv_BxTxRx2xHd.astype(jnp.float32), (2, 0, 1, 3, 4))
   if isinstance(layer_idx, int):
-    l = layer_idx
-    mixed_IxRxBxTx2xHd = jnp.einsum("irs,sbtcd->irbtcd", weights_LxRxR[l:], kv32_RxBxTx2xHd)
-    acc_LxRxBxTx2xHd = acc_LxRxBxTx2xHd.at[l:].add(mixed_IxRxBxTx2xHd)
-    routed_RxBxTx2xHd = acc_LxRxBxTx2xHd[l]
+    live = layer_idx - first_reader
+    mixed_IxRxBxTx2xHd = jnp.einsum("irs,sbtcd->irbtcd", weights_IxRxR[live:], kv32_RxBxTx2xHd)
+    acc_IxRxBxTx2xHd = acc_IxRxBxTx2xHd.at[live:].add(mixed_IxRxBxTx2xHd)
+    routed_RxBxTx2xHd = acc_IxRxBxTx2xHd[live]
   else:
-    acc_LxRxBxTx2xHd, routed_RxBxTx2xHd = _push_read(acc_LxRxBxTx2xHd, weights_LxRxR,
-                                                     kv32_RxBxTx2xHd, layer_idx)
-  return acc_LxRxBxTx2xHd, jnp.transpose(routed_RxBxTx2xHd, (1, 2, 0, 3, 4))
+    acc_IxRxBxTx2xHd, routed_RxBxTx2xHd = _push_read(acc_IxRxBxTx2xHd, weights_IxRxR,
+                                                     kv32_RxBxTx2xHd, layer_idx - first_reader)
+  return acc_IxRxBxTx2xHd, jnp.transpose(routed_RxBxTx2xHd, (1, 2, 0, 3, 4))
+
+
+def segment_bounds(L: int, num_segments: int) -> list[tuple[int, int]]:
+  """Splits layers 0..L-1 into contiguous [start, stop) segments, the larger ones last.
+
+  Each segment is one scan whose accumulator only holds readers >= its start, so the masked
+  routing work drops from L^2 slot updates to about L^2 (S+1) / (2S) for S segments.
+  """
+  S = min(num_segments, L)
+  sizes = [L // S] * (S - L % S) + [L // S + 1] * (L % S)
+  starts = [sum(sizes[:b]) for b in range(S)]
+  return [(start, start + size) for start, size in zip(starts, sizes)]
 
 
 @jax.custom_vjp

@@ -11,7 +11,7 @@ import optax
 
 from lime_jax.config import ModelConfig
 from lime_jax.loss import mean_loss
-from lime_jax.model import Transformer
+from lime_jax.model import Transformer, init_params
 
 Batch = dict[str, jax.Array]  # inputs_BxT, targets_BxT, optional weights_BxT
 
@@ -25,8 +25,7 @@ class TrainState:
 
 def init_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation,
                      rng: jax.Array) -> TrainState:
-  tokens_BxT = jnp.zeros((1, min(model_cfg.T, 8)), jnp.int32)
-  params = Transformer(model_cfg).init(rng, tokens_BxT)["params"]
+  params = init_params(model_cfg, rng)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 

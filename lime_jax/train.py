@@ -1,0 +1,274 @@
+"""The training loop: data -> jitted, donating train step -> metrics, evals and checkpoints.
+
+A run lives in `run.out_dir`: `config.yaml` (resolved), `metrics.jsonl`, `tensorboard/` and
+`checkpoints/<step>/`. Steps are optimizer steps; with `optim.grad_accum_steps = k` each is k
+micro-batches through optax.MultiSteps.
+
+- Resume (`run.resume`): "auto" continues from the latest checkpoint when out_dir holds one,
+  "always" (`--resume`) requires one, "never" refuses an out_dir that holds one. A checkpoint
+  restores params, optimizer state, step, RNG and the data iterator, so N steps + N resumed
+  steps equal 2N straight steps bit for bit. Every config field except the bookkeeping ones
+  (`experiment.RESUMABLE_RUN_FIELDS`) must match the checkpoint's.
+- Non-finite loss or gradient norm stops the run with `NonFiniteLossError` naming the step;
+  in-flight checkpoint writes finish first, so the last good checkpoint stays restorable.
+  Parameters are checked finite before each save, so a saved checkpoint is never poisoned.
+- The host fetches step n's metrics only after step n+1 is dispatched (metrics.DeferredFetch);
+  it waits for the device only at evaluation, checkpoint and final steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import yaml
+
+from lime_jax import checkpoint as ckpt
+from lime_jax import data as data_lib
+from lime_jax import flops as flops_lib
+from lime_jax import metrics as metrics_lib
+from lime_jax.evaluate import validation_loss
+from lime_jax.experiment import ExperimentConfig, check_vocab, config_differences
+from lime_jax.optimizer import lr_multiplier, make_optimizer
+from lime_jax.step import TrainState, eval_step, init_train_state, train_step
+from lime_jax.tokenizer import load_tokenizer
+
+CONFIG_FILE = "config.yaml"
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced NaN/inf; the message names the step and the last good checkpoint."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  out_dir: str
+  step: int  # optimizer steps done
+  loss: float | None  # last logged training loss
+  val_loss: float | None  # last validation loss
+  resumed_from: int | None
+  wall_s: float
+
+
+def init_state(model_cfg, tx, seed: int) -> dict[str, Any]:
+  """The checkpointed tree: params, opt_state, step (micro-steps) and the RNG for later use."""
+  init_rng, rng = jax.random.split(jax.random.key(seed))
+  ts = init_train_state(model_cfg, tx, init_rng)
+  return {"params": ts.params, "opt_state": ts.opt_state, "step": ts.step,
+          "rng": jax.random.key_data(rng)}
+
+
+def _train_step(state: dict[str, Any], batch, model_cfg, tx):
+  ts = TrainState(step=state["step"], params=state["params"], opt_state=state["opt_state"])
+  ts, metrics = train_step(ts, batch, model_cfg, tx)
+  return dict(state, step=ts.step, params=ts.params, opt_state=ts.opt_state), metrics
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _abstract_state(init_fn) -> Any:
+  device = jax.devices()[0]
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      jax.eval_shape(init_fn))
+
+
+def resume_step(cfg: ExperimentConfig, mode: str) -> int | None:
+  """The checkpoint step to resume from, None to start fresh; refuses mismatches (ValueError)."""
+  ckpt_dir = ckpt.checkpoint_dir(cfg.run.out_dir)
+  latest = ckpt.latest_step(ckpt_dir)
+  if latest is None:
+    if mode == "always":
+      raise ValueError(f"run.resume: no checkpoint to resume in {ckpt_dir}")
+    return None
+  if mode == "never":
+    raise ValueError(
+        f"run.out_dir: {cfg.run.out_dir} already holds a checkpoint (step {latest}); resume it"
+        " (run.resume=auto) or choose another run.out_dir")
+  _, saved = ckpt.read_config(ckpt_dir, latest)
+  diffs = config_differences(saved, cfg.to_dict())
+  if diffs:
+    more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
+    raise ValueError(
+        f"run.out_dir: {cfg.run.out_dir} holds a checkpoint (step {latest}) of a different"
+        f" config: {'; '.join(diffs[:3])}{more}; use the same config or another run.out_dir")
+  return latest
+
+
+class Trainer:
+  """One run. The constructor validates everything and writes nothing; `run` trains."""
+
+  def __init__(self, cfg: ExperimentConfig, *, resume: str | None = None):
+    self.cfg = cfg
+    run = cfg.run
+    self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+    check_vocab(cfg, self.tokenizer.vocab_size)
+    self.ckpt_dir = ckpt.checkpoint_dir(run.out_dir)
+    self.start = resume_step(cfg, resume or run.resume)
+    self.data_iter = data_lib.make_train_iterator(cfg.data, self.tokenizer)
+    self.val_batches = data_lib.make_val_batches(cfg.data, self.tokenizer)
+    self.tx = make_optimizer(cfg.optim)
+    self._init = functools.partial(init_state, cfg.model, self.tx, run.seed)
+    self.k = cfg.optim.grad_accum_steps
+    self.micro_tokens = cfg.data.batch_size * cfg.data.seq_len
+    self.flops_per_token = flops_lib.train_flops_per_token(cfg.model, cfg.data.seq_len)
+    self.peak = metrics_lib.peak_flops(run.peak_flops)
+    self._lr = lr_multiplier(cfg.optim)
+
+  # --- setup -----------------------------------------------------------------------------------
+
+  def _initial_state(self) -> dict[str, Any]:
+    if self.start is None:
+      return jax.jit(self._init)()
+    restored = ckpt.restore(self.ckpt_dir, _abstract_state(self._init), self.start)
+    micro = int(restored.state["step"])
+    if micro != self.start * self.k:
+      raise ckpt.CheckpointError(
+          f"checkpoint {self.ckpt_dir}/{self.start}: holds {micro} micro-steps, expected"
+          f" {self.start} steps x {self.k}")
+    try:
+      self.data_iter.set_state(restored.data_state)
+    except Exception as err:  # grain raises assorted types on a foreign state
+      raise ckpt.CheckpointError(
+          f"checkpoint {self.ckpt_dir}/{self.start}: data iterator state {restored.data_state!r}"
+          f" does not fit this data config: {err}") from None
+    return restored.state
+
+  # --- the loop --------------------------------------------------------------------------------
+
+  def run(self) -> TrainResult:
+    cfg, run = self.cfg, self.cfg.run
+    t0 = time.perf_counter()
+    state = self._initial_state()
+    start = self.start or 0
+    os.makedirs(run.out_dir, exist_ok=True)
+    with open(os.path.join(run.out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+      yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    if self.start is not None and run.progress:
+      print(f"resuming {run.out_dir} from step {self.start}", file=sys.stderr)
+
+    self.writer = metrics_lib.MetricsWriter(run.out_dir, resume_step=start,
+                                            tensorboard=run.tensorboard)
+    self.checkpointer = ckpt.Checkpointer(self.ckpt_dir, keep=run.keep_checkpoints,
+                                          async_save=run.async_checkpointing)
+    self.bar = metrics_lib.ProgressBar(run.steps, start, run.progress,
+                                       desc=os.path.basename(os.path.normpath(run.out_dir)))
+    self.throughput = metrics_lib.Throughput()
+    self._window = {"loss": 0.0, "grad_norm": 0.0, "n": 0}
+    self._last_saved = self.start
+    self._last = {"loss": None, "val_loss": None}
+    self._t_train = time.perf_counter()
+
+    step_fn = jax.jit(functools.partial(_train_step, model_cfg=cfg.model, tx=self.tx),
+                      donate_argnums=0)
+    self._eval_fn = jax.jit(functools.partial(eval_step, model_cfg=cfg.model))
+    deferred = metrics_lib.DeferredFetch()
+    try:
+      for micro in range(start * self.k, run.steps * self.k):
+        state, step_metrics = step_fn(state, next(self.data_iter))
+        self._consume(deferred.push(micro + 1, step_metrics))  # step micro, while micro+1 runs
+        if (micro + 1) % self.k:
+          continue
+        step = (micro + 1) // self.k
+        if self._is_sync(step):
+          self._consume(deferred.flush())
+          self._sync(step, state)
+    finally:
+      self.checkpointer.wait()  # an in-flight save completes even when the run stops
+      self.checkpointer.close()
+      self.writer.close()
+      self.bar.close()
+    if start >= run.steps:
+      self._last.update(_last_logged(run.out_dir))
+    return TrainResult(out_dir=run.out_dir, step=max(run.steps, start), loss=self._last["loss"],
+                       val_loss=self._last["val_loss"], resumed_from=self.start,
+                       wall_s=time.perf_counter() - t0)
+
+  def _is_sync(self, step: int) -> bool:
+    run = self.cfg.run
+    return step % run.eval_every == 0 or step % run.checkpoint_every == 0 or step == run.steps
+
+  def _consume(self, item: tuple[int, dict[str, float]] | None) -> None:
+    """Host-side work for one finished micro-step: NaN check, averages, plain log steps."""
+    if item is None:
+      return
+    micro, values = item
+    step = -(-micro // self.k)  # the optimizer step this micro-batch belongs to
+    for key in ("loss", "grad_norm"):
+      if not math.isfinite(values[key]):
+        self._stop(step, key, values[key])
+    self._window["loss"] += values["loss"]
+    self._window["grad_norm"] += values["grad_norm"]
+    self._window["n"] += 1
+    self.throughput.add(self.micro_tokens)
+    if micro % self.k == 0 and step % self.cfg.run.log_every == 0 and not self._is_sync(step):
+      self._log(step)
+
+  def _sync(self, step: int, state: dict[str, Any]) -> None:
+    """Evaluation, logging and checkpointing at a step where the host waits anyway."""
+    run = self.cfg.run
+    val_loss = None
+    if step % run.eval_every == 0 or step == run.steps:
+      val_loss, _ = validation_loss(state["params"], self.val_batches, self._eval_fn)
+    if step % run.log_every == 0 or val_loss is not None or step == run.steps:
+      self._log(step, val_loss)
+    if step % run.checkpoint_every == 0 or step == run.steps:
+      if not bool(_all_finite(state["params"])):
+        self._stop(step, "parameters", float("nan"))
+      self.checkpointer.save(step, state, self.data_iter.get_state(), self.cfg.to_dict())
+      self._last_saved = step
+    self.throughput.restart()  # eval and save time is not training time
+
+  def _log(self, step: int, val_loss: float | None = None) -> None:
+    n = max(self._window["n"], 1)
+    tokens = step * self.micro_tokens * self.k
+    tokens_per_s = self.throughput.take()
+    flops_per_s = tokens_per_s * self.flops_per_token if tokens_per_s is not None else None
+    record = {
+        "step": step,
+        "loss": self._window["loss"] / n,
+        "grad_norm": self._window["grad_norm"] / n,
+        "lr": self.cfg.optim.lr * float(self._lr(step - 1)),
+        "tokens": tokens,
+        "flops": tokens * self.flops_per_token,
+        "tokens_per_s": tokens_per_s,
+        "mfu": metrics_lib.mfu(flops_per_s, self.peak),
+        "elapsed_s": time.perf_counter() - self._t_train,
+    }
+    if val_loss is not None:
+      record["val_loss"] = val_loss
+      record["val_ppl"] = math.exp(min(val_loss, 700.0))
+      self._last["val_loss"] = val_loss
+    self._last["loss"] = record["loss"]
+    self._window = {"loss": 0.0, "grad_norm": 0.0, "n": 0}
+    self.writer.write(record)
+    self.bar.update(step, record)
+
+  def _stop(self, step: int, what: str, value: float) -> None:
+    where = (f"the last good checkpoint is step {self._last_saved} in {self.ckpt_dir}"
+             if self._last_saved is not None else "no checkpoint was saved")
+    label = "training loss" if what == "loss" else what
+    raise NonFiniteLossError(
+        f"non-finite {label} ({value}) at step {step}; training stopped, {where}")
+
+
+def _last_logged(out_dir: str) -> dict[str, float | None]:
+  records = metrics_lib.read_metrics(out_dir)
+  loss = next((r["loss"] for r in reversed(records) if r.get("loss") is not None), None)
+  val = next((r["val_loss"] for r in reversed(records) if r.get("val_loss") is not None), None)
+  return {"loss": loss, "val_loss": val}
+
+
+def train(cfg: ExperimentConfig, *, resume: str | None = None) -> TrainResult:
+  """Validates (ValueError on bad input, before anything is written), then trains."""
+  return Trainer(cfg, resume=resume).run()
