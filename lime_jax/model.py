@@ -183,5 +183,6 @@ def router_weights(params: dict[str, Any], cfg: ModelConfig) -> jax.Array:
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> dict[str, Any]:
+  """Parameters, initialized as one compiled program (eager init compiles op by op)."""
   tokens_BxT = jnp.zeros((1, min(cfg.T, 8)), jnp.int32)
-  return Transformer(cfg).init(rng, tokens_BxT)["params"]
+  return jax.jit(lambda rng: Transformer(cfg).init(rng, tokens_BxT)["params"])(rng)

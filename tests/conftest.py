@@ -1,0 +1,20 @@
+"""Test-wide JAX settings; they must be in place before JAX starts.
+
+Environment variables (not only jax.config) so subprocesses that tests start agree.
+Compile time dominates this suite (tiny models, many programs): the rbg PRNG and LLVM at -O0
+cut it several-fold on CPU. Tests need reproducibility only within one JAX version, and
+memory_analysis comes from XLA's buffer assignment, which the LLVM level does not change.
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "rbg")
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_backend_optimization_level=0").strip()
+
+import jax  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_default_matmul_precision", "highest")
