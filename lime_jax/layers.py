@@ -28,7 +28,7 @@ class RMSNorm(nn.Module):
     x32_BxTxD = x_BxTxD.astype(jnp.float32)
     rms_BxTx1 = jax.lax.rsqrt(jnp.mean(jnp.square(x32_BxTxD), axis=-1, keepdims=True)
                               + self.cfg.norm_eps)
-    y_BxTxD = x32_BxTxD * rms_BxTx1 * scale_D.astype(jnp.float32)
+    y_BxTxD = x32_BxTxD * rms_BxTx1 * scale_D.astype(jnp.float32)[None, None, :]
     return y_BxTxD.astype(dtype_of(self.cfg.compute_dtype))
 
 
@@ -36,7 +36,7 @@ def apply_rope(x_BxTxNxHd: jax.Array, positions_BxT: jax.Array, theta: float) ->
   """Rotates query or key heads by their positions; math in float32."""
   Hd = x_BxTxNxHd.shape[-1]
   inv_freq_Hd2 = 1.0 / (theta ** (jnp.arange(0, Hd, 2, dtype=jnp.float32) / Hd))
-  angle_BxTxHd2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_Hd2
+  angle_BxTxHd2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_Hd2[None, None, :]
   angle_BxTx1xHd = jnp.concatenate([angle_BxTxHd2, angle_BxTxHd2], axis=-1)[:, :, None, :]
   x32 = x_BxTxNxHd.astype(jnp.float32)
   half = Hd // 2
