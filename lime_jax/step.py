@@ -39,7 +39,7 @@ def train_step(state: TrainState, batch: Batch, model_cfg: ModelConfig,
   loss, grads = jax.value_and_grad(loss_fn)(state.params, model_cfg, batch)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
