@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 test: install
 	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -n 2 --dist loadfile -q
 
+# The embedded default job: LIMe vs baseline on the embedded corpus (CPU, ~5 min), then a plot.
+train: install
+	JAX_PLATFORMS=cpu $(BIN)/python -m lime_jax.default_run
+
 bench: install
 	JAX_PLATFORMS=cpu $(BIN)/lime-jax bench --depths 8,16,32,64,128 --json runs/bench.json
 

@@ -91,6 +91,7 @@ class Checkpointer:
 
 
 def _reader(directory: str) -> ocp.CheckpointManager:
+  directory = os.path.abspath(directory)  # orbax wants absolute paths
   options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
                                          enable_async_checkpointing=False)
   return ocp.CheckpointManager(directory, options=options, handler_registry=_registry())
@@ -172,7 +173,9 @@ def _check_shapes(directory: str, step: int, abstract_state: Any) -> None:
     raise CheckpointError(f"checkpoint {directory}/{step}: has no '{STATE}' item")
   stored = _flat(metadata)
   wanted = _flat(abstract_state)
-  for key, leaf in wanted.items():
+  # Parameters first: their names say the most about which model differs.
+  for key in sorted(wanted, key=lambda k: not k.startswith("params/")):
+    leaf = wanted[key]
     if key not in stored:
       raise CheckpointError(
           f"checkpoint {directory}/{step}: has no array {key} (was it written by a different"

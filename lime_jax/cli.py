@@ -92,12 +92,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def quiet_libraries() -> None:
-  """orbax logs routine warnings through absl; keep the terminal for the run itself."""
+  """Keeps the terminal for the run itself: orbax logs routine warnings through absl, and its
+  failed reads leave noise (see `_quiet_orphaned_reads`)."""
+  _quiet_orphaned_reads()
   try:
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.ERROR)
   except ImportError:
     pass
+
+
+def _quiet_orphaned_reads() -> None:
+  """After a failed orbax read, tensorstore callbacks still fire into orbax's closed event loop;
+  Python would print each as an ignored exception after our one-line message."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,6 @@ data (e.g. `data.val_batches=64`, or another corpus with the same tokenizer).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 from typing import Any, Callable, Sequence
@@ -37,10 +36,8 @@ def evaluate_checkpoint(path: str, *, step: int | None = None,
   """{"checkpoint", "step", "val_loss", "val_ppl", "val_tokens"} of a saved checkpoint."""
   # Imported here: train imports this module.
   from lime_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from lime_jax.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
-  from lime_jax.step import eval_step  # pylint: disable=g-import-not-at-top
   from lime_jax.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
-  from lime_jax.train import _abstract_state, init_state  # pylint: disable=g-import-not-at-top
+  from lime_jax.train import abstract_state, jitted_fns  # pylint: disable=g-import-not-at-top
 
   directory, dir_step = ckpt.resolve_dir(path)
   if step is not None and dir_step is not None and step != dir_step:
@@ -54,10 +51,8 @@ def evaluate_checkpoint(path: str, *, step: int | None = None,
   tokenizer = load_tokenizer(cfg.data.tokenizer)
   check_vocab(cfg, tokenizer.vocab_size)
   val_batches = data_lib.make_val_batches(cfg.data, tokenizer)
-  tx = make_optimizer(cfg.optim)
-  init = functools.partial(init_state, cfg.model, tx, cfg.run.seed)
-  restored = ckpt.restore(directory, _abstract_state(init), step)
-  eval_fn = jax.jit(functools.partial(eval_step, model_cfg=cfg.model))
+  init_fn, _, eval_fn = jitted_fns(cfg.model, cfg.optim, cfg.run.seed)
+  restored = ckpt.restore(directory, abstract_state(init_fn), step)
   loss, tokens = validation_loss(restored.state["params"], val_batches, eval_fn)
   return {"checkpoint": directory, "step": step, "val_loss": loss,
           "val_ppl": math.exp(min(loss, 700.0)), "val_tokens": tokens}

@@ -202,8 +202,7 @@ class ProgressBar:
     if self._bar is None:
       return
     postfix = {"loss": f"{record['loss']:.3f}", "tok/s": _si(record.get("tokens_per_s"))}
-    if record.get("mfu") is not None:
-      postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
+    postfix["mfu"] = f"{100 * record['mfu']:.1f}%" if record.get("mfu") is not None else "-"
     if record.get("val_loss") is not None:
       postfix["val"] = f"{record['val_loss']:.3f}"
     self._bar.set_postfix(postfix, refresh=False)

@@ -71,12 +71,23 @@ def _train_step(state: dict[str, Any], batch, model_cfg, tx):
   return dict(state, step=ts.step, params=ts.params, opt_state=ts.opt_state), metrics
 
 
+@functools.lru_cache(maxsize=8)
+def jitted_fns(model_cfg, optim_cfg, seed: int):
+  """(init, step, eval), jitted once per config in a process so that repeated runs (tests,
+  sweeps) reuse the compiled executables. The step donates the state."""
+  tx = make_optimizer(optim_cfg)
+  init = jax.jit(functools.partial(init_state, model_cfg, tx, seed))
+  step = jax.jit(functools.partial(_train_step, model_cfg=model_cfg, tx=tx), donate_argnums=0)
+  evaluate = jax.jit(functools.partial(eval_step, model_cfg=model_cfg))
+  return init, step, evaluate
+
+
 @jax.jit
 def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def _abstract_state(init_fn) -> Any:
+def abstract_state(init_fn) -> Any:
   device = jax.devices()[0]
   sharding = jax.sharding.SingleDeviceSharding(device)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
@@ -117,8 +128,7 @@ class Trainer:
     self.start = resume_step(cfg, resume or run.resume)
     self.data_iter = data_lib.make_train_iterator(cfg.data, self.tokenizer)
     self.val_batches = data_lib.make_val_batches(cfg.data, self.tokenizer)
-    self.tx = make_optimizer(cfg.optim)
-    self._init = functools.partial(init_state, cfg.model, self.tx, run.seed)
+    self._init, self._step_fn, self._eval_fn = jitted_fns(cfg.model, cfg.optim, run.seed)
     self.k = cfg.optim.grad_accum_steps
     self.micro_tokens = cfg.data.batch_size * cfg.data.seq_len
     self.flops_per_token = flops_lib.train_flops_per_token(cfg.model, cfg.data.seq_len)
@@ -129,8 +139,8 @@ class Trainer:
 
   def _initial_state(self) -> dict[str, Any]:
     if self.start is None:
-      return jax.jit(self._init)()
-    restored = ckpt.restore(self.ckpt_dir, _abstract_state(self._init), self.start)
+      return self._init()
+    restored = ckpt.restore(self.ckpt_dir, abstract_state(self._init), self.start)
     micro = int(restored.state["step"])
     if micro != self.start * self.k:
       raise ckpt.CheckpointError(
@@ -169,9 +179,7 @@ class Trainer:
     self._last = {"loss": None, "val_loss": None}
     self._t_train = time.perf_counter()
 
-    step_fn = jax.jit(functools.partial(_train_step, model_cfg=cfg.model, tx=self.tx),
-                      donate_argnums=0)
-    self._eval_fn = jax.jit(functools.partial(eval_step, model_cfg=cfg.model))
+    step_fn = self._step_fn
     deferred = metrics_lib.DeferredFetch()
     try:
       for micro in range(start * self.k, run.steps * self.k):
@@ -257,7 +265,7 @@ class Trainer:
   def _stop(self, step: int, what: str, value: float) -> None:
     where = (f"the last good checkpoint is step {self._last_saved} in {self.ckpt_dir}"
              if self._last_saved is not None else "no checkpoint was saved")
-    label = "training loss" if what == "loss" else what
+    label = {"loss": "training loss", "grad_norm": "gradient norm"}.get(what, what)
     raise NonFiniteLossError(
         f"non-finite {label} ({value}) at step {step}; training stopped, {where}")
 

@@ -111,6 +111,8 @@ def test_mismatched_model_is_a_one_line_error(tmp_path):
     ckpt.restore(str(tmp_path), _abstract(_state()), step=5)
 
 
+# A failed orbax read leaves its pending asyncio reads to die with the event loop: noise, not ours.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):
   saver = ckpt.Checkpointer(str(tmp_path), keep=1)
   saver.save(1, _state(), {"next_index": 1}, {"model": {}})
@@ -151,9 +153,10 @@ def test_unfinished_save_is_invisible_and_directories_resolve(tmp_path):
 
 # --- a real process, killed while it writes a checkpoint ---------------------------------------
 
-# Runs `lime-jax train` with one change: while the config item of checkpoint HOOK_STEP is being
-# written (inside orbax's real async save, the arrays already in flight to the step's temporary
-# directory), it announces itself in HOOK_MARKER and stalls there so the test can SIGKILL it.
+# Runs `lime-jax train` with one change: when orbax's real async save of checkpoint HOOK_STEP
+# reaches its config item (the arrays and the iterator state are being written into the step's
+# temporary directory, nothing is committed), the child announces it in HOOK_MARKER and stalls
+# there, so that the SIGKILL lands mid-save every time instead of by luck.
 _HOOKED_TRAIN = r"""
 import os, sys, time
 from orbax.checkpoint._src.handlers import json_checkpoint_handler as jch

@@ -4,6 +4,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -88,3 +90,18 @@ def test_eval_corrupt_and_mismatched_checkpoints(run_dir, tmp_path, capsys):
         f.write(b"\xff" * 64)
   err = _cli_error(capsys, ["eval", "--checkpoint", str(damaged)])
   assert "checkpoints/4: cannot" in err
+
+  # In a real process too: exit 2 and exactly one line, no asyncio noise from orbax's reads
+  # (damaged array data, not metadata, is what leaves tensorstore reads behind).
+  data_only = tmp_path / "data_only"
+  shutil.copytree(run_dir, data_only)
+  for root, _, names in os.walk(data_only / "checkpoints" / "4" / "state"):
+    for name in names:
+      if os.path.basename(root) == "d":
+        with open(os.path.join(root, name), "r+b") as f:
+          f.write(b"garbage!" * 64)
+  proc = subprocess.run([sys.executable, "-m", "lime_jax", "eval", "--checkpoint", str(data_only)],
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 2
+  assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("lime-jax eval: "), proc.stderr
