@@ -48,6 +48,16 @@ def _plot(args: argparse.Namespace) -> int:
   return plot.run(args)
 
 
+def _export(args: argparse.Namespace) -> int:
+  from lime_jax import export
+  return export.run_export(args)
+
+
+def _import(args: argparse.Namespace) -> int:
+  from lime_jax import export
+  return export.run_import(args)
+
+
 def _tokenizer_train(args: argparse.Namespace) -> int:
   from lime_jax import tokenizer
   return tokenizer.run_train(args)
@@ -81,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
   plot_parser = sub.add_parser("plot", help="validation loss vs training FLOPs of runs (PNG)")
   plot.add_arguments(plot_parser)
   plot_parser.set_defaults(func=_plot)
+
+  from lime_jax import export
+  export_parser = sub.add_parser(
+      "export", help="checkpoint -> safetensors + config.json (HF Llama / LIMe reference names)")
+  export.add_export_arguments(export_parser)
+  export_parser.set_defaults(func=_export)
+  import_parser = sub.add_parser("import", help="read and check an exported directory")
+  export.add_import_arguments(import_parser)
+  import_parser.set_defaults(func=_import)
 
   from lime_jax import tokenizer
   tok_parser = sub.add_parser("tokenizer", help="tokenizer tools")
