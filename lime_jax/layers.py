@@ -1,6 +1,9 @@
-"""Building blocks shared by every layer: RMSNorm, RoPE, causal GQA attention, SwiGLU MLP."""
+"""Building blocks shared by every layer: RMSNorm, RoPE, causal GQA attention, SwiGLU MLP,
+and the key/value cache that attention appends to when decoding."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +68,30 @@ def causal_attention(q_BxTxHxHd: jax.Array, k_BxSxRxHd: jax.Array, v_BxSxRxHd: j
   return out_BxTxRxGxHd.reshape(B, T, H, Hd)
 
 
+class KVCache(NamedTuple):
+  """Rotated keys and values of every layer, as attention reads them (for LIMe: routed k', v').
+
+  Slot s of row b holds that row's position s, so the causal mask by position alone hides
+  slots not yet written (or holding a shorter prompt's padding): they lie in the future.
+  """
+
+  k_LxBxSxRxHd: jax.Array
+  v_LxBxSxRxHd: jax.Array
+  length_B: jax.Array  # int32 tokens cached per row; the next token goes to slot length_B[b]
+
+
+def cache_append(cache: KVCache, layer_idx, k_BxTxRxHd: jax.Array, v_BxTxRxHd: jax.Array,
+                 positions_BxT: jax.Array) -> KVCache:
+  """Writes one layer's new keys/values into their slots; touches only those B*T entries."""
+  rows_Bx1 = jnp.arange(k_BxTxRxHd.shape[0])[:, None]
+  dtype = cache.k_LxBxSxRxHd.dtype
+  return cache._replace(
+      k_LxBxSxRxHd=cache.k_LxBxSxRxHd.at[layer_idx, rows_Bx1, positions_BxT].set(
+          k_BxTxRxHd.astype(dtype)),
+      v_LxBxSxRxHd=cache.v_LxBxSxRxHd.at[layer_idx, rows_Bx1, positions_BxT].set(
+          v_BxTxRxHd.astype(dtype)))
+
+
 class Mlp(nn.Module):
   """SwiGLU: down(silu(gate(x)) * up(x))."""
 
@@ -86,14 +113,17 @@ class Attention(nn.Module):
   """Query projection, RoPE, causal attention over given (routed) keys/values, output projection.
 
   The key/value projection lives in the layer, because LIMe routes the raw kv across layers
-  before attention sees them.
+  before attention sees them. With a cache (decoding), the new tokens' rotated keys/values are
+  written to layer `layer_idx`'s slots and the queries attend over the whole cache; returns
+  (output, cache), the cache None without one.
   """
 
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, kv_BxSxRx2xHd: jax.Array, q_positions_BxT: jax.Array,
-               k_positions_BxS: jax.Array) -> jax.Array:
+               k_positions_BxS: jax.Array, cache: KVCache | None = None,
+               layer_idx=None) -> tuple[jax.Array, KVCache | None]:
     cfg = self.cfg
     pdt, cdt = dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype)
     q_proj_DxHxHd = self.param("q_proj", normal_init, (cfg.D, cfg.H, cfg.Hd), pdt)
@@ -103,6 +133,13 @@ class Attention(nn.Module):
     q_BxTxHxHd = apply_rope(q_BxTxHxHd, q_positions_BxT, cfg.rope_theta)
     k_BxSxRxHd = apply_rope(kv_BxSxRx2xHd[:, :, :, 0], k_positions_BxS, cfg.rope_theta)
     v_BxSxRxHd = kv_BxSxRx2xHd[:, :, :, 1]
+    if cache is not None:  # here S is the new tokens; afterwards, the cache length
+      cache = cache_append(cache, layer_idx, k_BxSxRxHd, v_BxSxRxHd, k_positions_BxS)
+      k_BxSxRxHd = cache.k_LxBxSxRxHd[layer_idx]
+      v_BxSxRxHd = cache.v_LxBxSxRxHd[layer_idx]
+      B, S = k_BxSxRxHd.shape[:2]
+      k_positions_BxS = jnp.broadcast_to(jnp.arange(S), (B, S))
     out_BxTxHxHd = causal_attention(q_BxTxHxHd, k_BxSxRxHd, v_BxSxRxHd, q_positions_BxT,
                                     k_positions_BxS)
-    return jnp.einsum("bthk,hkd->btd", out_BxTxHxHd.astype(cdt), o_proj_HxHdxD.astype(cdt))
+    out_BxTxD = jnp.einsum("bthk,hkd->btd", out_BxTxHxHd.astype(cdt), o_proj_HxHdxD.astype(cdt))
+    return out_BxTxD, cache

@@ -3,6 +3,8 @@
 Layers run under `nn.scan` (one compiled body whatever the depth) or unrolled
 (`scan_layers=False`, a cross-check). LIMe threads a float32 accumulator `acc_IxRxBxTx2xHd`,
 one slot per reader layer I still to run, through the layers; `routing.py` says why.
+Decoding threads a `KVCache` the same way, in the carry, so its layout [L, B, S, R, Hd] is one
+whatever the scan layout and each layer updates its slots in place (see decode.py).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import flax.linen as nn
 
 from lime_jax import routing
 from lime_jax.config import ModelConfig
-from lime_jax.layers import Attention, Mlp, RMSNorm, dtype_of, normal_init
+from lime_jax.layers import Attention, KVCache, Mlp, RMSNorm, dtype_of, normal_init
 
 REMAT_POLICIES = {
     "full": None,  # save nothing inside the sub-block
@@ -33,14 +35,18 @@ def _maybe_remat(module_cls, cfg: ModelConfig):
 
 
 class Block(nn.Module):
-  """One pre-norm decoder layer; with LIMe it also pushes its kv into the accumulator."""
+  """One pre-norm decoder layer; with LIMe it also pushes its kv into the accumulator.
+
+  With a cache, the new tokens' routed kv is appended to it and attention reads the cache; the
+  accumulator then spans only the new tokens, all that routing needs.
+  """
 
   cfg: ModelConfig
   first_reader: int = 0  # the accumulator holds reader slots first_reader .. L-1
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, acc_IxRxBxTx2xHd: jax.Array | None, layer_idx,
-               positions_BxT: jax.Array):
+               positions_BxT: jax.Array, cache: KVCache | None = None):
     cfg = self.cfg
     pdt, cdt = dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype)
     h_BxTxD = RMSNorm(cfg, name="attn_norm")(x_BxTxD)
@@ -53,11 +59,16 @@ class Block(nn.Module):
       acc_IxRxBxTx2xHd, kv32_BxTxRx2xHd = routing.push_and_read(
           acc_IxRxBxTx2xHd, push_LxRxR, kv_BxTxRx2xHd, layer_idx, self.first_reader)
       kv_BxTxRx2xHd = kv32_BxTxRx2xHd.astype(cdt)
-    attention = _maybe_remat(Attention, cfg)(cfg, name="attn")
-    x_BxTxD = x_BxTxD + attention(h_BxTxD, kv_BxTxRx2xHd, positions_BxT, positions_BxT)
+    if cache is None:
+      attention = _maybe_remat(Attention, cfg)(cfg, name="attn")
+      attn_BxTxD, _ = attention(h_BxTxD, kv_BxTxRx2xHd, positions_BxT, positions_BxT)
+    else:  # decoding takes no gradients, so no remat
+      attn_BxTxD, cache = Attention(cfg, name="attn")(
+          h_BxTxD, kv_BxTxRx2xHd, positions_BxT, positions_BxT, cache, layer_idx)
+    x_BxTxD = x_BxTxD + attn_BxTxD
     mlp = _maybe_remat(Mlp, cfg)(cfg, name="mlp")
     x_BxTxD = x_BxTxD + mlp(RMSNorm(cfg, name="mlp_norm")(x_BxTxD))
-    return x_BxTxD, acc_IxRxBxTx2xHd
+    return x_BxTxD, acc_IxRxBxTx2xHd, cache
 
 
 def _symmetric_uniform(bound: float):
@@ -74,9 +85,9 @@ class _ScanBody(nn.Module):
 
   @nn.compact
   def __call__(self, carry, layer_idx, positions_BxT):
-    x_BxTxD, acc_IxRxBxTx2xHd = carry
+    x_BxTxD, acc_IxRxBxTx2xHd, cache = carry
     block = Block(self.cfg, self.first_reader, name="block")
-    return block(x_BxTxD, acc_IxRxBxTx2xHd, layer_idx, positions_BxT), None
+    return block(x_BxTxD, acc_IxRxBxTx2xHd, layer_idx, positions_BxT, cache), None
 
 
 def scan_segments(cfg: ModelConfig) -> list[tuple[int, int]]:
@@ -86,12 +97,14 @@ def scan_segments(cfg: ModelConfig) -> list[tuple[int, int]]:
 
 class LayerStack(nn.Module):
   """All L layers. Parameters: `segment_{b}/block/...` with a leading layer axis when scanned,
-  `layer_{l}/...` when unrolled; `stacked_layer_params` gives one [L, ...] view of either."""
+  `layer_{l}/...` when unrolled; `stacked_layer_params` gives one [L, ...] view of either.
+  Returns (x, cache); the cache (all layers, in the carry) is None when not decoding."""
 
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
+               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
     cfg = self.cfg
     B, T, _ = x_BxTxD.shape
     acc_IxRxBxTx2xHd = None
@@ -99,23 +112,23 @@ class LayerStack(nn.Module):
       acc_IxRxBxTx2xHd = jnp.zeros((cfg.L, cfg.R, B, T, 2, cfg.Hd), jnp.float32)
     if not cfg.scan_layers:
       for l in range(cfg.L):
-        x_BxTxD, acc_IxRxBxTx2xHd = Block(cfg, name=f"layer_{l}")(
-            x_BxTxD, acc_IxRxBxTx2xHd, l, positions_BxT)
-      return x_BxTxD
+        x_BxTxD, acc_IxRxBxTx2xHd, cache = Block(cfg, name=f"layer_{l}")(
+            x_BxTxD, acc_IxRxBxTx2xHd, l, positions_BxT, cache)
+      return x_BxTxD, cache
     for b, (start, stop) in enumerate(scan_segments(cfg)):
       segment = nn.scan(
           _ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
           in_axes=(0, nn.broadcast), length=stop - start,
           unroll=min(cfg.scan_unroll, stop - start))(cfg, start, name=f"segment_{b}")
-      (x_BxTxD, acc_IxRxBxTx2xHd), _ = segment(
-          (x_BxTxD, acc_IxRxBxTx2xHd), jnp.arange(start, stop), positions_BxT)
+      (x_BxTxD, acc_IxRxBxTx2xHd, cache), _ = segment(
+          (x_BxTxD, acc_IxRxBxTx2xHd, cache), jnp.arange(start, stop), positions_BxT)
       if cfg.is_lime:  # readers start..stop-1 have read their slots
         acc_IxRxBxTx2xHd = acc_IxRxBxTx2xHd[stop - start:]
-    return x_BxTxD
+    return x_BxTxD, cache
 
 
 class Transformer(nn.Module):
-  """Token ids [B, T] -> float32 logits [B, T, V]."""
+  """Token ids [B, T] -> float32 logits [B, T, V]; `extend` is the cached (decoding) path."""
 
   cfg: ModelConfig
 
@@ -134,11 +147,33 @@ class Transformer(nn.Module):
 
   def from_embeddings(self, x_BxTxD: jax.Array, positions_BxT: jax.Array | None = None) -> jax.Array:
     """Runs the layers and the head on given input embeddings (used by causality tests)."""
-    cfg = self.cfg
     B, T, _ = x_BxTxD.shape
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
-    h_BxTxD = self.final_norm(self.layers(x_BxTxD, positions_BxT))
+    x_BxTxD, _ = self.layers(x_BxTxD, positions_BxT)
+    return self._head(x_BxTxD)
+
+  def extend(self, tokens_BxT: jax.Array, cache: KVCache,
+             logit_index_B: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    """Appends tokens after each row's cached ones: (logits, cache advanced by T).
+
+    Row b's tokens take positions length_B[b] + 0..T-1. Logits are [B, T, V], or [B, V] at
+    chunk index logit_index_B[b] (a prompt's last token), which skips the other T-1 unembeds.
+    """
+    T = tokens_BxT.shape[1]
+    x_BxTxD = jnp.take(self.embed, tokens_BxT, axis=0).astype(dtype_of(self.cfg.compute_dtype))
+    positions_BxT = cache.length_B[:, None] + jnp.arange(T, dtype=cache.length_B.dtype)[None, :]
+    x_BxTxD, cache = self.layers(x_BxTxD, positions_BxT, cache)
+    cache = cache._replace(length_B=cache.length_B + T)
+    if logit_index_B is None:
+      return self._head(x_BxTxD), cache
+    x_Bx1xD = jnp.take_along_axis(x_BxTxD, logit_index_B[:, None, None], axis=1)
+    return self._head(x_Bx1xD)[:, 0], cache
+
+  def _head(self, x_BxTxD: jax.Array) -> jax.Array:
+    """Final norm and (tied) unembedding, float32 logits."""
+    cfg = self.cfg
+    h_BxTxD = self.final_norm(x_BxTxD)
     unembed_DxV = self.embed.T if cfg.tie_embeddings else self.unembed
     return jnp.einsum("btd,dv->btv", h_BxTxD, unembed_DxV.astype(dtype_of(cfg.compute_dtype)),
                       preferred_element_type=jnp.float32)
