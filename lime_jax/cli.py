@@ -58,6 +58,21 @@ def _import(args: argparse.Namespace) -> int:
   return export.run_import(args)
 
 
+def _generate(args: argparse.Namespace) -> int:
+  from lime_jax import decode
+  return decode.run_generate(args, _load_for_generate)
+
+
+def _load_for_generate(path: str):
+  """(params, model config, tokenizer spec) of a training checkpoint."""
+  from lime_jax import checkpoint as ckpt
+  from lime_jax import export
+  params, model_cfg = export.load_checkpoint_params(path)
+  directory, step = ckpt.resolve_dir(path)
+  _, saved = ckpt.read_config(directory, step)
+  return params, model_cfg, saved["data"]["tokenizer"]
+
+
 def _tokenizer_train(args: argparse.Namespace) -> int:
   from lime_jax import tokenizer
   return tokenizer.run_train(args)
@@ -100,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
   import_parser = sub.add_parser("import", help="read and check an exported directory")
   export.add_import_arguments(import_parser)
   import_parser.set_defaults(func=_import)
+
+  from lime_jax import decode
+  generate_parser = sub.add_parser("generate", help="sample from a checkpoint with a KV cache")
+  decode.add_generate_arguments(generate_parser)
+  generate_parser.set_defaults(func=_generate)
 
   from lime_jax import tokenizer
   tok_parser = sub.add_parser("tokenizer", help="tokenizer tools")

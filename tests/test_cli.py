@@ -9,6 +9,8 @@ def test_subcommands_are_registered():
   parser = build_parser()
   for argv in (["bench", "--depths", "8"], ["train", "model.D=8"], ["eval", "--checkpoint", "x"],
                ["plot", "a", "--out", "p.png"],
+               ["export", "--checkpoint", "x", "--out", "y"], ["import", "--hf-dir", "x"],
+               ["generate", "--checkpoint", "x", "--prompt", "hi"],
                ["tokenizer", "train", "--files", "a.txt", "--vocab-size", "300", "--out", "t.json"]):
     assert callable(parser.parse_args(argv).func), argv
 
@@ -45,6 +47,9 @@ def test_export_and_import_a_trained_checkpoint(tmp_path, capsys):
   assert main(["export", "--checkpoint", str(run_dir), "--out", str(out)]) == 0
   assert main(["import", "--hf-dir", str(out)]) == 0
   assert '"router": "kv-static"' in capsys.readouterr().out
+  assert main(["generate", "--checkpoint", str(run_dir), "--prompt", "abc",
+               "--max-new-tokens", "4", "--temperature", "0"]) == 0
+  assert "tokens/s" in capsys.readouterr().out
   saved, saved_cfg = export.load_checkpoint_params(str(run_dir))
   imported, imported_cfg = export.import_params(str(out))
   tokens = np.arange(16, dtype=np.int32).reshape(1, 16) % 200
