@@ -26,6 +26,7 @@ import numpy as np
 
 from lime_jax import flops
 from lime_jax.config import ModelConfig
+from lime_jax.model import init_params
 from lime_jax.optimizer import OptimConfig, make_optimizer
 from lime_jax.step import init_train_state, train_step
 
@@ -73,6 +74,23 @@ def bench_point(cfg: ModelConfig, batch: int, steps: int, seed: int = 0,
           "step_s": statistics.median(times) if times else float("nan")}
 
 
+def bench_decode(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int,
+                 repeats: int = 3, seed: int = 0) -> dict[str, Any]:
+  """Greedy cached decoding: median tokens/s over `repeats` calls and the KV cache's bytes."""
+  from lime_jax import decode  # pylint: disable=g-import-not-at-top
+  params = init_params(cfg, jax.random.key(seed))
+  prompts = np.random.default_rng(seed).integers(0, cfg.V, (batch, prompt_len)).tolist()
+  rates = []
+  for _ in range(repeats + 1):  # the first call compiles
+    generation = decode.generate(params, cfg, prompts, new_tokens, jax.random.key(seed),
+                                 temperature=0.0)
+    if generation.compile_s == 0.0:
+      rates.append(generation.tokens_per_s)
+  cache = decode.init_cache(cfg, batch, prompt_len + new_tokens - 1)
+  return {"decode_tokens_per_s": statistics.median(rates),
+          "cache_bytes": decode.cache_bytes(cache)}
+
+
 def ratio_rows(records: list[dict[str, Any]], batch: int) -> list[dict[str, Any]]:
   """LIMe/baseline ratios per depth, and LIMe's FLOP overhead against the spec formula."""
   by_key = {(r["router"], r["depth"]): r for r in records}
@@ -95,6 +113,11 @@ def ratio_rows(records: list[dict[str, Any]], batch: int) -> list[dict[str, Any]
 
 
 def format_tables(records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+  decode_lines = []
+  if records and "cache_bytes" in records[0]:
+    decode_lines = ["", "| router | depth | decode tokens/s | KV cache MiB |", "|---|---:|---:|---:|"]
+    decode_lines += [f"| {r['router']} | {r['depth']} | {r['decode_tokens_per_s']:.1f} |"
+                     f" {r['cache_bytes'] / 2**20:.2f} |" for r in records]
   lines = ["| router | depth | width | temp MiB | GFLOPs/step | compile s | step s |",
            "|---|---:|---:|---:|---:|---:|---:|"]
   for r in records:
@@ -109,7 +132,7 @@ def format_tables(records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> 
         f" {row['compile_ratio']:.3f} | {row['flops_overhead'] / 1e9:.3f} |"
         f" {row['flops_overhead_formula'] / 1e9:.3f} |"
         f" {row['flops_overhead'] / row['flops_overhead_formula']:.3f} |")
-  return "\n".join(lines)
+  return "\n".join(lines + decode_lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -124,6 +147,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--length", type=int, default=256)
   parser.add_argument("--steps", type=int, default=3, help="timed steps per point (median)")
   parser.add_argument("--remat", default="none")
+  parser.add_argument("--decode", action="store_true",
+                      help="also time greedy cached decoding (--length/2 prompt tokens, then"
+                           " --decode-tokens new ones) and report the KV cache's bytes")
+  parser.add_argument("--decode-tokens", type=int, default=64)
   parser.add_argument("--json", default=None, help="write the records to this JSON file")
 
 
@@ -149,6 +176,10 @@ def run(args: argparse.Namespace) -> int:
       except ValueError as err:
         raise SystemExit(f"lime-jax bench: {err}")
       record = bench_point(cfg, args.batch, args.steps)
+      if args.decode:
+        record.update(bench_decode(cfg, args.batch, args.length // 2, args.decode_tokens))
+        print(f"router={router:9s} depth={depth:4d} decode={record['decode_tokens_per_s']:8.1f}"
+              f" tokens/s cache={record['cache_bytes'] / 2**20:7.2f} MiB", flush=True)
       print(f"router={router:9s} depth={depth:4d} temp={record['temp_bytes'] / 2**20:9.1f} MiB"
             f" flops={record['flops'] / 1e9:9.2f} G compile={record['compile_s']:6.2f} s"
             f" step={record['step_s']:7.3f} s", flush=True)
@@ -158,5 +189,6 @@ def run(args: argparse.Namespace) -> int:
   print(format_tables(records, rows))
   if args.json:
     with open(args.json, "w") as f:
-      json.dump([{k: r[k] for k in RECORD_KEYS} for r in records], f, indent=1)
+      json.dump([{k: v for k, v in r.items() if not k.startswith("_")} for r in records], f,
+                indent=1)
   return 0

@@ -58,7 +58,7 @@ def test_bench_cli_writes_records(tmp_path, capsys):
   assert [(r["router"], r["depth"]) for r in records] == [
       ("none", 2), ("kv-static", 2), ("none", 4), ("kv-static", 4)]
   for r in records:
-    assert set(r) == set(bench.RECORD_KEYS)
+    assert set(r) == set(bench.RECORD_KEYS)  # no decode keys without --decode
     assert r["width"] == 32 and r["temp_bytes"] > 0 and r["flops"] > 0
     assert r["compile_s"] > 0 and r["step_s"] > 0
   by_key = {(r["router"], r["depth"]): r for r in records}
@@ -79,3 +79,18 @@ def test_bench_bad_flags_fail_with_one_line(argv, message, capsys):
   with pytest.raises(SystemExit) as err:
     main(["bench"] + argv)
   assert message in str(err.value)
+
+
+def test_bench_decode_reports_equal_cache_bytes(tmp_path, capsys):
+  out = tmp_path / "bench.json"
+  assert main(["bench", "--depths", "2", "--width", "32", "--heads", "2", "--kv-heads", "2",
+               "--mlp", "64", "--batch", "2", "--length", "16", "--steps", "1", "--decode",
+               "--decode-tokens", "4", "--json", str(out)]) == 0
+  records = json.loads(out.read_text())
+  assert [r["router"] for r in records] == ["none", "kv-static"]
+  assert all(r["decode_tokens_per_s"] > 0 for r in records)
+  # LIMe caches routed k/v per layer, exactly like the baseline: 2 * L * B * S * R * Hd floats
+  # plus one int32 length per row.
+  kv_bytes = 2 * 2 * 2 * (8 + 4 - 1) * 2 * 16 * 4
+  assert records[0]["cache_bytes"] == records[1]["cache_bytes"] == kv_bytes + 2 * 4
+  assert "decode tokens/s" in capsys.readouterr().out
