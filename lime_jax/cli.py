@@ -73,6 +73,11 @@ def _load_for_generate(path: str):
   return params, model_cfg, saved["data"]["tokenizer"]
 
 
+def _analyze(args: argparse.Namespace) -> int:
+  from lime_jax import analysis
+  return analysis.run(args, _load_for_generate)
+
+
 def _tokenizer_train(args: argparse.Namespace) -> int:
   from lime_jax import tokenizer
   return tokenizer.run_train(args)
@@ -120,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
   generate_parser = sub.add_parser("generate", help="sample from a checkpoint with a KV cache")
   decode.add_generate_arguments(generate_parser)
   generate_parser.set_defaults(func=_generate)
+
+  from lime_jax import analysis
+  analyze_parser = sub.add_parser(
+      "analyze", help="per-layer value entropy, token separability and router heatmaps")
+  analysis.add_arguments(analyze_parser)
+  analyze_parser.set_defaults(func=_analyze)
 
   from lime_jax import tokenizer
   tok_parser = sub.add_parser("tokenizer", help="tokenizer tools")

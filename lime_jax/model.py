@@ -59,6 +59,8 @@ class Block(nn.Module):
       acc_IxRxBxTx2xHd, kv32_BxTxRx2xHd = routing.push_and_read(
           acc_IxRxBxTx2xHd, push_LxRxR, kv_BxTxRx2xHd, layer_idx, self.first_reader)
       kv_BxTxRx2xHd = kv32_BxTxRx2xHd.astype(cdt)
+    # Analysis hooks (analysis.py); no-ops unless the caller makes "intermediates" mutable.
+    self.sow("intermediates", "values", kv_BxTxRx2xHd[:, :, :, 1])
     if cache is None:
       attention = _maybe_remat(Attention, cfg)(cfg, name="attn")
       attn_BxTxD, _ = attention(h_BxTxD, kv_BxTxRx2xHd, positions_BxT, positions_BxT)
@@ -68,6 +70,7 @@ class Block(nn.Module):
     x_BxTxD = x_BxTxD + attn_BxTxD
     mlp = _maybe_remat(Mlp, cfg)(cfg, name="mlp")
     x_BxTxD = x_BxTxD + mlp(RMSNorm(cfg, name="mlp_norm")(x_BxTxD))
+    self.sow("intermediates", "hidden", x_BxTxD)
     return x_BxTxD, acc_IxRxBxTx2xHd, cache
 
 

@@ -11,6 +11,7 @@ def test_subcommands_are_registered():
                ["plot", "a", "--out", "p.png"],
                ["export", "--checkpoint", "x", "--out", "y"], ["import", "--hf-dir", "x"],
                ["generate", "--checkpoint", "x", "--prompt", "hi"],
+               ["analyze", "--checkpoint", "x", "--out", "y"],
                ["tokenizer", "train", "--files", "a.txt", "--vocab-size", "300", "--out", "t.json"]):
     assert callable(parser.parse_args(argv).func), argv
 
