@@ -90,9 +90,14 @@ class ModelConfig:
     return build_dataclass(cls, values, where)
 
 
-def _require_positive_int(name: str, value: Any) -> None:
+def require_positive_int(field: str, value: Any) -> None:
+  """The one positive-integer check for every config and argument; `field` names it in errors."""
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f"ModelConfig.{name}: must be a positive integer, got {value!r}")
+    raise ValueError(f"{field}: must be a positive integer, got {value!r}")
+
+
+def _require_positive_int(name: str, value: Any) -> None:
+  require_positive_int(f"ModelConfig.{name}", value)
 
 
 def build_dataclass(cls, values: Mapping[str, Any], where: str):

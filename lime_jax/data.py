@@ -33,7 +33,7 @@ from typing import Any, Mapping
 import grain
 import numpy as np
 
-from lime_jax.config import build_dataclass
+from lime_jax.config import build_dataclass, require_positive_int
 from lime_jax.tokenizer import Tokenizer
 
 SOURCES = ("embedded", "text", "jsonl", "parquet", "fineweb")
@@ -91,8 +91,7 @@ class DataConfig:
 
 
 def _require_positive_int(name: str, value: Any) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f"data.{name}: must be a positive integer, got {value!r}")
+  require_positive_int(f"data.{name}", value)
 
 
 # ---------------------------------------------------------------------------------------------

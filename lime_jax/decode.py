@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lime_jax.config import ModelConfig
+from lime_jax.config import ModelConfig, require_positive_int
 from lime_jax.layers import KVCache, dtype_of
 from lime_jax.model import Transformer
 
@@ -46,8 +46,8 @@ PROMPT_BUCKET = 8  # prompts are padded to a multiple of this: fewer distinct co
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
   """An empty cache of `max_len` slots per row, in the compute dtype; the same for any router."""
-  _require_positive_int("batch", batch)
-  _require_positive_int("max_len", max_len)
+  require_positive_int("batch", batch)
+  require_positive_int("max_len", max_len)
   shape = (cfg.L, batch, max_len, cfg.R, cfg.Hd)
   dtype = dtype_of(cfg.compute_dtype)
   return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
@@ -238,7 +238,7 @@ def generate(params: Any, cfg: ModelConfig, prompt_tokens: Sequence[Sequence[int
   max_len slots per row, by default exactly the longest prompt plus max_new_tokens - 1 (the last
   token is never fed back). Rows stop at eos_id, the loop when all rows have.
   """
-  _require_positive_int("max_new_tokens", max_new_tokens)
+  require_positive_int("max_new_tokens", max_new_tokens)
   check_sampling(temperature, top_k, top_p)
   prompts = _check_prompts(prompt_tokens, cfg.V)
   if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int)
@@ -247,7 +247,7 @@ def generate(params: Any, cfg: ModelConfig, prompt_tokens: Sequence[Sequence[int
   longest = max(len(p) for p in prompts)
   if max_len is None:
     max_len = longest + max_new_tokens - 1
-  _require_positive_int("max_len", max_len)
+  require_positive_int("max_len", max_len)
   if longest > max_len:
     i = max(range(len(prompts)), key=lambda i: len(prompts[i]))
     raise ValueError(f"prompt_tokens: prompt {i} has {longest} tokens, more than max_len={max_len}")
@@ -289,11 +289,6 @@ def _check_prompts(prompt_tokens, V: int) -> list[list[int]]:
       raise ValueError(f"prompt_tokens: prompt {i} has ids outside [0, {V})")
     prompts.append(ids.astype(np.int32).tolist())
   return prompts
-
-
-def _require_positive_int(name: str, value: Any) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f"{name}: must be a positive integer, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lime_jax.config import build_dataclass
+from lime_jax.config import build_dataclass, require_positive_int
 from lime_jax.tokenizer import ByteTokenizer
 
 TOKENIZER = ByteTokenizer()
@@ -302,8 +302,7 @@ class TaskConfig:
 
 
 def _require_positive_int(name: str, value: Any) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f"task.{name}: must be a positive integer, got {value!r}")
+  require_positive_int(f"task.{name}", value)
 
 
 # ---------------------------------------------------------------------------------------------

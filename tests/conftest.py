@@ -18,3 +18,14 @@ import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def child_env():
+  """The child process gets this process's numerics settings (set above)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             JAX_NUMPY_RANK_PROMOTION=str(jax.config.jax_numpy_rank_promotion))
+  if jax.config.jax_default_matmul_precision is not None:
+    env["JAX_DEFAULT_MATMUL_PRECISION"] = str(jax.config.jax_default_matmul_precision)
+  return env

@@ -11,23 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import REPO, child_env
+
 from lime_jax import checkpoint as ckpt
 from lime_jax import train as train_lib
 from lime_jax.cli import main
 from lime_jax.experiment import load_experiment
 from lime_jax.metrics import read_metrics
 from lime_jax.optimizer import OptimConfig, make_optimizer
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def child_env():
-  """The child process gets this process's numerics settings (tests/conftest.py sets them)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             JAX_NUMPY_RANK_PROMOTION=str(jax.config.jax_numpy_rank_promotion))
-  if jax.config.jax_default_matmul_precision is not None:
-    env["JAX_DEFAULT_MATMUL_PRECISION"] = str(jax.config.jax_default_matmul_precision)
-  return env
 
 
 def _state(seed=0, width=3):

@@ -12,6 +12,8 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import REPO, child_env
+
 from lime_jax import checkpoint as ckpt
 from lime_jax import data as data_lib
 from lime_jax import flops as flops_lib
@@ -21,16 +23,6 @@ from lime_jax.experiment import load_experiment
 from lime_jax.metrics import METRICS_FILE, TENSORBOARD_DIR, read_metrics
 from lime_jax.tokenizer import load_tokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def child_env():
-  """The child process gets this process's numerics settings (tests/conftest.py sets them)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             JAX_NUMPY_RANK_PROMOTION=str(jax.config.jax_numpy_rank_promotion))
-  if jax.config.jax_default_matmul_precision is not None:
-    env["JAX_DEFAULT_MATMUL_PRECISION"] = str(jax.config.jax_default_matmul_precision)
-  return env
 N = 4  # steps before the restart; the full run is 2N
 TINY = ["model.D=32", "model.L=2", "model.H=2", "model.F=64", "model.T=32", "data.seq_len=32",
         "data.batch_size=4", "optim.warmup_steps=2", f"optim.total_steps={2 * N}",
