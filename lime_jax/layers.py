@@ -15,6 +15,16 @@ from lime_jax.config import ModelConfig
 normal_init = nn.initializers.normal(stddev=0.02)
 
 
+def logical(init, *axes: str | None):
+  """`init` whose parameter carries logical axis names, one per dimension.
+
+  Modules name axes only; `sharding.py` maps the names to mesh axes by the config's rules.
+  Names: vocab, embed, mlp, heads, kv_heads, head_dim, norm, readers, sources, layers (added by
+  nn.scan); None for a small axis that is never sharded.
+  """
+  return nn.with_logical_partitioning(init, axes)
+
+
 def dtype_of(name: str) -> jnp.dtype:
   return jnp.dtype(name)
 
@@ -26,7 +36,7 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-    scale_D = self.param("scale", nn.initializers.ones, (x_BxTxD.shape[-1],),
+    scale_D = self.param("scale", logical(nn.initializers.ones, "norm"), (x_BxTxD.shape[-1],),
                          dtype_of(self.cfg.param_dtype))
     x32_BxTxD = x_BxTxD.astype(jnp.float32)
     rms_BxTx1 = jax.lax.rsqrt(jnp.mean(jnp.square(x32_BxTxD), axis=-1, keepdims=True)
@@ -101,8 +111,9 @@ class Mlp(nn.Module):
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     cfg = self.cfg
     pdt, cdt = dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype)
-    gate_up_Dx2xF = self.param("gate_up", normal_init, (cfg.D, 2, cfg.F), pdt)
-    down_FxD = self.param("down", normal_init, (cfg.F, cfg.D), pdt)
+    gate_up_Dx2xF = self.param("gate_up", logical(normal_init, "embed", None, "mlp"),
+                               (cfg.D, 2, cfg.F), pdt)
+    down_FxD = self.param("down", logical(normal_init, "mlp", "embed"), (cfg.F, cfg.D), pdt)
     h_BxTx2xF = jnp.einsum("btd,dkf->btkf", x_BxTxD, gate_up_Dx2xF.astype(cdt))
     h_BxTx2xF = checkpoint_name(h_BxTx2xF, "mlp_hidden")
     h_BxTxF = nn.silu(h_BxTx2xF[:, :, 0]) * h_BxTx2xF[:, :, 1]
@@ -126,8 +137,10 @@ class Attention(nn.Module):
                layer_idx=None) -> tuple[jax.Array, KVCache | None]:
     cfg = self.cfg
     pdt, cdt = dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype)
-    q_proj_DxHxHd = self.param("q_proj", normal_init, (cfg.D, cfg.H, cfg.Hd), pdt)
-    o_proj_HxHdxD = self.param("o_proj", normal_init, (cfg.H, cfg.Hd, cfg.D), pdt)
+    q_proj_DxHxHd = self.param("q_proj", logical(normal_init, "embed", "heads", "head_dim"),
+                               (cfg.D, cfg.H, cfg.Hd), pdt)
+    o_proj_HxHdxD = self.param("o_proj", logical(normal_init, "heads", "head_dim", "embed"),
+                               (cfg.H, cfg.Hd, cfg.D), pdt)
     q_BxTxHxHd = jnp.einsum("btd,dhk->bthk", x_BxTxD, q_proj_DxHxHd.astype(cdt))
     q_BxTxHxHd = checkpoint_name(q_BxTxHxHd, "q_proj")
     q_BxTxHxHd = apply_rope(q_BxTxHxHd, q_positions_BxT, cfg.rope_theta)

@@ -17,7 +17,7 @@ import flax.linen as nn
 
 from lime_jax import routing
 from lime_jax.config import ModelConfig
-from lime_jax.layers import Attention, KVCache, Mlp, RMSNorm, dtype_of, normal_init
+from lime_jax.layers import Attention, KVCache, Mlp, RMSNorm, dtype_of, logical, normal_init
 
 REMAT_POLICIES = {
     "full": None,  # save nothing inside the sub-block
@@ -51,11 +51,12 @@ class Block(nn.Module):
     pdt, cdt = dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype)
     h_BxTxD = RMSNorm(cfg, name="attn_norm")(x_BxTxD)
     kv_init = _symmetric_uniform(1.0 / cfg.D ** 0.5) if cfg.is_lime else normal_init
-    kv_proj_DxRx2xHd = self.param("kv_proj", kv_init, (cfg.D, cfg.R, 2, cfg.Hd), pdt)
+    kv_proj_DxRx2xHd = self.param("kv_proj", logical(kv_init, "embed", "kv_heads", None, "head_dim"),
+                                  (cfg.D, cfg.R, 2, cfg.Hd), pdt)
     kv_BxTxRx2xHd = jnp.einsum("btd,drck->btrck", h_BxTxD, kv_proj_DxRx2xHd.astype(cdt))
     if cfg.is_lime:
-      push_LxRxR = self.param(
-          "router", lambda rng: routing.init_push_weights(rng, layer_idx, cfg.L, cfg.R))
+      push_LxRxR = self.param("router", logical(
+          lambda rng: routing.init_push_weights(rng, layer_idx, cfg.L, cfg.R), "readers", None, None))
       acc_IxRxBxTx2xHd, kv32_BxTxRx2xHd = routing.push_and_read(
           acc_IxRxBxTx2xHd, push_LxRxR, kv_BxTxRx2xHd, layer_idx, self.first_reader)
       kv_BxTxRx2xHd = kv32_BxTxRx2xHd.astype(cdt)
@@ -121,6 +122,7 @@ class LayerStack(nn.Module):
     for b, (start, stop) in enumerate(scan_segments(cfg)):
       segment = nn.scan(
           _ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
+          metadata_params={nn.PARTITION_NAME: "layers"},
           in_axes=(0, nn.broadcast), length=stop - start,
           unroll=min(cfg.scan_unroll, stop - start))(cfg, start, name=f"segment_{b}")
       (x_BxTxD, acc_IxRxBxTx2xHd, cache), _ = segment(
@@ -138,9 +140,9 @@ class Transformer(nn.Module):
   def setup(self):
     cfg = self.cfg
     pdt = dtype_of(cfg.param_dtype)
-    self.embed = self.param("embed", normal_init, (cfg.V, cfg.D), pdt)
+    self.embed = self.param("embed", logical(normal_init, "vocab", "embed"), (cfg.V, cfg.D), pdt)
     if not cfg.tie_embeddings:
-      self.unembed = self.param("unembed", normal_init, (cfg.D, cfg.V), pdt)
+      self.unembed = self.param("unembed", logical(normal_init, "embed", "vocab"), (cfg.D, cfg.V), pdt)
     self.layers = LayerStack(cfg)
     self.final_norm = RMSNorm(cfg)
 
@@ -220,7 +222,13 @@ def router_weights(params: dict[str, Any], cfg: ModelConfig) -> jax.Array:
   return routing.router_view(stacked_layer_params(params, cfg)["router"])
 
 
-def init_params(cfg: ModelConfig, rng: jax.Array) -> dict[str, Any]:
-  """Parameters, initialized as one compiled program (eager init compiles op by op)."""
+def boxed_params(cfg: ModelConfig, rng: jax.Array) -> dict[str, Any]:
+  """Parameters still boxed with their logical axis names (nn.LogicallyPartitioned leaves);
+  `jax.eval_shape` of this gives the sharding rules their input without allocating."""
   tokens_BxT = jnp.zeros((1, min(cfg.T, 8)), jnp.int32)
-  return jax.jit(lambda rng: Transformer(cfg).init(rng, tokens_BxT)["params"])(rng)
+  return Transformer(cfg).init(rng, tokens_BxT)["params"]
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> dict[str, Any]:
+  """Plain parameter arrays, initialized as one compiled program (eager init compiles op by op)."""
+  return jax.jit(lambda rng: nn.unbox(boxed_params(cfg, rng)))(rng)
