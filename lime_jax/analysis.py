@@ -260,7 +260,7 @@ def analyze_model(params: dict[str, Any], cfg: ModelConfig, tokens_NxT: np.ndarr
     })
   result = {"label": label, "router": cfg.router, "L": cfg.L, "R": cfg.R, "layers": layers,
             "router_heatmap": None, "router_heatmap_per_head": None}
-  if cfg.is_lime:
+  if cfg.router == "kv-static":  # heatmaps of the kv routers W (the hidden routers: not yet)
     mean_LxL, per_head_RxLxL = router_heatmaps(params, cfg)
     result["router_heatmap"] = mean_LxL.tolist()
     result["router_heatmap_per_head"] = per_head_RxLxL.tolist()

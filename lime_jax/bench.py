@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lime_jax import flops
-from lime_jax.config import ModelConfig
+from lime_jax.config import CONNECTIONS, ModelConfig
 from lime_jax.model import init_params
 from lime_jax.optimizer import OptimConfig, make_optimizer
 from lime_jax.step import init_train_state, train_step
@@ -95,13 +95,16 @@ def ratio_rows(records: list[dict[str, Any]], batch: int) -> list[dict[str, Any]
   """LIMe/baseline ratios per depth, and LIMe's FLOP overhead against the spec formula."""
   by_key = {(r["router"], r["depth"]): r for r in records}
   rows = []
-  for depth in sorted({r["depth"] for r in records}):
-    base, lime = by_key.get(("none", depth)), by_key.get(("kv-static", depth))
+  routers = [r for r in dict.fromkeys(r["router"] for r in records) if r != "none"]
+  for depth, router in ((d, r) for d in sorted({r["depth"] for r in records}) for r in routers):
+    base, lime = by_key.get(("none", depth)), by_key.get((router, depth))
     if not (base and lime):
       continue
     cfg = lime["_cfg"]
-    formula = flops.routing_train_flops(cfg, batch * cfg.T)
+    formula = (flops.routing_train_flops(cfg, batch * cfg.T)
+               + 3 * 2 * flops.connection_macs_per_token(cfg) * batch * cfg.T)
     rows.append({
+        "router": router,
         "depth": depth,
         "mem_ratio": lime["temp_bytes"] / base["temp_bytes"],
         "step_ratio": lime["step_s"] / base["step_s"],
@@ -123,12 +126,12 @@ def format_tables(records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> 
   for r in records:
     lines.append(f"| {r['router']} | {r['depth']} | {r['width']} | {r['temp_bytes'] / 2**20:.1f} |"
                  f" {r['flops'] / 1e9:.2f} | {r['compile_s']:.2f} | {r['step_s']:.3f} |")
-  lines += ["", "| depth | LIMe/base temp mem | LIMe/base step time | LIMe/base compile |"
+  lines += ["", "| router | depth | LIMe/base temp mem | LIMe/base step time | LIMe/base compile |"
             " routing GFLOPs measured | spec formula | measured/formula |",
-            "|---:|---:|---:|---:|---:|---:|---:|"]
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
   for row in rows:
     lines.append(
-        f"| {row['depth']} | {row['mem_ratio']:.3f} | {row['step_ratio']:.3f} |"
+        f"| {row['router']} | {row['depth']} | {row['mem_ratio']:.3f} | {row['step_ratio']:.3f} |"
         f" {row['compile_ratio']:.3f} | {row['flops_overhead'] / 1e9:.3f} |"
         f" {row['flops_overhead_formula'] / 1e9:.3f} |"
         f" {row['flops_overhead'] / row['flops_overhead_formula']:.3f} |")
@@ -137,7 +140,10 @@ def format_tables(records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--depths", default="8,16,32,64,128", help="comma-separated layer counts")
-  parser.add_argument("--routers", default="none,kv-static")
+  parser.add_argument("--routers", default="none,kv-static",
+                      help="comma-separated variants: a router or a cross-layer baseline"
+                           " (hyper-static, hyper-dynamic, denseformer), each optionally with"
+                           " :key=value model overrides, e.g. kv-static:router_window=4")
   parser.add_argument("--width", type=int, default=256)
   parser.add_argument("--heads", type=int, default=4)
   parser.add_argument("--kv-heads", type=int, default=4)
@@ -164,6 +170,22 @@ def _parse_ints(text: str, flag: str) -> list[int]:
   return values
 
 
+def variant_config(variant: str, **base: Any) -> ModelConfig:
+  """A `--routers` entry: `name[:key=value...]`, name a router (none, kv-static, ...) or a
+  cross-layer baseline (hyper-static, hyper-dynamic, denseformer; router none), with
+  ModelConfig overrides, e.g. `kv-static:router_window=4`, `hyper-dynamic:hc_expansion=2`."""
+  name, *overrides = variant.split(":")
+  values = dict(base, router=name)
+  if name in CONNECTIONS and name != "none":
+    values.update(router="none", connections=name)
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise ValueError(f"--routers {variant!r}: expected key=value after ':', got {item!r}")
+    values[key] = int(text) if text.lstrip("-").isdigit() else text
+  return ModelConfig.from_dict(values, where=f"--routers {variant}")
+
+
 def run(args: argparse.Namespace) -> int:
   depths = _parse_ints(args.depths, "--depths")
   routers = [r.strip() for r in args.routers.split(",") if r.strip()]
@@ -171,11 +193,11 @@ def run(args: argparse.Namespace) -> int:
   for depth in depths:
     for router in routers:
       try:
-        cfg = ModelConfig(V=args.vocab, D=args.width, L=depth, H=args.heads, R=args.kv_heads,
-                          F=args.mlp, T=args.length, router=router, remat_policy=args.remat)
+        cfg = variant_config(router, V=args.vocab, D=args.width, L=depth, H=args.heads,
+                             R=args.kv_heads, F=args.mlp, T=args.length, remat_policy=args.remat)
       except ValueError as err:
         raise SystemExit(f"lime-jax bench: {err}")
-      record = bench_point(cfg, args.batch, args.steps)
+      record = dict(bench_point(cfg, args.batch, args.steps), router=router)  # the variant's label
       if args.decode:
         record.update(bench_decode(cfg, args.batch, args.length // 2, args.decode_tokens))
         print(f"router={router:9s} depth={depth:4d} decode={record['decode_tokens_per_s']:8.1f}"

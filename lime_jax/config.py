@@ -10,8 +10,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-ROUTERS = ("none", "kv-static")
+ROUTERS = ("none", "kv-static", "hidden-static", "hidden-dynamic")
+HIDDEN_ROUTERS = ("hidden-static", "hidden-dynamic")  # the paper's v1; see hidden_routing.py
+TOP_P_ROUTERS = ("hidden-static",)  # the routers top-p pruning applies to (top_p.py)
 REMAT_POLICIES = ("none", "full", "dots", "save_proj")
+CONNECTIONS = ("none", "hyper-static", "hyper-dynamic", "denseformer")  # cross-layer baselines
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -37,6 +40,21 @@ class ModelConfig:
   scan_segments: int = 8  # LIMe: scans over contiguous layer ranges; see routing.segment_bounds
   scan_unroll: int = 1  # layers per scan iteration (L = straight-line code, same math)
   remat_policy: str = "none"
+  # Sparse LIMe routing (any LIMe router): reader i reads source j <= i only if j == 0, or
+  # i - j < router_window (the last `window` layers, itself included), or (i - j) % router_dilation
+  # == 0. Both set: the union. None: dense. See routing.live_mask.
+  router_window: int | None = None
+  router_dilation: int | None = None
+  # Top-p pruning of a static router (top_p.py): per reader and head keep the smallest set of
+  # largest weights holding more than top_p of the mass; None: off. Mask refreshed every
+  # top_p_refresh steps.
+  top_p: float | None = None
+  top_p_refresh: int = 100
+  # Cross-layer baselines (connections.py), each with router "none".
+  connections: str = "none"
+  hc_expansion: int = 4  # hyper-connections: n copies of the residual stream
+  denseformer_dilation: int = 1  # DenseFormer: reader i weights X_j only if (i+1-j) % dilation == 0
+  denseformer_period: int = 1  # DenseFormer: a weighted average after every period-th block only
 
   def __post_init__(self):
     for name in ("V", "D", "L", "H", "F", "T", "scan_segments", "scan_unroll"):
@@ -69,6 +87,29 @@ class ModelConfig:
       if getattr(self, name) not in DTYPES:
         raise ValueError(
             f"ModelConfig.{name}: unknown dtype {getattr(self, name)!r}; choose from {DTYPES}")
+    for name in ("router_window", "router_dilation"):
+      if getattr(self, name) is not None:
+        _require_positive_int(name, getattr(self, name))
+        if not self.is_lime:
+          raise ValueError(f"ModelConfig.{name}: sparse routing needs a LIMe router, got router='none'")
+    if self.router in HIDDEN_ROUTERS and self.R != self.H:
+      raise ValueError(f"ModelConfig.R: router={self.router!r} builds K/V per query head, so it"
+                       f" needs R = H (got R={self.R}, H={self.H}); GQA does not apply")
+    _require_positive_int("top_p_refresh", self.top_p_refresh)
+    if self.top_p is not None:
+      if self.router not in TOP_P_ROUTERS:
+        raise ValueError(f"ModelConfig.top_p: pruning needs router in {TOP_P_ROUTERS},"
+                         f" got router={self.router!r}")
+      if not 0 < self.top_p <= 1:
+        raise ValueError(f"ModelConfig.top_p: must be in (0, 1], got {self.top_p}")
+    for name in ("hc_expansion", "denseformer_dilation", "denseformer_period"):
+      _require_positive_int(name, getattr(self, name))
+    if self.connections not in CONNECTIONS:
+      raise ValueError(f"ModelConfig.connections: unknown connections {self.connections!r};"
+                       f" choose from {CONNECTIONS}")
+    if self.connections != "none" and self.is_lime:
+      raise ValueError(f"ModelConfig.connections: {self.connections!r} is a baseline and does not"
+                       f" combine with router={self.router!r}; set router: none")
     if not self.rope_theta > 0:
       raise ValueError(f"ModelConfig.rope_theta: must be > 0, got {self.rope_theta}")
     if not self.norm_eps > 0:

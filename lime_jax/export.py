@@ -319,6 +319,9 @@ def _arch(cfg: ModelConfig) -> str:
 
 def export_params(params: Mapping[str, Any], cfg: ModelConfig, out_dir: str) -> None:
   """Writes `out_dir/model.safetensors` and `out_dir/config.json` (created or overwritten)."""
+  if cfg.connections != "none" or cfg.router not in ("none", "kv-static"):
+    raise ValueError(f"export: router={cfg.router!r}, connections={cfg.connections!r} has no"
+                     " Hugging Face layout here; only Llama and LIMe kv-static export")
   # Imported here: only export/import need safetensors, not every CLI command.
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   tensors = to_hf_tensors(params, cfg)

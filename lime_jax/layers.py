@@ -25,6 +25,12 @@ def logical(init, *axes: str | None):
   return nn.with_logical_partitioning(init, axes)
 
 
+def constrain(x: jax.Array, *axes: str | None) -> jax.Array:
+  """Pins an activation's layout by logical axis names (batch, length, act_embed, kv_heads,
+  readers, head_dim, ...); a no-op outside a mesh, i.e. unless `sharding.Layout.scope()` is on."""
+  return nn.with_logical_constraint(x, axes)
+
+
 def dtype_of(name: str) -> jnp.dtype:
   return jnp.dtype(name)
 

@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from lime_jax import routing
-from lime_jax.config import ModelConfig
-from lime_jax.layers import Attention, KVCache, Mlp, RMSNorm, dtype_of, logical, normal_init
+from lime_jax import connections, routing
+from lime_jax.config import HIDDEN_ROUTERS, ModelConfig
+from lime_jax.layers import (Attention, KVCache, Mlp, RMSNorm, constrain, dtype_of, logical,
+                             normal_init)
 
 REMAT_POLICIES = {
     "full": None,  # save nothing inside the sub-block
@@ -49,6 +50,9 @@ class Block(nn.Module):
                positions_BxT: jax.Array, cache: KVCache | None = None):
     cfg = self.cfg
     pdt, cdt = dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype)
+    # The residual stream: n copies [n, B, T, D] with hyper-connections (connections.py).
+    stream = x_BxTxD
+    x_BxTxD, mix = connections.enter(cfg, stream, 2 * layer_idx, "hc_attn")
     h_BxTxD = RMSNorm(cfg, name="attn_norm")(x_BxTxD)
     kv_init = _symmetric_uniform(1.0 / cfg.D ** 0.5) if cfg.is_lime else normal_init
     kv_proj_DxRx2xHd = self.param("kv_proj", logical(kv_init, "embed", "kv_heads", None, "head_dim"),
@@ -56,9 +60,15 @@ class Block(nn.Module):
     kv_BxTxRx2xHd = jnp.einsum("btd,drck->btrck", h_BxTxD, kv_proj_DxRx2xHd.astype(cdt))
     if cfg.is_lime:
       push_LxRxR = self.param("router", logical(
-          lambda rng: routing.init_push_weights(rng, layer_idx, cfg.L, cfg.R), "readers", None, None))
+          lambda rng: routing.init_push_weights(rng, layer_idx, cfg.L, cfg.R, cfg.router_window,
+                                                cfg.router_dilation), "readers", None, None))
+      # The push mixes over source heads: gather this layer's kv over `tensor` once (sharding.py).
+      kv_BxTxRx2xHd = constrain(kv_BxTxRx2xHd, "batch", "length", None, None, "head_dim")
       acc_IxRxBxTx2xHd, kv32_BxTxRx2xHd = routing.push_and_read(
-          acc_IxRxBxTx2xHd, push_LxRxR, kv_BxTxRx2xHd, layer_idx, self.first_reader)
+          acc_IxRxBxTx2xHd, push_LxRxR, kv_BxTxRx2xHd, layer_idx, self.first_reader,
+          cfg.router_window, cfg.router_dilation)
+      acc_IxRxBxTx2xHd = constrain(acc_IxRxBxTx2xHd, "readers", "kv_heads", "batch", "length",
+                                   None, "head_dim")
       kv_BxTxRx2xHd = kv32_BxTxRx2xHd.astype(cdt)
     # Analysis hooks (analysis.py); no-ops unless the caller makes "intermediates" mutable.
     self.sow("intermediates", "values", kv_BxTxRx2xHd[:, :, :, 1])
@@ -68,10 +78,15 @@ class Block(nn.Module):
     else:  # decoding takes no gradients, so no remat
       attn_BxTxD, cache = Attention(cfg, name="attn")(
           h_BxTxD, kv_BxTxRx2xHd, positions_BxT, positions_BxT, cache, layer_idx)
-    x_BxTxD = x_BxTxD + attn_BxTxD
+    stream = connections.leave(stream, attn_BxTxD, mix)
+    x_BxTxD, mix = connections.enter(cfg, stream, 2 * layer_idx + 1, "hc_mlp")
     mlp = _maybe_remat(Mlp, cfg)(cfg, name="mlp")
-    x_BxTxD = x_BxTxD + mlp(RMSNorm(cfg, name="mlp_norm")(x_BxTxD))
-    self.sow("intermediates", "hidden", x_BxTxD)
+    x_BxTxD = connections.leave(stream, mlp(RMSNorm(cfg, name="mlp_norm")(x_BxTxD)), mix)
+    if cfg.connections == "denseformer":  # the accumulator is DenseFormer's [I, B, T, D] here
+      x_BxTxD, acc_IxRxBxTx2xHd = connections.DepthWeightedAverage(
+          cfg, self.first_reader, name="denseformer")(x_BxTxD, acc_IxRxBxTx2xHd, layer_idx)
+    x_BxTxD = constrain(x_BxTxD, *connections.stream_axes(cfg))
+    self.sow("intermediates", "hidden", connections.collapse(cfg, x_BxTxD))
     return x_BxTxD, acc_IxRxBxTx2xHd, cache
 
 
@@ -95,8 +110,10 @@ class _ScanBody(nn.Module):
 
 
 def scan_segments(cfg: ModelConfig) -> list[tuple[int, int]]:
-  """[start, stop) layer ranges, one nn.scan each (the baseline needs only one)."""
-  return routing.segment_bounds(cfg.L, cfg.scan_segments if cfg.is_lime else 1)
+  """[start, stop) layer ranges, one nn.scan each (the baseline and the hidden routers, whose
+  parameters are per reader layer, need only one)."""
+  pushes = cfg.router == "kv-static" or cfg.connections == "denseformer"
+  return routing.segment_bounds(cfg.L, cfg.scan_segments if pushes else 1)
 
 
 class LayerStack(nn.Module):
@@ -113,12 +130,16 @@ class LayerStack(nn.Module):
     B, T, _ = x_BxTxD.shape
     acc_IxRxBxTx2xHd = None
     if cfg.is_lime:
-      acc_IxRxBxTx2xHd = jnp.zeros((cfg.L, cfg.R, B, T, 2, cfg.Hd), jnp.float32)
+      acc_IxRxBxTx2xHd = constrain(jnp.zeros((cfg.L, cfg.R, B, T, 2, cfg.Hd), jnp.float32),
+                                   "readers", "kv_heads", "batch", "length", None, "head_dim")
+    if cfg.connections == "denseformer":
+      acc_IxRxBxTx2xHd = connections.DenseFormerInput(cfg, name="denseformer_input")(x_BxTxD)
+    x_BxTxD = connections.expand(cfg, x_BxTxD)
     if not cfg.scan_layers:
       for l in range(cfg.L):
         x_BxTxD, acc_IxRxBxTx2xHd, cache = Block(cfg, name=f"layer_{l}")(
             x_BxTxD, acc_IxRxBxTx2xHd, l, positions_BxT, cache)
-      return x_BxTxD, cache
+      return connections.collapse(cfg, x_BxTxD), cache
     for b, (start, stop) in enumerate(scan_segments(cfg)):
       segment = nn.scan(
           _ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
@@ -127,9 +148,16 @@ class LayerStack(nn.Module):
           unroll=min(cfg.scan_unroll, stop - start))(cfg, start, name=f"segment_{b}")
       (x_BxTxD, acc_IxRxBxTx2xHd, cache), _ = segment(
           (x_BxTxD, acc_IxRxBxTx2xHd, cache), jnp.arange(start, stop), positions_BxT)
-      if cfg.is_lime:  # readers start..stop-1 have read their slots
+      if acc_IxRxBxTx2xHd is not None:  # readers start..stop-1 have read their slots
         acc_IxRxBxTx2xHd = acc_IxRxBxTx2xHd[stop - start:]
-    return x_BxTxD, cache
+    return connections.collapse(cfg, x_BxTxD), cache
+
+
+def _layer_stack(cfg: ModelConfig) -> nn.Module:
+  if cfg.router in HIDDEN_ROUTERS:  # the paper's v1, in its own module
+    from lime_jax.hidden_model import HiddenLayerStack  # pylint: disable=g-import-not-at-top
+    return HiddenLayerStack(cfg)
+  return LayerStack(cfg)
 
 
 class Transformer(nn.Module):
@@ -143,7 +171,7 @@ class Transformer(nn.Module):
     self.embed = self.param("embed", logical(normal_init, "vocab", "embed"), (cfg.V, cfg.D), pdt)
     if not cfg.tie_embeddings:
       self.unembed = self.param("unembed", logical(normal_init, "embed", "vocab"), (cfg.D, cfg.V), pdt)
-    self.layers = LayerStack(cfg)
+    self.layers = _layer_stack(cfg)
     self.final_norm = RMSNorm(cfg)
 
   def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None) -> jax.Array:
@@ -206,7 +234,10 @@ def with_stacked_layer_params(params: dict[str, Any], stacked: dict[str, Any],
               for b, (start, stop) in enumerate(scan_segments(cfg))}
   else:
     layers = {f"layer_{l}": jax.tree.map(lambda x: x[l], stacked) for l in range(cfg.L)}
-  return {**params, "layers": layers}
+  # Stack-level parameters (DenseFormer's embedding weights) are kept as they are.
+  extra = {k: v for k, v in params.get("layers", {}).items()
+           if not k.startswith(("segment_", "layer_"))}
+  return {**params, "layers": {**extra, **layers}}
 
 
 def convert_layout(params: dict[str, Any], from_cfg: ModelConfig,
@@ -217,9 +248,10 @@ def convert_layout(params: dict[str, Any], from_cfg: ModelConfig,
 
 def router_weights(params: dict[str, Any], cfg: ModelConfig) -> jax.Array:
   """All routers as one masked W [L_reader, R, L_src, R] (spec section 2 notation)."""
-  if not cfg.is_lime:
+  if cfg.router != "kv-static":
     raise ValueError(f"router_weights: model has router={cfg.router!r}, which has no kv router")
-  return routing.router_view(stacked_layer_params(params, cfg)["router"])
+  return routing.router_view(stacked_layer_params(params, cfg)["router"], cfg.router_window,
+                             cfg.router_dilation)
 
 
 def boxed_params(cfg: ModelConfig, rng: jax.Array) -> dict[str, Any]:

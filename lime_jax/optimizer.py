@@ -3,8 +3,10 @@
 Groups (by parameter path):
 - `router`: lr `router_lr` (1e-2), no weight decay. Decaying routers caused NaNs for users of
   similar cross-layer methods (spec section 2).
-- `no_decay`: norms and embeddings, main lr, no weight decay.
+- `no_decay`: norms, embeddings and the baselines' mixing weights (DenseFormer `dwa`,
+  hyper-connections `hc_*`), main lr, no weight decay.
 - `decay`: everything else, main lr, weight decay `weight_decay`.
+- `frozen`: top-p masks (top_p.py), state kept in the parameters; their update is zero.
 All share the warmup + cosine multiplier and the global-norm clip.
 """
 
@@ -18,7 +20,7 @@ import optax
 
 from lime_jax.config import build_dataclass
 
-GROUPS = ("router", "no_decay", "decay")
+GROUPS = ("router", "no_decay", "decay", "frozen")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +76,13 @@ def param_group(path: tuple[Any, ...]) -> str:
   leaf = names[-1]
   if leaf == "router":
     return "router"
+  if leaf == "top_p_mask":
+    return "frozen"
   if leaf in ("embed", "unembed", "scale"):
+    return "no_decay"
+  if leaf == "dwa" or leaf.startswith("hc_"):
+    # DenseFormer / hyper-connection mixing weights start at the identity; decay would pull
+    # them towards zero, away from it. Main lr: the baselines as their papers train them.
     return "no_decay"
   return "decay"
 
@@ -93,7 +101,8 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
   tx = optax.multi_transform(
       {"router": adamw(cfg.router_lr, 0.0),
        "no_decay": adamw(cfg.lr, 0.0),
-       "decay": adamw(cfg.lr, cfg.weight_decay)},
+       "decay": adamw(cfg.lr, cfg.weight_decay),
+       "frozen": optax.set_to_zero()},
       param_labels)
   if cfg.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lime_jax import top_p
 from lime_jax.config import ModelConfig
 from lime_jax.loss import mean_loss
 from lime_jax.model import Transformer, init_params
@@ -36,9 +37,10 @@ def loss_fn(params: Any, model_cfg: ModelConfig, batch: Batch) -> jax.Array:
 
 def train_step(state: TrainState, batch: Batch, model_cfg: ModelConfig,
                tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
-  loss, grads = jax.value_and_grad(loss_fn)(state.params, model_cfg, batch)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params = top_p.refresh(state.params, model_cfg, state.step)  # no-op unless model_cfg.top_p
+  loss, grads = jax.value_and_grad(loss_fn)(params, model_cfg, batch)
+  updates, opt_state = tx.update(grads, state.opt_state, params)
+  params = optax.apply_updates(params, updates)
   metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

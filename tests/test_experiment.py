@@ -43,7 +43,13 @@ def test_every_config_file_validates():
     cfg = load_experiment(path)
     assert cfg.model.T >= cfg.data.seq_len
     assert cfg.optim.total_steps == cfg.run.steps
-    want_router = "none" if path.endswith("_none.yaml") else "kv-static"
+    baseline = {"_hc.yaml": "hyper-dynamic", "_denseformer.yaml": "denseformer"}
+    if any(path.endswith(k) for k in baseline):  # cross-layer baselines: router none
+      want = next(v for k, v in baseline.items() if path.endswith(k))
+      assert (cfg.model.router, cfg.model.connections) == ("none", want), path
+      continue
+    hidden = [r for r in ("hidden-static", "hidden-dynamic") if r.replace("-", "_") in path]
+    want_router = "none" if path.endswith("_none.yaml") else (hidden or ["kv-static"])[0]
     assert cfg.model.router == want_router, path
 
 

@@ -428,3 +428,13 @@ def test_run_export_and_import_with_injected_checkpoint_io(tmp_path, capsys):
   saved_params, saved_cfg, out = seen["save"]
   assert saved_cfg == cfg and out == str(tmp_path / "ckpt")
   _assert_trees_equal(saved_params, params)
+
+
+@pytest.mark.parametrize("changes", [dict(router="hidden-static"), dict(connections="denseformer",
+                                                                      router="none")])
+def test_models_without_a_hf_layout_refuse_export_and_write_nothing(tmp_path, changes):
+  cfg = ModelConfig(**MHA, **changes)
+  with pytest.raises(ValueError, match="has no Hugging Face layout") as err:
+    export.export_params({}, cfg, str(tmp_path / "out"))
+  assert "\n" not in str(err.value)
+  assert not (tmp_path / "out").exists()

@@ -1,0 +1,92 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lime_jax import model as M
+from lime_jax import top_p
+from lime_jax.config import ModelConfig
+from lime_jax.optimizer import OptimConfig, make_optimizer
+from lime_jax.step import init_train_state, loss_fn, train_step
+
+CFG = ModelConfig(V=64, D=32, L=3, H=4, F=64, T=8, router="hidden-static", top_p=0.6,
+                  top_p_refresh=2)
+
+
+def _np_keep(w_N, p):
+  """The spec's rule, written directly: sort, grow the prefix until its mass exceeds p."""
+  order = np.argsort(-w_N, kind="stable")
+  keep, mass = np.zeros(len(w_N), bool), 0.0
+  for k in order:
+    keep[k] = True
+    mass += w_N[k]
+    if mass > p:
+      break
+  return keep
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.999])
+def test_keep_mask_matches_numpy_reference(p):
+  logits_RxN = np.random.default_rng(0).normal(size=(64, 7)) * 2
+  w_RxN = np.exp(logits_RxN) / np.exp(logits_RxN).sum(-1, keepdims=True)
+  got = np.asarray(top_p.keep_mask(jnp.asarray(w_RxN, jnp.float32), p))
+  np.testing.assert_array_equal(got, np.stack([_np_keep(w, p) for w in w_RxN]))
+  assert got.any(-1).all()
+
+
+def test_masks_prune_expected_entries():
+  logits_LxHxL = jax.random.normal(jax.random.key(0), (CFG.L, CFG.H, CFG.L))
+  mask = np.asarray(top_p.masks(logits_LxHxL, CFG))
+  logits = np.asarray(logits_LxHxL, np.float64)
+  for i in range(CFG.L):
+    for h in range(CFG.H):
+      w = np.exp(logits[i, h, :i + 1]) / np.exp(logits[i, h, :i + 1]).sum()
+      np.testing.assert_array_equal(mask[i, h, :i + 1], _np_keep(w, CFG.top_p))
+      assert np.all(mask[i, h, i + 1:] == 0)
+  assert 0 < mask.sum() < np.tril(np.ones((CFG.L, CFG.L))).sum() * CFG.H  # something pruned
+
+
+def _batch(cfg, seed=1):
+  tokens = jax.random.randint(jax.random.key(seed), (2, cfg.T + 1), 0, cfg.V)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+
+def test_top_p_of_one_equals_the_unpruned_router():
+  cfg = CFG.replace(top_p=1.0)
+  plain_cfg = cfg.replace(top_p=None)
+  params = M.init_params(cfg, jax.random.key(0))
+  params = top_p.refresh(params, cfg, jnp.int32(0))
+  plain = M.with_stacked_layer_params(
+      params, {k: v for k, v in M.stacked_layer_params(params, cfg).items() if k != "top_p_mask"},
+      plain_cfg)
+  batch = _batch(cfg)
+  grad = jax.jit(jax.value_and_grad(loss_fn), static_argnums=1)
+  loss, grads = grad(params, cfg, batch)
+  plain_loss, plain_grads = grad(plain, plain_cfg, batch)
+  assert float(loss) == float(plain_loss)
+  stacked = M.stacked_layer_params(grads, cfg)
+  np.testing.assert_array_equal(stacked.pop("top_p_mask"), 0.0)
+  jax.tree.map(np.testing.assert_array_equal, stacked,
+               M.stacked_layer_params(plain_grads, plain_cfg))
+
+
+def test_mask_refreshes_only_on_schedule_and_pruned_logits_get_no_gradient():
+  cfg = CFG
+  tx = make_optimizer(OptimConfig(warmup_steps=0, router_lr=0.5))
+  state = init_train_state(cfg, tx, jax.random.key(0))
+  step = jax.jit(functools.partial(train_step, model_cfg=cfg, tx=tx))
+  mask_of = lambda params: np.asarray(M.stacked_layer_params(params, cfg)["top_p_mask"])
+  logits_of = lambda params: M.stacked_layer_params(params, cfg)["router"]
+  masks = []
+  for n in range(4):
+    expected = np.asarray(top_p.masks(logits_of(state.params), cfg)) if n % 2 == 0 else masks[-1]
+    state, _ = step(state, _batch(cfg, seed=n))
+    masks.append(mask_of(state.params))  # the mask the step used (the optimizer leaves it)
+    np.testing.assert_array_equal(masks[-1], expected)
+  assert not np.array_equal(masks[0], masks[2])  # lr 0.5 moves the logits enough to re-prune
+  grads = jax.grad(loss_fn)(state.params, cfg, _batch(cfg))
+  pruned = (mask_of(state.params) == 0)
+  assert pruned.any()
+  assert np.all(np.asarray(M.stacked_layer_params(grads, cfg)["router"])[pruned] == 0)
