@@ -39,6 +39,14 @@ def _registry() -> ocp.handlers.CheckpointHandlerRegistry:
       CONFIG: ocp.JsonCheckpointHandler()})
 
 
+def _is_url(path: str) -> bool:
+  return "://" in path  # gs://bucket/run and the like; orbax opens them through etils.epath
+
+
+def _absolute(path: str) -> str:
+  return path if _is_url(path) else os.path.abspath(path)  # orbax wants absolute paths
+
+
 def _one_line(err: BaseException) -> str:
   text = " ".join(str(err).split())
   return (text[:300] + " ...") if len(text) > 300 else text or type(err).__name__
@@ -65,7 +73,7 @@ class Checkpointer:
   """Writes checkpoints of one run; the caller decides when (`save` always writes)."""
 
   def __init__(self, directory: str, *, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = _absolute(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=1, create=True,
         enable_async_checkpointing=async_save,
@@ -91,7 +99,7 @@ class Checkpointer:
 
 
 def _reader(directory: str) -> ocp.CheckpointManager:
-  directory = os.path.abspath(directory)  # orbax wants absolute paths
+  directory = _absolute(directory)
   options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
                                          enable_async_checkpointing=False)
   return ocp.CheckpointManager(directory, options=options, handler_registry=_registry())
@@ -99,8 +107,12 @@ def _reader(directory: str) -> ocp.CheckpointManager:
 
 def all_steps(directory: str) -> list[int]:
   """Finalized steps in `directory` (an unfinished save is not one); [] if it does not exist."""
-  if not os.path.isdir(directory):
+  if not (_is_url(directory) or os.path.isdir(directory)):
     return []
+  if _is_url(directory):
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    if not epath.Path(directory).exists():
+      return []
   with _reader(directory) as manager:
     return sorted(manager.all_steps())
 

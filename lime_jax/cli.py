@@ -21,10 +21,14 @@ def _train(args: argparse.Namespace) -> int:
       raise ValueError("--default takes no --config, --resume or overrides")
     from lime_jax import default_run
     return default_run.main([])
+  from lime_jax import distributed
+  distributed.initialize(distributed.settings(args))  # before anything starts JAX
+  import jax
   from lime_jax import experiment, train
   cfg = experiment.load_experiment(args.config, args.overrides)
   result = train.train(cfg, resume="always" if args.resume else None)
-  print(_summary(result))
+  if jax.process_index() == 0:
+    print(_summary(result))
   return 0
 
 
@@ -41,6 +45,16 @@ def _summary(result) -> str:
 def _eval(args: argparse.Namespace) -> int:
   from lime_jax import evaluate
   return evaluate.run(args)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+  from lime_jax import sweep
+  return sweep.run(args)
+
+
+def _plan(args: argparse.Namespace) -> int:
+  from lime_jax import plan
+  return plan.run(args)
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -100,10 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
   train_parser.add_argument("--default", action="store_true",
                             help="the embedded default job: LIMe vs baseline on CPU, then a plot")
   train_parser.add_argument("overrides", nargs="*", help="e.g. model.D=128 run.steps=100")
+  from lime_jax import distributed
+  distributed.add_arguments(train_parser)
   train_parser.set_defaults(func=_train)
 
   from lime_jax import evaluate
-  eval_parser = sub.add_parser("eval", help="validation loss/perplexity of a checkpoint")
+  eval_parser = sub.add_parser(
+      "eval", help="validation loss/perplexity of a checkpoint, or --task accuracy vs chance")
   evaluate.add_arguments(eval_parser)
   eval_parser.set_defaults(func=_eval)
 
@@ -111,6 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
   plot_parser = sub.add_parser("plot", help="validation loss vs training FLOPs of runs (PNG)")
   plot.add_arguments(plot_parser)
   plot_parser.set_defaults(func=_plot)
+
+  from lime_jax import sweep
+  sweep_parser = sub.add_parser(
+      "sweep", help="router x depth x width x seed grid: run, resume, report (or print commands)")
+  sweep.add_arguments(sweep_parser)
+  sweep_parser.set_defaults(func=_sweep)
+
+  from lime_jax import plan
+  plan_parser = sub.add_parser(
+      "plan", help="compile the sharded step for N devices: memory per device, FLOPs, fit")
+  plan.add_arguments(plan_parser)
+  plan_parser.set_defaults(func=_plan)
 
   from lime_jax import export
   export_parser = sub.add_parser(

@@ -1,12 +1,18 @@
 """One experiment = model + data + optim + run configs, loaded from YAML with `key.sub=value`
 overrides.
 
-A YAML file has up to four top-level sections, each optional:
+A YAML file has up to five top-level sections, each optional:
 
   model: {D: 128, L: 8, router: kv-static, ...}   # ModelConfig
   data:  {source: embedded, seq_len: 128, ...}     # DataConfig
   optim: {lr: 3.0e-3, warmup_steps: 50, ...}       # OptimConfig
   run:   {out_dir: runs/x, steps: 600, ...}        # RunConfig
+  task:  {name: mqar, difficulty: 4, ...}          # tasks.TaskConfig; replaces data when present
+  mesh:  {data: -1, fsdp: 1, tensor: 1, rules: ...}  # sharding.MeshConfig; default: one device
+
+With a `task` section the run trains on that synthetic task (answer-only loss) and evaluates on
+its test split; the `data` section is then unused except for its tokenizer, which must be
+"byte". Without one (or with `task: null`) nothing changes.
 
 Overrides such as `model.D=64` or `run.steps=10` are applied on top; each value is parsed as a
 YAML scalar (`true`, `null`, `1e-3`, `[1, 2]`). Floats may be written `1e-3` in both places
@@ -18,7 +24,7 @@ Derived defaults, applied only when the key is absent after overrides:
   check runs where the tokenizer is loaded (`check_vocab`), so configs naming a tokenizer file
   that is not on this machine still validate.
 - `optim.total_steps` (the cosine horizon) is `run.steps`.
-Always checked: `model.T >= data.seq_len`.
+Always checked: `model.T >= data.seq_len` (`task.seq_len` when training on a task).
 
 Every error is a one-line ValueError naming the file and the key.
 """
@@ -35,14 +41,19 @@ import yaml
 from lime_jax.config import ModelConfig, build_dataclass
 from lime_jax.data import DataConfig
 from lime_jax.optimizer import OptimConfig
+from lime_jax.sharding import MeshConfig
+from lime_jax.tasks import TaskConfig
 
-SECTIONS = ("model", "data", "optim", "run")
+SECTIONS = ("model", "data", "optim", "run", "task", "mesh")
+# Sections that may differ when a run is resumed: a checkpoint restores onto any mesh.
+RESUMABLE_SECTIONS = ("mesh",)
+OPTIONAL_SECTIONS = ("task",)  # None when absent; left out of to_dict then
 RESUME_MODES = ("auto", "always", "never")
 
 # Run fields that may change when a run is resumed; every other field must match the checkpoint.
 RESUMABLE_RUN_FIELDS = ("out_dir", "steps", "log_every", "eval_every", "checkpoint_every",
                         "keep_checkpoints", "resume", "progress", "peak_flops", "tensorboard",
-                        "async_checkpointing")
+                        "async_checkpointing", "checkpoint_dir")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +72,7 @@ class RunConfig:
   peak_flops: float | None = None  # per-run peak FLOP/s for MFU; None: look up the device kind
   tensorboard: bool = True
   async_checkpointing: bool = True
+  checkpoint_dir: str | None = None  # default <out_dir>/checkpoints; may be a bucket URL (gs://)
 
   def __post_init__(self):
     for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
@@ -87,13 +99,16 @@ class ExperimentConfig:
   data: DataConfig
   optim: OptimConfig
   run: RunConfig
+  task: TaskConfig | None = None  # train and evaluate on a synthetic task instead of data
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # devices and sharding rules
 
   def replace(self, **changes: Any) -> "ExperimentConfig":
     return dataclasses.replace(self, **changes)
 
   def to_dict(self) -> dict[str, Any]:
     """Plain JSON/YAML data; `from_dict(to_dict())` gives the same config."""
-    return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+    return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS
+            if getattr(self, name) is not None}
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any], *, vocab_size: int | None = None,
@@ -113,9 +128,18 @@ class ExperimentConfig:
     return self.optim.grad_accum_steps
 
   @property
+  def seq_len(self) -> int:
+    """T of the training batches: the task's when training on a task, else the data's."""
+    return self.task.seq_len if self.task is not None else self.data.seq_len
+
+  @property
+  def batch_size(self) -> int:
+    return self.task.batch_size if self.task is not None else self.data.batch_size
+
+  @property
   def tokens_per_step(self) -> int:
     """Tokens per optimizer step (all micro-batches)."""
-    return self.data.batch_size * self.data.seq_len * self.optim.grad_accum_steps
+    return self.batch_size * self.seq_len * self.optim.grad_accum_steps
 
 
 def _one_line(err: BaseException) -> str:
@@ -130,6 +154,8 @@ def _build(values: Mapping[str, Any], vocab_size: int | None) -> ExperimentConfi
     raise ValueError(f"unknown section(s) {unknown}; known sections: {list(SECTIONS)}")
   sections = {}
   for name in SECTIONS:
+    if name in OPTIONAL_SECTIONS and values.get(name) is None:
+      continue
     section = values.get(name) or {}
     if not isinstance(section, Mapping):
       raise ValueError(f"{name}: expected a mapping, got {type(section).__name__} {section!r}")
@@ -146,9 +172,16 @@ def _build(values: Mapping[str, Any], vocab_size: int | None) -> ExperimentConfi
       vocab_size = load_tokenizer(data.tokenizer).vocab_size
     model_values["V"] = vocab_size
   model = _model_from_dict(model_values)
-  if model.T < data.seq_len:
+  task = TaskConfig.from_dict(sections["task"]) if "task" in sections else None
+  if task is not None:
+    if data.tokenizer != "byte":
+      raise ValueError(f"data.tokenizer: tasks are byte-tokenized, got {data.tokenizer!r}")
+    if model.T < task.seq_len:
+      raise ValueError(f"model.T: {model.T} must be >= task.seq_len {task.seq_len}")
+  elif model.T < data.seq_len:
     raise ValueError(f"model.T: {model.T} must be >= data.seq_len {data.seq_len}")
-  return ExperimentConfig(model=model, data=data, optim=optim, run=run)
+  mesh = MeshConfig.from_dict(sections["mesh"])
+  return ExperimentConfig(model=model, data=data, optim=optim, run=run, task=task, mesh=mesh)
 
 
 def _model_from_dict(values: Mapping[str, Any]) -> ModelConfig:
@@ -242,6 +275,8 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
   """`section.key: saved -> current` for every field that must match to resume a run."""
   diffs = []
   for section in SECTIONS:
+    if section in RESUMABLE_SECTIONS:
+      continue
     a, b = saved.get(section, {}), current.get(section, {})
     for key in sorted(set(a) | set(b)):
       if section == "run" and key in RESUMABLE_RUN_FIELDS:

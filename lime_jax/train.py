@@ -14,6 +14,15 @@ micro-batches through optax.MultiSteps.
   Parameters are checked finite before each save, so a saved checkpoint is never poisoned.
 - The host fetches step n's metrics only after step n+1 is dispatched (metrics.DeferredFetch);
   it waits for the device only at evaluation, checkpoint and final steps.
+- Sharded on the config's mesh (`mesh` section, sharding.py; default one device): the state is
+  born sharded (jitted init with out_shardings), the step is jitted with in/out shardings and
+  donation and runs under the mesh and logical rules, and each process places only its own
+  batch rows (jax.make_array_from_process_local_data). Only process 0 writes logs and metrics;
+  every process takes part in checkpoint writes (orbax), to `run.checkpoint_dir` (default
+  `<out_dir>/checkpoints`; any orbax path, e.g. a gs:// bucket, shared by all hosts).
+- With a `task` section the batches come from the synthetic task (answer-only loss weights) and
+  evaluation runs on its test split: answer-token loss as val_loss, plus exact-match
+  val_accuracy beside its chance level.
 """
 
 from __future__ import annotations
@@ -34,7 +43,9 @@ from lime_jax import checkpoint as ckpt
 from lime_jax import data as data_lib
 from lime_jax import flops as flops_lib
 from lime_jax import metrics as metrics_lib
-from lime_jax.evaluate import validation_loss
+from lime_jax import sharding as sharding_lib
+from lime_jax import tasks as tasks_lib
+from lime_jax.evaluate import task_metrics, validation_loss
 from lime_jax.experiment import ExperimentConfig, check_vocab, config_differences
 from lime_jax.optimizer import lr_multiplier, make_optimizer
 from lime_jax.step import TrainState, eval_step, init_train_state, train_step
@@ -55,6 +66,7 @@ class TrainResult:
   val_loss: float | None  # last validation loss
   resumed_from: int | None
   wall_s: float
+  val_accuracy: float | None = None  # last task exact-match accuracy (task runs only)
 
 
 def init_state(model_cfg, tx, seed: int) -> dict[str, Any]:
@@ -72,14 +84,46 @@ def _train_step(state: dict[str, Any], batch, model_cfg, tx):
 
 
 @functools.lru_cache(maxsize=8)
-def jitted_fns(model_cfg, optim_cfg, seed: int):
-  """(init, step, eval), jitted once per config in a process so that repeated runs (tests,
-  sweeps) reuse the compiled executables. The step donates the state."""
-  tx = make_optimizer(optim_cfg)
-  init = jax.jit(functools.partial(init_state, model_cfg, tx, seed))
-  step = jax.jit(functools.partial(_train_step, model_cfg=model_cfg, tx=tx), donate_argnums=0)
-  evaluate = jax.jit(functools.partial(eval_step, model_cfg=model_cfg))
+def jitted_fns(model_cfg, optim_cfg, seed: int, layout: sharding_lib.Layout | None = None):
+  """(init, step, eval) on `layout` (default: one device), jitted once per config in a process
+  so that repeated runs (tests, sweeps) reuse the compiled executables. init's state is born
+  sharded; the step takes global batches (sharding.place_local_batch), donates the state and
+  runs under the mesh and rules; eval takes plain host batches and places them itself."""
+  layout = layout or sharding_lib.single_device()
+  tx, step, evaluate, shardings = _step_fns(model_cfg, optim_cfg, layout)
+  init = jax.jit(functools.partial(init_state, model_cfg, tx, seed), out_shardings=shardings)
   return init, step, evaluate
+
+
+@functools.lru_cache(maxsize=8)
+def _step_fns(model_cfg, optim_cfg, layout: sharding_lib.Layout):
+  # Not keyed by seed: runs that differ only in seed (sweeps) share one compiled step.
+  tx = make_optimizer(optim_cfg)
+  shardings = sharding_lib.state_shardings(
+      jax.eval_shape(functools.partial(init_state, model_cfg, tx, 0)), model_cfg, layout)
+  batch_sharding = layout.sharding(("batch", "length"))
+  step = sharding_lib.OnMesh(jax.jit(
+      functools.partial(_train_step, model_cfg=model_cfg, tx=tx),
+      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, layout.replicated),
+      donate_argnums=0), layout)
+  # Outside the mesh scope (no activation constraints), so odd-sized batches evaluate too.
+  jitted_eval = jax.jit(functools.partial(eval_step, model_cfg=model_cfg),
+                        out_shardings=layout.replicated)
+
+  def evaluate(params, batch):
+    return jitted_eval(params, sharding_lib.place_global_batch(batch, layout))
+  return tx, step, evaluate, shardings
+
+
+def make_batches(cfg: ExperimentConfig, tokenizer) -> tuple[Any, list[dict[str, Any]]]:
+  """(endless resumable training iterator, fixed evaluation batches): the task's when the
+  config has one, else the text corpus's."""
+  # Each process reads only its own rows of every global batch.
+  shard = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+  if cfg.task is not None:
+    return tasks_lib.make_task_iterator(cfg.task, **shard), tasks_lib.make_test_batches(cfg.task)
+  return (data_lib.make_train_iterator(cfg.data, tokenizer, **shard),
+          data_lib.make_val_batches(cfg.data, tokenizer))
 
 
 @jax.jit
@@ -88,15 +132,28 @@ def _all_finite(tree) -> jax.Array:
 
 
 def abstract_state(init_fn) -> Any:
-  device = jax.devices()[0]
-  sharding = jax.sharding.SingleDeviceSharding(device)
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                      jax.eval_shape(init_fn))
+  """Shapes, dtypes and shardings of the state (a jitted init's out_shardings): what a
+  checkpoint restores into, onto whatever mesh `init_fn` was built for."""
+  return jax.eval_shape(init_fn)
+
+
+def checkpoint_dir(cfg: ExperimentConfig) -> str:
+  return cfg.run.checkpoint_dir or ckpt.checkpoint_dir(cfg.run.out_dir)
+
+
+class _Silent:
+  """The metrics sink of processes other than 0: one process writes the logs."""
+
+  def write(self, record) -> None:
+    del record
+
+  def close(self) -> None:
+    pass
 
 
 def resume_step(cfg: ExperimentConfig, mode: str) -> int | None:
   """The checkpoint step to resume from, None to start fresh; refuses mismatches (ValueError)."""
-  ckpt_dir = ckpt.checkpoint_dir(cfg.run.out_dir)
+  ckpt_dir = checkpoint_dir(cfg)
   latest = ckpt.latest_step(ckpt_dir)
   if latest is None:
     if mode == "always":
@@ -124,14 +181,19 @@ class Trainer:
     run = cfg.run
     self.tokenizer = load_tokenizer(cfg.data.tokenizer)
     check_vocab(cfg, self.tokenizer.vocab_size)
-    self.ckpt_dir = ckpt.checkpoint_dir(run.out_dir)
+    self.ckpt_dir = checkpoint_dir(cfg)
+    self.layout = sharding_lib.Layout.from_config(cfg.mesh)
+    sharding_lib.check_batch(cfg.batch_size, self.layout,
+                             "task.batch_size" if cfg.task is not None else "data.batch_size")
+    self._batch_sharding = self.layout.batch_sharding(cfg.batch_size)
+    self.is_main = jax.process_index() == 0
     self.start = resume_step(cfg, resume or run.resume)
-    self.data_iter = data_lib.make_train_iterator(cfg.data, self.tokenizer)
-    self.val_batches = data_lib.make_val_batches(cfg.data, self.tokenizer)
-    self._init, self._step_fn, self._eval_fn = jitted_fns(cfg.model, cfg.optim, run.seed)
+    self.data_iter, self.val_batches = make_batches(cfg, self.tokenizer)
+    self._init, self._step_fn, self._eval_fn = jitted_fns(cfg.model, cfg.optim, run.seed,
+                                                          self.layout)
     self.k = cfg.optim.grad_accum_steps
-    self.micro_tokens = cfg.data.batch_size * cfg.data.seq_len
-    self.flops_per_token = flops_lib.train_flops_per_token(cfg.model, cfg.data.seq_len)
+    self.micro_tokens = cfg.batch_size * cfg.seq_len
+    self.flops_per_token = flops_lib.train_flops_per_token(cfg.model, cfg.seq_len)
     self.peak = metrics_lib.peak_flops(run.peak_flops)
     self._lr = lr_multiplier(cfg.optim)
 
@@ -161,29 +223,32 @@ class Trainer:
     t0 = time.perf_counter()
     state = self._initial_state()
     start = self.start or 0
-    os.makedirs(run.out_dir, exist_ok=True)
-    with open(os.path.join(run.out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
-      yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    if self.start is not None and run.progress:
+    if self.is_main:
+      os.makedirs(run.out_dir, exist_ok=True)
+      with open(os.path.join(run.out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    if self.start is not None and run.progress and self.is_main:
       print(f"resuming {run.out_dir} from step {self.start}", file=sys.stderr)
 
-    self.writer = metrics_lib.MetricsWriter(run.out_dir, resume_step=start,
-                                            tensorboard=run.tensorboard)
+    self.writer = (metrics_lib.MetricsWriter(run.out_dir, resume_step=start,
+                                             tensorboard=run.tensorboard)
+                   if self.is_main else _Silent())
     self.checkpointer = ckpt.Checkpointer(self.ckpt_dir, keep=run.keep_checkpoints,
                                           async_save=run.async_checkpointing)
-    self.bar = metrics_lib.ProgressBar(run.steps, start, run.progress,
+    self.bar = metrics_lib.ProgressBar(run.steps, start, run.progress and self.is_main,
                                        desc=os.path.basename(os.path.normpath(run.out_dir)))
     self.throughput = metrics_lib.Throughput()
     self._window = {"loss": 0.0, "grad_norm": 0.0, "n": 0}
     self._last_saved = self.start
-    self._last = {"loss": None, "val_loss": None}
+    self._last = {"loss": None, "val_loss": None, "val_accuracy": None}
     self._t_train = time.perf_counter()
 
     step_fn = self._step_fn
     deferred = metrics_lib.DeferredFetch()
     try:
       for micro in range(start * self.k, run.steps * self.k):
-        state, step_metrics = step_fn(state, next(self.data_iter))
+        batch = sharding_lib.place_local_batch(next(self.data_iter), self._batch_sharding)
+        state, step_metrics = step_fn(state, batch)
         self._consume(deferred.push(micro + 1, step_metrics))  # step micro, while micro+1 runs
         if (micro + 1) % self.k:
           continue
@@ -200,7 +265,7 @@ class Trainer:
       self._last.update(_last_logged(run.out_dir))
     return TrainResult(out_dir=run.out_dir, step=max(run.steps, start), loss=self._last["loss"],
                        val_loss=self._last["val_loss"], resumed_from=self.start,
-                       wall_s=time.perf_counter() - t0)
+                       wall_s=time.perf_counter() - t0, val_accuracy=self._last["val_accuracy"])
 
   def _is_sync(self, step: int) -> bool:
     run = self.cfg.run
@@ -225,11 +290,13 @@ class Trainer:
   def _sync(self, step: int, state: dict[str, Any]) -> None:
     """Evaluation, logging and checkpointing at a step where the host waits anyway."""
     run = self.cfg.run
-    val_loss = None
+    val_loss, extra = None, {}
     if step % run.eval_every == 0 or step == run.steps:
       val_loss, _ = validation_loss(state["params"], self.val_batches, self._eval_fn)
+      if self.cfg.task is not None:
+        extra = task_metrics(state["params"], self.cfg.model, self.cfg.task)
     if step % run.log_every == 0 or val_loss is not None or step == run.steps:
-      self._log(step, val_loss)
+      self._log(step, val_loss, extra)
     if step % run.checkpoint_every == 0 or step == run.steps:
       if not bool(_all_finite(state["params"])):
         self._stop(step, "parameters", float("nan"))
@@ -237,7 +304,8 @@ class Trainer:
       self._last_saved = step
     self.throughput.restart()  # eval and save time is not training time
 
-  def _log(self, step: int, val_loss: float | None = None) -> None:
+  def _log(self, step: int, val_loss: float | None = None,
+           extra: dict[str, float] | None = None) -> None:
     n = max(self._window["n"], 1)
     tokens = step * self.micro_tokens * self.k
     tokens_per_s = self.throughput.take()
@@ -257,6 +325,9 @@ class Trainer:
       record["val_loss"] = val_loss
       record["val_ppl"] = math.exp(min(val_loss, 700.0))
       self._last["val_loss"] = val_loss
+    if extra:
+      record.update(extra)
+      self._last["val_accuracy"] = extra.get("val_accuracy")
     self._last["loss"] = record["loss"]
     self._window = {"loss": 0.0, "grad_norm": 0.0, "n": 0}
     self.writer.write(record)
@@ -274,7 +345,9 @@ def _last_logged(out_dir: str) -> dict[str, float | None]:
   records = metrics_lib.read_metrics(out_dir)
   loss = next((r["loss"] for r in reversed(records) if r.get("loss") is not None), None)
   val = next((r["val_loss"] for r in reversed(records) if r.get("val_loss") is not None), None)
-  return {"loss": loss, "val_loss": val}
+  acc = next((r["val_accuracy"] for r in reversed(records)
+              if r.get("val_accuracy") is not None), None)
+  return {"loss": loss, "val_loss": val, "val_accuracy": acc}
 
 
 def train(cfg: ExperimentConfig, *, resume: str | None = None) -> TrainResult:

@@ -13,6 +13,11 @@ os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "rbg")
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_backend_optimization_level=0").strip()
+# 8 fake CPU devices for the sharding tests (tests/test_sharding.py). Everything else still
+# runs on one: jit places unsharded work on device 0, and the default mesh is one device.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ["XLA_FLAGS"]
+                             + " --xla_force_host_platform_device_count=8").strip()
 
 import jax  # noqa: E402
 

@@ -12,6 +12,7 @@ def test_subcommands_are_registered():
                ["export", "--checkpoint", "x", "--out", "y"], ["import", "--hf-dir", "x"],
                ["generate", "--checkpoint", "x", "--prompt", "hi"],
                ["analyze", "--checkpoint", "x", "--out", "y"],
+               ["sweep", "--config", "s.yaml"], ["plan", "--devices", "2"],
                ["tokenizer", "train", "--files", "a.txt", "--vocab-size", "300", "--out", "t.json"]):
     assert callable(parser.parse_args(argv).func), argv
 

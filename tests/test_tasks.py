@@ -348,3 +348,82 @@ def test_from_dict_rejects_unknown_keys_and_types():
     TaskConfig.from_dict({"seq_len": "64"})
   with pytest.raises(ValueError, match="task.name: unknown task"):
     generate_example("nope", np.random.default_rng(0), 1)
+
+
+# --- training on a task (experiment `task` section) and `lime-jax eval --task` ------------------
+
+TASK_RUN = ["model.D=32", "model.L=2", "model.H=2", "model.F=64", "model.T=32", "task.name=mqar",
+            "task.difficulty=2", "task.seq_len=32", "task.num_train=64", "task.num_test=12",
+            "task.batch_size=4", "optim.warmup_steps=2", "optim.total_steps=4", "run.log_every=1",
+            "run.eval_every=2", "run.checkpoint_every=2", "run.progress=false",
+            "run.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def task_runs(tmp_path_factory):
+  from lime_jax.experiment import load_experiment  # pylint: disable=g-import-not-at-top
+  from lime_jax.train import train  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("task_runs")
+  straight = load_experiment(None, [*TASK_RUN, "run.steps=4", f"run.out_dir={root / 'a'}"])
+  train(straight)
+  for steps in (2, 4):  # an interrupted run, resumed by a fresh Trainer
+    train(load_experiment(None, [*TASK_RUN, f"run.steps={steps}", f"run.out_dir={root / 'b'}"]))
+  return straight, root / "a", root / "b"
+
+
+def test_task_training_logs_accuracy_and_resumes_exactly(task_runs):
+  from lime_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  from lime_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from lime_jax.evaluate import apply_fn  # pylint: disable=g-import-not-at-top
+  from lime_jax.metrics import read_metrics  # pylint: disable=g-import-not-at-top
+  cfg, a, b = task_runs
+  assert "task" in cfg.to_dict() and cfg.tokens_per_step == 4 * 32
+  records_a, records_b = read_metrics(str(a)), read_metrics(str(b))
+  assert records_a == [dict(r, tokens_per_s=q["tokens_per_s"], elapsed_s=q["elapsed_s"])
+                       for r, q in zip(records_b, records_a)]  # timing aside, identical
+  evals = [r for r in records_a if "val_loss" in r]
+  assert [r["step"] for r in evals] == [2, 4]
+  assert all(r["chance"] == chance("mqar", 2) == 0.01 for r in evals)
+  init_fn = train_lib.jitted_fns(cfg.model, cfg.optim, cfg.run.seed)[0]
+  state = ckpt.restore(ckpt.checkpoint_dir(str(a)), train_lib.abstract_state(init_fn)).state
+  params = state["params"]
+  result = evaluate_task(apply_fn(cfg.model), params, cfg.task)
+  assert evals[-1]["val_accuracy"] == result["accuracy"]
+  # val_loss is the answer-only loss over the whole test split (padding rows unscored).
+  from lime_jax.loss import token_cross_entropy  # pylint: disable=g-import-not-at-top
+  encoded = encode_examples(make_split(cfg.task, "test"), 32)
+  nll_NxT = token_cross_entropy(apply_fn(cfg.model)(params, encoded["inputs"]),
+                                jnp.asarray(encoded["targets"]))
+  expected = float(jnp.sum(nll_NxT * encoded["weights"]) / encoded["weights"].sum())
+  assert evals[-1]["val_loss"] == pytest.approx(expected, rel=1e-5)
+  state_b = ckpt.restore(ckpt.checkpoint_dir(str(b)), train_lib.abstract_state(init_fn))
+  for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(state_b.state)):
+    assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_eval_task_reports_accuracy_beside_chance(task_runs, capsys):
+  from lime_jax.cli import main  # pylint: disable=g-import-not-at-top
+  from lime_jax.metrics import read_metrics  # pylint: disable=g-import-not-at-top
+  _, a, _ = task_runs
+  logged = read_metrics(str(a))[-1]
+  assert main(["eval", "--checkpoint", str(a), "--task", "mqar"]) == 0
+  line, result = capsys.readouterr().out.strip().splitlines()
+  result = json.loads(result)
+  assert result["accuracy"] == logged["val_accuracy"] and result["chance"] == 0.01
+  assert result["num_examples"] == 12 and result["val_loss"] == pytest.approx(logged["val_loss"])
+  assert line.startswith("mqar (difficulty 2): accuracy") and "chance 0.01" in line
+  with pytest.raises(SystemExit):
+    main(["eval", "--checkpoint", str(a), "--task", "mqar", "model.D=64"])
+  assert "only data.* and task.* overrides" in capsys.readouterr().err
+
+
+def test_experiment_task_section_is_optional_and_checked():
+  from lime_jax.experiment import load_experiment  # pylint: disable=g-import-not-at-top
+  text = load_experiment(None, ["model.T=32", "data.seq_len=32"])
+  assert text.task is None and "task" not in text.to_dict()  # the text path is unchanged
+  with pytest.raises(ValueError, match=r"model.T: 32 must be >= task.seq_len 64"):
+    load_experiment(None, ["model.T=32", "task.name=mqar", "task.seq_len=64"])
+  with pytest.raises(ValueError, match=r"data.tokenizer: tasks are byte-tokenized"):
+    load_experiment(None, ["model.V=300", "task.name=mqar", "data.tokenizer=tok.json"])
+  with pytest.raises(ValueError, match=r"task.name: unknown task 'nope'"):
+    load_experiment(None, ["task.name=nope"])

@@ -1,0 +1,215 @@
+"""`lime-jax plan`: will this config fit, and how long will a step take, before anything runs.
+
+The sharded train step (the same jitted function `train.py` runs) is lowered and compiled ahead
+of time for N devices of the config's mesh; fake CPU devices stand in for the accelerators
+(`--devices N` creates them when JAX has not started yet). Reported per device:
+
+- memory of one micro-batch step, from the compiled `memory_analysis()`: arguments (this device's shards of the state
+  and batch) + outputs + temporaries - aliased bytes (the donated state's buffers are reused
+  for the new state, so they count once). This is XLA's buffer assignment for the CPU
+  compiler: layouts and fusion on a TPU or GPU differ, so treat it as an estimate with a
+  margin, not as the accelerator's exact peak;
+- FLOPs per optimizer step from `flops.py` only. XLA's `cost_analysis()` counts a scanned
+  (while-loop) layer body once, so it under-reports scanned programs by about L;
+- the FLOPs-bound step time flops / (N x peak) for each accelerator in `ACCELERATORS`, a lower
+  bound (real steps reach some fraction of peak: the MFU).
+
+`check_fit(cfg, num_devices, hbm_gib)` is the one function sweeps call to skip points that
+cannot fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from lime_jax import flops as flops_lib
+from lime_jax import metrics as metrics_lib
+from lime_jax import sharding as sharding_lib
+from lime_jax.experiment import ExperimentConfig
+
+GIB = 2 ** 30
+
+# name: (key of metrics.PEAK_FLOPS, the one table of dense bf16 peaks per chip; vendor HBM in GB).
+# Peaks: Google Cloud TPU docs (v4 275, v5e 197, v5p 459, v6e 918 TFLOP/s) and NVIDIA's
+# datasheets (H100 SXM and H200 989 TFLOP/s dense, without 2:4 sparsity).
+ACCELERATORS = {
+    "v4": ("TPU v4", 32),
+    "v5e": ("TPU v5e", 16),
+    "v5p": ("TPU v5p", 95),
+    "v6e": ("TPU v6e", 32),
+    "h100": ("NVIDIA H100", 80),
+    "h200": ("NVIDIA H200", 141),
+}
+
+
+class NotEnoughDevices(ValueError):
+  """JAX started with fewer CPU devices than the plan needs."""
+
+
+def peak_flops(accelerator: str) -> float:
+  return metrics_lib.PEAK_FLOPS[ACCELERATORS[accelerator][0]]
+
+
+def hbm_gib(accelerator: str) -> float:
+  return ACCELERATORS[accelerator][1] * 1e9 / GIB
+
+
+def ensure_cpu_devices(n: int) -> list[jax.Device]:
+  """The first n CPU devices; creates them if JAX's backends have not started yet."""
+  try:
+    jax.config.update("jax_num_cpu_devices", max(n, 1))
+  except RuntimeError:
+    pass  # JAX already started; use what it has
+  devices = jax.devices("cpu")
+  if len(devices) < n:
+    raise NotEnoughDevices(
+        f"plan: JAX started with {len(devices)} CPU device(s), {n} needed; run `lime-jax plan"
+        f" --devices {n}` in a fresh process, or set XLA_FLAGS="
+        f"--xla_force_host_platform_device_count={n} before JAX starts")
+  return devices[:n]
+
+
+@dataclasses.dataclass
+class Plan:
+  num_devices: int
+  mesh: dict[str, int]
+  argument_bytes: int  # per device
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  flops_per_step: int  # whole step, all devices, from flops.py
+  compile_s: float
+
+  @property
+  def per_device_bytes(self) -> int:
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+  def step_time_s(self, accelerator: str) -> float:
+    return self.flops_per_step / (self.num_devices * peak_flops(accelerator))
+
+  def to_dict(self) -> dict[str, Any]:
+    out = dataclasses.asdict(self)
+    out["per_device_bytes"] = self.per_device_bytes
+    out["step_time_s"] = {name: self.step_time_s(name) for name in ACCELERATORS}
+    return out
+
+
+def _abstract_batch(cfg: ExperimentConfig, layout: sharding_lib.Layout) -> dict[str, Any]:
+  sharding = layout.batch_sharding(cfg.batch_size)
+  shape = (cfg.batch_size, cfg.seq_len)
+  batch = {"inputs": jax.ShapeDtypeStruct(shape, np.int32, sharding=sharding),
+           "targets": jax.ShapeDtypeStruct(shape, np.int32, sharding=sharding)}
+  if cfg.task is not None:  # task batches carry answer-only loss weights
+    batch["weights"] = jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding)
+  return batch
+
+
+def compile_step(cfg: ExperimentConfig, num_devices: int) -> Plan:
+  """Compiles the sharded train step for `num_devices` CPU devices; ValueError if the mesh,
+  batch or a parameter cannot be split that way."""
+  from lime_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  devices = ensure_cpu_devices(num_devices)
+  cfg.mesh.resolve(num_devices)  # the mesh must use exactly these devices
+  layout = sharding_lib.Layout.from_config(cfg.mesh, devices)
+  sharding_lib.check_batch(cfg.batch_size, layout,
+                           "task.batch_size" if cfg.task is not None else "data.batch_size")
+  start = time.perf_counter()
+  init, step, _ = train_lib.jitted_fns(cfg.model, cfg.optim, cfg.run.seed, layout)
+  compiled = step.lower(train_lib.abstract_state(init), _abstract_batch(cfg, layout)).compile()
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  flops = flops_lib.train_flops_per_token(cfg.model, cfg.seq_len) * cfg.tokens_per_step
+  return Plan(num_devices=num_devices, mesh=dict(layout.mesh.shape),
+              argument_bytes=int(memory.argument_size_in_bytes),
+              output_bytes=int(memory.output_size_in_bytes),
+              alias_bytes=int(memory.alias_size_in_bytes),
+              temp_bytes=int(memory.temp_size_in_bytes),
+              flops_per_step=int(flops), compile_s=compile_s)
+
+
+def _breakdown(plan: Plan) -> str:
+  return (f"arguments {plan.argument_bytes / GIB:.3f} + outputs {plan.output_bytes / GIB:.3f}"
+          f" - donated {plan.alias_bytes / GIB:.3f} + temp {plan.temp_bytes / GIB:.3f} GiB")
+
+
+def _mesh_text(plan: Plan) -> str:
+  return " x ".join(f"{k}={v}" for k, v in plan.mesh.items())
+
+
+def fit_line(plan: Plan, hbm: float) -> tuple[bool, str]:
+  fits = plan.per_device_bytes <= hbm * GIB
+  verdict = "fits" if fits else "does not fit"
+  return fits, (f"{verdict}: {plan.per_device_bytes / GIB:.3f} GiB per device of {hbm:g} GiB"
+                f" ({_breakdown(plan)}) on {plan.num_devices} devices, mesh {_mesh_text(plan)}")
+
+
+def check_fit(exp_cfg: ExperimentConfig, num_devices: int, hbm_gib: float) -> tuple[bool, str]:
+  """(fits?, one-line reason with the numbers) for training `exp_cfg` on `num_devices` devices
+  with `hbm_gib` GiB each. A mesh, batch or parameter that cannot be split over that many
+  devices is (False, reason); too few CPU devices in this process raises NotEnoughDevices."""
+  try:
+    plan = compile_step(exp_cfg, num_devices)
+  except NotEnoughDevices:
+    raise
+  except ValueError as err:
+    return False, f"cannot shard on {num_devices} devices: {' '.join(str(err).split())}"
+  return fit_line(plan, hbm_gib)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--config", default=None, help="YAML file (default: all defaults)")
+  parser.add_argument("--devices", type=int, default=8,
+                      help="devices to plan for (fake CPU devices; default 8)")
+  parser.add_argument("--hbm-gib", type=float, default=None,
+                      help="memory per device in GiB (default: the accelerator's)")
+  parser.add_argument("--accelerator", default="v5e", choices=sorted(ACCELERATORS),
+                      help="the accelerator whose HBM and step time the verdict uses")
+  parser.add_argument("--json", default=None, help="also write the plan as JSON here")
+  parser.add_argument("overrides", nargs="*", help="e.g. mesh.fsdp=-1 data.batch_size=256")
+
+
+def run(args: argparse.Namespace) -> int:
+  from lime_jax.config import require_positive_int  # pylint: disable=g-import-not-at-top
+  from lime_jax.experiment import load_experiment  # pylint: disable=g-import-not-at-top
+  require_positive_int("--devices", args.devices)
+  if args.hbm_gib is not None and not args.hbm_gib > 0:
+    raise ValueError(f"--hbm-gib: must be > 0, got {args.hbm_gib}")
+  if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    # Nothing runs, so skip LLVM's optimizations: compiles several-fold faster, and buffer
+    # assignment (memory_analysis) happens before them.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_backend_optimization_level=0").strip()
+  ensure_cpu_devices(args.devices)  # before anything else starts JAX
+  cfg = load_experiment(args.config, args.overrides)
+  hbm = args.hbm_gib if args.hbm_gib is not None else hbm_gib(args.accelerator)
+  plan = compile_step(cfg, args.devices)
+  fits, line = fit_line(plan, hbm)
+  print(f"mesh {_mesh_text(plan)} on {plan.num_devices} devices; compiled in {plan.compile_s:.1f} s")
+  print(f"memory per device: {plan.per_device_bytes / GIB:.3f} GiB = {_breakdown(plan)}")
+  print(f"FLOPs per optimizer step (flops.py): {plan.flops_per_step:.4g}"
+        f" ({cfg.tokens_per_step} tokens x {plan.flops_per_step // cfg.tokens_per_step} per token;"
+        f" {cfg.optim.grad_accum_steps} micro-batch(es) of the compiled step)")
+  print("FLOPs-bound optimizer step time (100% MFU, a lower bound):")
+  print(f"  {'accelerator':<12} {'peak TFLOP/s':>12} {'HBM GB':>7} {'step s':>10}")
+  for name, (_, hbm_gb) in ACCELERATORS.items():
+    mark = " <-" if name == args.accelerator else ""
+    print(f"  {name:<12} {peak_flops(name) / 1e12:>12.0f} {hbm_gb:>7} "
+          f"{plan.step_time_s(name):>10.4g}{mark}")
+  print(line)
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump({**plan.to_dict(), "hbm_gib": hbm, "fits": fits,
+                 "accelerator": args.accelerator}, f, indent=2)
+  return 0 if fits else 1

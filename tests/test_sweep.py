@@ -1,0 +1,212 @@
+"""Sweeps: grid expansion in both modes, resume and skip, the fit check, reports, bad configs."""
+
+import csv
+import dataclasses
+import math
+import os
+import sys
+import types
+
+import pytest
+
+import lime_jax
+from lime_jax import checkpoint as ckpt
+from lime_jax import flops as flops_lib
+from lime_jax import sweep
+from lime_jax.cli import main
+from lime_jax.metrics import read_metrics
+from lime_jax.train import train
+
+BASE = """\
+model: {D: 32, L: 2, H: 2, F: 64, T: 32, router: none}
+data: {seq_len: 32, batch_size: 4, val_batches: 2}
+optim: {warmup_steps: 2, total_steps: 4}
+run: {steps: 4, log_every: 1, eval_every: 2, checkpoint_every: 2, progress: false,
+      tensorboard: false, async_checkpointing: false}
+"""
+
+
+def _write(tmp_path, grid, **top):
+  (tmp_path / "base.yaml").write_text(BASE)
+  lines = ["base: base.yaml", f"out_dir: {tmp_path / 'out'}", f"grid: {grid}"]
+  lines += [f"{key}: {value}" for key, value in top.items()]
+  path = tmp_path / "sweep.yaml"
+  path.write_text("\n".join(lines) + "\n")
+  return str(path)
+
+
+def _rows(path):
+  with open(path, encoding="utf-8") as f:
+    return {row["point"]: row for row in csv.DictReader(f)}
+
+
+def test_fixed_width_grid(tmp_path):
+  cfg = sweep.load_sweep(_write(
+      tmp_path, "{routers: [none, kv-static], depths: [2, 4], widths: [32, 64], head_size: 16,"
+                " seeds: [0, 1]}"))
+  points = sweep.expand(cfg)
+  assert len(points) == 2 * 2 * 2 * 2
+  assert [p.name for p in points[:3]] == ["none_L2_D32_s0", "none_L2_D32_s1",
+                                          "kv-static_L2_D32_s0"]  # seeds innermost
+  for p in points:
+    m = p.cfg.model
+    assert (m.router, m.L, m.D, p.cfg.run.seed) == (p.router, p.L, p.D, p.seed)
+    assert (m.Hd, m.H, m.F) == (16, p.D // 16, 4 * p.D)
+    assert p.cfg.run.out_dir == os.path.join(cfg.out_dir, p.name)
+  assert [p.name for p in sweep.select(points, ["*L4_D64*"])] == [
+      "none_L4_D64_s0", "none_L4_D64_s1", "kv-static_L4_D64_s0", "kv-static_L4_D64_s1"]
+  script = sweep.write_commands(cfg, points, str(tmp_path / "cmds.sh"))
+  lines = [l for l in open(script, encoding="utf-8") if l.startswith("lime-jax train")]
+  assert len(lines) == 16 and "model.L=4" in lines[-1] and "run.seed=1" in lines[-1]
+
+
+def test_param_budget_grid_holds_the_budget(tmp_path):
+  budget = 3_000_000
+  cfg = sweep.load_sweep(_write(
+      tmp_path, f"{{routers: [none, kv-static], depths: [2, 4, 8, 16], param_budget: {budget},"
+                " head_size: 16, seeds: [0]}"))
+  points = sweep.expand(cfg)
+  widths = {p.L: p.D for p in points}
+  assert widths[2] > widths[4] > widths[8] > widths[16]  # deeper is narrower
+  for p in points:
+    m = p.cfg.model
+    assert m.D % 16 == 0 and m.F == 4 * m.D and m.Hd == 16
+    baseline = flops_lib.non_embedding_params(m.replace(router="none"))
+    # The nearest width: one head more or fewer is not closer to the budget.
+    for other in (m.D - 16, m.D + 16):
+      if other > 0:
+        neighbour = m.replace(D=other, H=other // 16, R=other // 16, F=4 * other, router="none")
+        assert abs(baseline - budget) <= abs(flops_lib.non_embedding_params(neighbour) - budget)
+    assert abs(baseline - budget) / budget < 0.15
+    if p.router == "kv-static":  # LIMe's routers come on top, R^2 (L(L+1)/2 - 1)
+      assert flops_lib.non_embedding_params(m) - baseline == m.R**2 * (m.L * (m.L + 1) // 2 - 1)
+
+
+def test_bad_sweep_configs_are_one_line_errors(tmp_path, capsys):
+  def error(grid, **top):
+    with pytest.raises(SystemExit) as exc:
+      main(["sweep", "--config", _write(tmp_path, grid, **top)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("lime-jax sweep: "), err
+    return err
+
+  assert "grid.routers: unknown router 'dense'" in error("{routers: [dense]}")
+  assert "not both" in error("{widths: [32], param_budget: 1000}")
+  assert "grid: unknown key(s) ['depth']" in error("{depth: [2]}")
+  assert "sweep: unknown key(s) ['hbm']" in error("{depths: [2]}", hbm="80")
+  assert "grid.seeds[1]: must be a non-negative integer" in error("{seeds: [0, -1]}")
+  assert "not a multiple of head size 16" in error("{widths: [40], head_size: 16}")
+  assert "model: unknown key(s) ['X']" in error("{}", overrides="[model.X=1]")
+  err = error("{}", variants="{ok: [], bad: [model.H=3]}")
+  assert err.startswith("lime-jax sweep: sweep point bad_none_L2_D32_s0: config file") and "H=3" in err
+  assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_skipped_by_the_fit_check_with_its_reason(tmp_path, monkeypatch):
+  calls = []
+
+  def check_fit(exp_cfg, num_devices, hbm_gib):
+    calls.append((exp_cfg.model.L, num_devices, hbm_gib))
+    fits = exp_cfg.model.L < 4
+    return fits, "" if fits else f"needs {exp_cfg.model.L * 100} GiB per device, has {hbm_gib}"
+
+  fake = types.ModuleType("lime_jax.plan")
+  fake.check_fit = check_fit  # the interface lime_jax/plan.py provides
+  monkeypatch.setitem(sys.modules, "lime_jax.plan", fake)
+  monkeypatch.setattr(lime_jax, "plan", fake, raising=False)
+  cfg = sweep.load_sweep(_write(tmp_path, "{routers: [none], depths: [2, 4], seeds: [3]}",
+                                hbm_gib=16, devices=8))
+  rows, paths = sweep.run_sweep(cfg)
+  assert calls == [(2, 8, 16.0), (4, 8, 16.0)]
+  assert [r["status"] for r in rows] == ["trained", "skipped: needs 400 GiB per device, has 16.0"]
+  assert not os.path.exists(os.path.join(cfg.out_dir, "none_L4_D32_s3"))  # never trained
+  csv_rows = _rows(paths[0])
+  assert csv_rows["none_L4_D32_s3"]["status"] == "skipped: needs 400 GiB per device, has 16.0"
+  assert csv_rows["none_L4_D32_s3"]["final_val_loss"] == ""
+  assert float(csv_rows["none_L2_D32_s3"]["final_val_loss"]) > 0
+  assert "| none_L4_D32_s3 | skipped: needs 400 GiB" in open(paths[1], encoding="utf-8").read()
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+  """A 2-point sweep (both routers); the kv-static point was interrupted at step 2."""
+  tmp_path = tmp_path_factory.mktemp("sweep")
+  cfg = sweep.load_sweep(_write(tmp_path, "{routers: [none, kv-static], seeds: [3]}",
+                                compiled_memory="true"))
+  points = sweep.expand(cfg)
+  interrupted = points[1].cfg
+  train(interrupted.replace(run=dataclasses.replace(interrupted.run, steps=2)))
+  rows, paths = sweep.run_sweep(cfg)
+  return {"cfg": cfg, "points": points, "rows": rows, "paths": paths}
+
+
+def test_sweep_trains_resumes_and_reports_measured_numbers(swept):
+  cfg, points, rows = swept["cfg"], swept["points"], swept["rows"]
+  assert [r["status"] for r in rows] == ["trained", "resumed from step 2"]
+  csv_rows = _rows(swept["paths"][0])
+  for point in points:
+    row, run_cfg = csv_rows[point.name], point.cfg
+    evals = [r for r in read_metrics(run_cfg.run.out_dir) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert float(row["final_val_loss"]) == pytest.approx(evals[-1]["val_loss"], rel=1e-12)
+    assert float(row["best_val_loss"]) == pytest.approx(min(r["val_loss"] for r in evals))
+    assert int(row["params"]) == flops_lib.total_params(run_cfg.model)
+    assert int(row["non_embedding_params"]) == flops_lib.non_embedding_params(run_cfg.model)
+    tokens = 4 * 4 * 32
+    assert int(row["tokens"]) == tokens
+    assert int(row["train_flops"]) == tokens * flops_lib.train_flops_per_token(run_cfg.model, 32)
+    assert int(row["train_flops"]) == evals[-1]["flops"]  # the number training logged
+    assert float(row["tokens_per_s"]) > 0 and float(row["wall_s"]) > 0
+    assert float(row["compiled_temp_mib"]) > 0
+  table = open(swept["paths"][1], encoding="utf-8").read()
+  lime = csv_rows["kv-static_L2_D32_s3"]
+  diff = float(lime["final_val_loss"]) - float(csv_rows["none_L2_D32_s3"]["final_val_loss"])
+  assert f"| {float(lime['final_val_loss']):.4f} |" in table  # one seed: no interval
+  assert f"| {diff:.4f} |" in table and "one seed: no interval" in table
+  for png in swept["paths"][2:]:
+    with open(png, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert sorted(os.path.basename(p) for p in swept["paths"][2:]) == [
+      "final_vs_depth.png", "val_loss_vs_flops.png"]
+
+
+def test_finished_points_are_skipped(swept, capsys):
+  cfg, points = swept["cfg"], swept["points"]
+  before = {p.name: (ckpt.all_steps(ckpt.checkpoint_dir(p.cfg.run.out_dir)),
+                     read_metrics(p.cfg.run.out_dir)) for p in points}
+  config = os.path.join(os.path.dirname(cfg.base), "sweep.yaml")
+  assert main(["sweep", "--config", config, "--only", "kv-static_*"]) == 0
+  assert "[1/1] kv-static_L2_D32_s3: finished earlier" in capsys.readouterr().err
+  after = {p.name: (ckpt.all_steps(ckpt.checkpoint_dir(p.cfg.run.out_dir)),
+                    read_metrics(p.cfg.run.out_dir)) for p in points}
+  assert after == before
+  rows = _rows(os.path.join(cfg.out_dir, sweep.RESULTS_CSV))  # every point, not only those run
+  assert list(rows) == ["none_L2_D32_s3", "kv-static_L2_D32_s3"]
+  for old in swept["rows"]:
+    assert rows[old["point"]]["final_val_loss"] == str(old["final_val_loss"])
+    assert rows[old["point"]]["status"] == "finished earlier"
+
+
+def test_mean_ci_and_paired_table():
+  mean, half = sweep.mean_ci([1.0, 2.0, 3.0])
+  assert mean == 2.0 and half == pytest.approx(4.303 / math.sqrt(3))
+  assert sweep.mean_ci([5.0]) == (5.0, None)
+  assert sweep.t975(40) == pytest.approx(2.021, abs=1e-3)
+
+  def row(router, seed, loss, acc):
+    return {"point": f"{router}{seed}", "variant": "mqar", "router": router, "L": 4, "D": 64,
+            "seed": seed, "params": 1000, "final_val_loss": loss, "best_val_loss": loss,
+            "final_val_accuracy": acc, "chance": 0.01, "tokens_per_s": 10.0,
+            "train_flops": 1e9, "status": "trained"}
+
+  rows = [row("none", s, l, a) for s, l, a in [(0, 2.0, 0.1), (1, 2.2, 0.2), (2, 2.4, 0.3)]]
+  rows += [row("kv-static", s, l, a) for s, l, a in [(0, 1.8, 0.3), (1, 2.0, 0.3), (2, 2.19, 0.6)]]
+  table = sweep.markdown(rows)
+  assert "| mqar | none | 4 | 64 | 1,000 | 3 | 2.2000 ± 0.4969 |" in table  # sd 0.2
+  # Paired differences -0.2, -0.2, -0.21: a tight interval below zero.
+  sd = math.sqrt(((1 / 300) ** 2 * 2 + (2 / 300) ** 2) / 2)
+  assert f"| -0.2033 ± {4.303 * sd / math.sqrt(3):.4f} |" in table
+  assert "| 0.200 ± 0.248 | 3/3 | LIMe lower |" in table
+  rows[3]["final_val_loss"] = 2.5  # now LIMe is worse on one seed: the interval covers 0
+  assert "| 2/3 | no clear difference (interval covers 0) |" in sweep.markdown(rows)
