@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 ROUTERS = ("none", "kv-static", "hidden-static", "hidden-dynamic")
 HIDDEN_ROUTERS = ("hidden-static", "hidden-dynamic")  # the paper's v1; see hidden_routing.py
-TOP_P_ROUTERS = ("hidden-static",)  # the routers top-p pruning applies to (top_p.py)
+TOP_P_ROUTERS = ("kv-static", "hidden-static")  # the static routers top-p prunes (top_p.py)
 REMAT_POLICIES = ("none", "full", "dots", "save_proj")
 CONNECTIONS = ("none", "hyper-static", "hyper-dynamic", "denseformer")  # cross-layer baselines
 DTYPES = ("float32", "bfloat16", "float16")

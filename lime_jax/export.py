@@ -84,7 +84,9 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
   }
   if cfg.is_lime:
     hf[LIME_ROUTER_KEY] = cfg.router
-  hf[LIME_CONFIG_KEY] = cfg.to_dict()
+  # Top-p masks are baked into the exported weights (model.router_weights applies them), so the
+  # export is an unpruned-config kv-static model with those zeros.
+  hf[LIME_CONFIG_KEY] = cfg.replace(top_p=None).to_dict()
   return hf
 
 

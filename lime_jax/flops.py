@@ -123,10 +123,15 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
 
 def recompute_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
   """FLOPs a training step spends re-running forwards: the hidden routers' pull-form backward
-  re-runs every layer once (hidden_routing.py); 0 otherwise (remat policies not counted)."""
+  re-runs every layer once (hidden_routing.py); 0 otherwise (remat policies not counted).
+
+  The re-run needs only what the layer's VJP reads, not the layer's output (the forward saved
+  every layer's input), so the MLP's down projection is dead code there and XLA drops it;
+  neither is the unembedding re-run."""
   if cfg.router not in HIDDEN_ROUTERS:
     return 0
-  return forward_flops_per_token(cfg, seq_len) - 2 * cfg.D * cfg.V  # all but the unembedding
+  down_projections = 2 * cfg.L * cfg.F * cfg.D
+  return forward_flops_per_token(cfg, seq_len) - 2 * cfg.D * cfg.V - down_projections
 
 
 def step_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:

@@ -62,6 +62,10 @@ class Block(nn.Module):
       push_LxRxR = self.param("router", logical(
           lambda rng: routing.init_push_weights(rng, layer_idx, cfg.L, cfg.R, cfg.router_window,
                                                 cfg.router_dilation), "readers", None, None))
+      if cfg.top_p is not None:  # frozen 0/1 mask (optimizer group "frozen"), see top_p.py
+        mask_LxRxR = self.param("top_p_mask", logical(nn.initializers.ones, "readers", None, None),
+                                (cfg.L, cfg.R, cfg.R), jnp.float32)
+        push_LxRxR = push_LxRxR * jax.lax.stop_gradient(mask_LxRxR)
       # The push mixes over source heads: gather this layer's kv over `tensor` once (sharding.py).
       kv_BxTxRx2xHd = constrain(kv_BxTxRx2xHd, "batch", "length", None, None, "head_dim")
       acc_IxRxBxTx2xHd, kv32_BxTxRx2xHd = routing.push_and_read(
@@ -250,8 +254,11 @@ def router_weights(params: dict[str, Any], cfg: ModelConfig) -> jax.Array:
   """All routers as one masked W [L_reader, R, L_src, R] (spec section 2 notation)."""
   if cfg.router != "kv-static":
     raise ValueError(f"router_weights: model has router={cfg.router!r}, which has no kv router")
-  return routing.router_view(stacked_layer_params(params, cfg)["router"], cfg.router_window,
-                             cfg.router_dilation)
+  stacked = stacked_layer_params(params, cfg)
+  push_LsrcxLxRxR = stacked["router"]
+  if "top_p_mask" in stacked:  # top-p pruned entries are zero, as the model uses them
+    push_LsrcxLxRxR = push_LsrcxLxRxR * stacked["top_p_mask"]
+  return routing.router_view(push_LsrcxLxRxR, cfg.router_window, cfg.router_dilation)
 
 
 def boxed_params(cfg: ModelConfig, rng: jax.Array) -> dict[str, Any]:

@@ -1,10 +1,16 @@
-"""Top-p pruning of the static hidden router (spec section 3; `top_p`, `top_p_refresh`).
+"""Top-p pruning of the static routers (spec section 3; `top_p`, `top_p_refresh`).
 
-Per reader layer and head: softmax the logits over the live sources, sort, keep the smallest
-prefix whose cumulative mass exceeds p (the largest weight always stays), and renormalize over
-the kept sources (the model's masked softmax does that). p = 1 keeps everything.
+hidden-static: per reader layer and head, softmax the logits over the live sources, sort, keep
+the smallest prefix whose cumulative mass exceeds p (the largest weight always stays), and
+renormalize over the kept sources (the model's masked softmax does that). p = 1 keeps everything.
 
-The mask lives in the parameters as a frozen leaf `top_p_mask` [H, L] per layer (float 0/1):
+kv-static has plain signed weights, no softmax: per reader layer i and head r, the mass of entry
+(source layer j, source head s) is |W_i[r, j, s]| over the sum of the row's magnitudes, the same
+rule keeps the largest entries, and the pruned ones are zero (no renormalization: the weights
+are not a distribution). The fixed layer-0 identity is not a parameter and is never pruned.
+
+The mask lives in the parameters as a frozen leaf `top_p_mask` per layer (float 0/1; hidden
+[H, L], kv [L_reader, R, R] in the push layout):
 the model reads it under stop_gradient, the optimizer gives it a zero update (group "frozen"),
 so checkpoints, evaluation and decoding carry it with no extra state. `refresh` recomputes it
 from the current logits at steps divisible by `top_p_refresh` (step 0 included) inside the
@@ -46,11 +52,23 @@ def masks(logits_LxHxL: jax.Array, cfg: ModelConfig) -> jax.Array:
   return (keep_mask(weights_LxHxL, cfg.top_p) & live_LxHxL).astype(jnp.float32)
 
 
+def kv_masks(push_LsrcxLxRxR: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Float 0/1 masks in the push layout [L_src, L_reader, R, R] from the stacked kv routers."""
+  W_LxRxLsrcxR = routing.router_view(push_LsrcxLxRxR, cfg.router_window, cfg.router_dilation)
+  L, R = W_LxRxLsrcxR.shape[:2]
+  abs_LxRxN = jnp.abs(W_LxRxLsrcxR).reshape(L, R, L * R)
+  total_LxRx1 = jnp.sum(abs_LxRxN, axis=-1, keepdims=True)
+  mass_LxRxN = abs_LxRxN / jnp.where(total_LxRx1 > 0, total_LxRx1, 1.0)
+  keep_LxRxLsrcxR = keep_mask(mass_LxRxN, cfg.top_p).reshape(L, R, L, R)
+  return jnp.transpose(keep_LxRxLsrcxR, (2, 0, 1, 3)).astype(jnp.float32)
+
+
 def refresh(params: dict[str, Any], cfg: ModelConfig, step: jax.Array) -> dict[str, Any]:
   """`params` with every layer's top_p_mask recomputed when step % top_p_refresh == 0."""
   if cfg.top_p is None:
     return params
   stacked = M.stacked_layer_params(params, cfg)
-  new_LxHxL = masks(jax.lax.stop_gradient(stacked["router"]), cfg)
-  mask_LxHxL = jnp.where(step % cfg.top_p_refresh == 0, new_LxHxL, stacked["top_p_mask"])
-  return M.with_stacked_layer_params(params, dict(stacked, top_p_mask=mask_LxHxL), cfg)
+  router = jax.lax.stop_gradient(stacked["router"])
+  new_mask = kv_masks(router, cfg) if cfg.router == "kv-static" else masks(router, cfg)
+  mask = jnp.where(step % cfg.top_p_refresh == 0, new_mask, stacked["top_p_mask"])
+  return M.with_stacked_layer_params(params, dict(stacked, top_p_mask=mask), cfg)

@@ -438,3 +438,20 @@ def test_models_without_a_hf_layout_refuse_export_and_write_nothing(tmp_path, ch
     export.export_params({}, cfg, str(tmp_path / "out"))
   assert "\n" not in str(err.value)
   assert not (tmp_path / "out").exists()
+
+
+def test_pruned_kv_router_exports_with_its_zeros_baked_in(tmp_path):
+  from lime_jax import top_p  # pylint: disable=g-import-not-at-top
+  cfg = _cfg(GQA, "kv-static", tied=True).replace(top_p=0.5)
+  trained = _trained_like(cfg.replace(top_p=None), seed=5)
+  stacked = model.stacked_layer_params(trained, cfg.replace(top_p=None))
+  stacked["top_p_mask"] = jnp.ones_like(stacked["router"])
+  params = top_p.refresh(model.with_stacked_layer_params(trained, stacked, cfg), cfg, jnp.int32(0))
+  assert 0 < float(model.stacked_layer_params(params, cfg)["top_p_mask"].mean()) < 1
+  export.export_params(params, cfg, str(tmp_path))
+  imported, imported_cfg = export.import_params(str(tmp_path))
+  assert imported_cfg == cfg.replace(top_p=None)
+  np.testing.assert_allclose(_logits(imported, imported_cfg, _tokens(cfg)),
+                             np.asarray(model.Transformer(cfg).apply({"params": params},
+                                                                    jnp.asarray(_tokens(cfg)))),
+                             rtol=1e-5, atol=1e-5)

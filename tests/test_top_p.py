@@ -13,6 +13,12 @@ from lime_jax.step import init_train_state, loss_fn, train_step
 
 CFG = ModelConfig(V=64, D=32, L=3, H=4, F=64, T=8, router="hidden-static", top_p=0.6,
                   top_p_refresh=2)
+KV_CFG = CFG.replace(router="kv-static", R=2, scan_segments=2)
+CFGS = {"hidden-static": CFG, "kv-static": KV_CFG}
+
+
+def _fresh_masks(router, cfg):
+  return (top_p.kv_masks if cfg.router == "kv-static" else top_p.masks)(router, cfg)
 
 
 def _np_keep(w_N, p):
@@ -48,13 +54,29 @@ def test_masks_prune_expected_entries():
   assert 0 < mask.sum() < np.tril(np.ones((CFG.L, CFG.L))).sum() * CFG.H  # something pruned
 
 
+def test_kv_masks_prune_by_magnitude_per_reader_head():
+  cfg = KV_CFG
+  params = M.init_params(cfg, jax.random.key(3))
+  push = M.stacked_layer_params(params, cfg)["router"]  # [L_src, L_reader, R, R]
+  mask = np.asarray(top_p.kv_masks(push, cfg))
+  W = np.asarray(M.router_weights(params, cfg.replace(top_p=None)), np.float64)  # [Li, R, Lj, R]
+  for i in range(cfg.L):
+    for r in range(cfg.R):
+      row = np.abs(W[i, r, :i + 1]).ravel()  # sources j <= i, heads s
+      want = _np_keep(row / row.sum(), cfg.top_p).reshape(i + 1, cfg.R)
+      np.testing.assert_array_equal(mask[:i + 1, i, r, :], want)
+      assert np.all(mask[i + 1:, i, r, :] == 0)  # future sources are never kept
+  assert 0 < mask.sum() < np.asarray(M.router_weights(params, cfg.replace(top_p=None)) != 0).sum()
+
+
 def _batch(cfg, seed=1):
   tokens = jax.random.randint(jax.random.key(seed), (2, cfg.T + 1), 0, cfg.V)
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
 
-def test_top_p_of_one_equals_the_unpruned_router():
-  cfg = CFG.replace(top_p=1.0)
+@pytest.mark.parametrize("router", sorted(CFGS))
+def test_top_p_of_one_equals_the_unpruned_router(router):
+  cfg = CFGS[router].replace(top_p=1.0)
   plain_cfg = cfg.replace(top_p=None)
   params = M.init_params(cfg, jax.random.key(0))
   params = top_p.refresh(params, cfg, jnp.int32(0))
@@ -72,8 +94,9 @@ def test_top_p_of_one_equals_the_unpruned_router():
                M.stacked_layer_params(plain_grads, plain_cfg))
 
 
-def test_mask_refreshes_only_on_schedule_and_pruned_logits_get_no_gradient():
-  cfg = CFG
+@pytest.mark.parametrize("router", sorted(CFGS))
+def test_mask_refreshes_only_on_schedule_and_pruned_logits_get_no_gradient(router):
+  cfg = CFGS[router]
   tx = make_optimizer(OptimConfig(warmup_steps=0, router_lr=0.5))
   state = init_train_state(cfg, tx, jax.random.key(0))
   step = jax.jit(functools.partial(train_step, model_cfg=cfg, tx=tx))
@@ -81,7 +104,8 @@ def test_mask_refreshes_only_on_schedule_and_pruned_logits_get_no_gradient():
   logits_of = lambda params: M.stacked_layer_params(params, cfg)["router"]
   masks = []
   for n in range(4):
-    expected = np.asarray(top_p.masks(logits_of(state.params), cfg)) if n % 2 == 0 else masks[-1]
+    expected = (np.asarray(_fresh_masks(logits_of(state.params), cfg)) if n % 2 == 0
+                else masks[-1])
     state, _ = step(state, _batch(cfg, seed=n))
     masks.append(mask_of(state.params))  # the mask the step used (the optimizer leaves it)
     np.testing.assert_array_equal(masks[-1], expected)
