@@ -14,6 +14,7 @@ ROUTERS = ("none", "kv-static", "hidden-static", "hidden-dynamic")
 HIDDEN_ROUTERS = ("hidden-static", "hidden-dynamic")  # the paper's v1; see hidden_routing.py
 TOP_P_ROUTERS = ("kv-static", "hidden-static")  # the static routers top-p prunes (top_p.py)
 REMAT_POLICIES = ("none", "full", "dots", "save_proj")
+ATTENTION_IMPLS = ("einsum", "dot_product")  # layers.causal_attention
 CONNECTIONS = ("none", "hyper-static", "hyper-dynamic", "denseformer")  # cross-layer baselines
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -40,6 +41,9 @@ class ModelConfig:
   scan_segments: int = 8  # LIMe: scans over contiguous layer ranges; see routing.segment_bounds
   scan_unroll: int = 1  # layers per scan iteration (L = straight-line code, same math)
   remat_policy: str = "none"
+  # einsum: our float32-softmax attention; dot_product: jax.nn.dot_product_attention, which picks
+  # the fused kernel the device offers (cuDNN flash attention on NVIDIA GPUs) or XLA's own.
+  attention_impl: str = "einsum"
   # Sparse LIMe routing (any LIMe router): reader i reads source j <= i only if j == 0, or
   # i - j < router_window (the last `window` layers, itself included), or (i - j) % router_dilation
   # == 0. Both set: the union. None: dense. See routing.live_mask.
@@ -83,6 +87,9 @@ class ModelConfig:
       raise ValueError(
           f"ModelConfig.remat_policy: unknown policy {self.remat_policy!r};"
           f" choose from {REMAT_POLICIES}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"ModelConfig.attention_impl: unknown {self.attention_impl!r}; choose from"
+                       f" {ATTENTION_IMPLS}")
     for name in ("param_dtype", "compute_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(

@@ -65,12 +65,18 @@ def apply_rope(x_BxTxNxHd: jax.Array, positions_BxT: jax.Array, theta: float) ->
 
 
 def causal_attention(q_BxTxHxHd: jax.Array, k_BxSxRxHd: jax.Array, v_BxSxRxHd: jax.Array,
-                     q_positions_BxT: jax.Array, k_positions_BxS: jax.Array) -> jax.Array:
+                     q_positions_BxT: jax.Array, k_positions_BxS: jax.Array,
+                     impl: str = "einsum") -> jax.Array:
   """Grouped-query causal attention; logits and softmax in float32.
 
   A key at position s is visible to a query at position t iff s <= t, so the same function
   serves a full forward (S == T) and cached decoding (S is the cache length).
   """
+  if impl == "dot_product":  # jax.nn's, fused where the device has a kernel; GQA and masks work
+    visible_Bx1xTxS = (k_positions_BxS[:, None, :] <= q_positions_BxT[:, :, None])[:, None]
+    return jax.nn.dot_product_attention(q_BxTxHxHd, k_BxSxRxHd.astype(q_BxTxHxHd.dtype),
+                                        v_BxSxRxHd.astype(q_BxTxHxHd.dtype),
+                                        mask=visible_Bx1xTxS)
   B, T, H, Hd = q_BxTxHxHd.shape
   R = k_BxSxRxHd.shape[2]
   q_BxTxRxGxHd = q_BxTxHxHd.reshape(B, T, R, H // R, Hd)
@@ -159,6 +165,6 @@ class Attention(nn.Module):
       B, S = k_BxSxRxHd.shape[:2]
       k_positions_BxS = jnp.broadcast_to(jnp.arange(S), (B, S))
     out_BxTxHxHd = causal_attention(q_BxTxHxHd, k_BxSxRxHd, v_BxSxRxHd, q_positions_BxT,
-                                    k_positions_BxS)
+                                    k_positions_BxS, cfg.attention_impl)
     out_BxTxD = jnp.einsum("bthk,hkd->btd", out_BxTxHxHd.astype(cdt), o_proj_HxHdxD.astype(cdt))
     return out_BxTxD, cache
