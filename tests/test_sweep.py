@@ -113,12 +113,13 @@ def test_skipped_by_the_fit_check_with_its_reason(tmp_path, monkeypatch):
 
   fake = types.ModuleType("lime_jax.plan")
   fake.check_fit = check_fit  # the interface lime_jax/plan.py provides
+  fake.ensure_cpu_devices = lambda n: calls.append(("devices", n))
   monkeypatch.setitem(sys.modules, "lime_jax.plan", fake)
   monkeypatch.setattr(lime_jax, "plan", fake, raising=False)
   cfg = sweep.load_sweep(_write(tmp_path, "{routers: [none], depths: [2, 4], seeds: [3]}",
                                 hbm_gib=16, devices=8))
   rows, paths = sweep.run_sweep(cfg)
-  assert calls == [(2, 8, 16.0), (4, 8, 16.0)]
+  assert calls == [("devices", 8), (2, 8, 16.0), (4, 8, 16.0)]  # devices made before training
   assert [r["status"] for r in rows] == ["trained", "skipped: needs 400 GiB per device, has 16.0"]
   assert not os.path.exists(os.path.join(cfg.out_dir, "none_L4_D32_s3"))  # never trained
   csv_rows = _rows(paths[0])
@@ -210,3 +211,12 @@ def test_mean_ci_and_paired_table():
   assert "| 0.200 ± 0.248 | 3/3 | LIMe lower |" in table
   rows[3]["final_val_loss"] = 2.5  # now LIMe is worse on one seed: the interval covers 0
   assert "| 2/3 | no clear difference (interval covers 0) |" in sweep.markdown(rows)
+
+
+def test_the_real_fit_check_skips_a_point_that_cannot_fit(tmp_path):
+  cfg = sweep.load_sweep(_write(tmp_path, "{routers: [none], depths: [2], seeds: [3]}",
+                                hbm_gib=1e-6, devices=1))
+  rows, _ = sweep.run_sweep(cfg)
+  assert rows[0]["status"].startswith("skipped: does not fit"), rows[0]["status"]
+  assert "GiB per device" in rows[0]["status"]
+  assert not os.path.exists(os.path.join(cfg.out_dir, "none_L2_D32_s3"))
