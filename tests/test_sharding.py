@@ -23,7 +23,10 @@ TINY = ["model.D=32", "model.L=2", "model.H=4", "model.F=64", "model.T=16", "mod
         "optim.warmup_steps=1", "optim.total_steps=8", "run.log_every=1", "run.eval_every=100",
         "run.checkpoint_every=2", "run.progress=false", "run.tensorboard=false"]
 MESHES = {"data8": (8, 1, 1), "fsdp8": (1, 8, 1), "d2f2t2": (2, 2, 2), "d2t4": (2, 1, 4)}
-CASES = [("kv-static", m) for m in MESHES] + [("none", "d2f2t2")]
+# Variants: a router name, or a model key=value (the cross-layer baselines).
+VARIANTS = ["none", "hidden-static", "hidden-dynamic", "connections=denseformer",
+            "connections=hyper-dynamic"]
+CASES = [("kv-static", m) for m in MESHES] + [(v, "d2f2t2") for v in VARIANTS]
 
 
 def _layout(mesh: str) -> Layout:
@@ -31,8 +34,10 @@ def _layout(mesh: str) -> Layout:
 
 
 @functools.lru_cache(maxsize=None)
-def _cfg(router: str):
-  return load_experiment(None, [*TINY, f"model.router={router}"])
+def _cfg(variant: str):
+  overrides = ["model.router=none", f"model.{variant}"] if "=" in variant else [
+      f"model.router={variant}"]
+  return load_experiment(None, [*TINY, *overrides])
 
 
 def _batch():
