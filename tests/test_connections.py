@@ -13,8 +13,8 @@ import pytest
 from lime_jax import bench, connections, decode, flops
 from lime_jax import model as M
 from lime_jax.config import ModelConfig
-from lime_jax.loss import mean_loss
 from lime_jax.optimizer import param_labels
+import model_checks
 from test_model import _np_rms_norm, _np_rope
 
 # L=3 in two segments (1 and 2 layers): DenseFormer's segmented accumulator is exercised.
@@ -47,13 +47,10 @@ def _random_params(cfg):
   return jax.jit(init)(jax.random.key(0))
 
 
-def _tokens(cfg, B=2, T=None, seed=1):
-  return jax.random.randint(jax.random.key(seed), (B, T or cfg.T), 0, cfg.V)
+_tokens = model_checks.tokens
 
 
-def _loss(params, cfg, tokens_BxT):
-  logits = M.Transformer(cfg).apply({"params": params}, tokens_BxT[:, :-1])
-  return mean_loss(logits, tokens_BxT[:, 1:])
+_loss = model_checks.next_token_loss
 
 
 def test_shapes():
@@ -120,32 +117,13 @@ def test_init_equals_baseline(name):
 def test_causality(name):
   cfg = VARIANTS[name]
   params = _random_params(cfg)
-  x_BxTxD = jax.random.normal(jax.random.key(2), (2, 12, cfg.D))
-  t = 6
-
-  def loss_at_t(x_BxTxD):
-    logits = M.Transformer(cfg).apply({"params": params}, x_BxTxD,
-                                      method=M.Transformer.from_embeddings)
-    return jax.nn.log_softmax(logits[:, t])[:, 3].sum()
-
-  grad_BxTxD = jax.jit(jax.grad(loss_at_t))(x_BxTxD)
-  assert np.all(np.asarray(grad_BxTxD[:, t + 1:]) == 0.0)
-  assert np.all(np.abs(np.asarray(grad_BxTxD[:, :t + 1])).sum(axis=(0, 2)) > 0)
+  model_checks.assert_causal(cfg, params)
 
 
 @pytest.mark.parametrize("name", ["hyper-dynamic", "denseformer-2x2"])
 def test_scan_and_unrolled_agree(name):
   scan_cfg = VARIANTS[name]
-  unrolled_cfg = scan_cfg.replace(scan_layers=False)
-  params = _random_params(scan_cfg)
-  tokens = _tokens(scan_cfg, T=scan_cfg.T + 1)
-  loss_and_grad = jax.jit(jax.value_and_grad(_loss), static_argnums=1)
-  loss_s, grads_s = loss_and_grad(params, scan_cfg, tokens)
-  loss_u, grads_u = loss_and_grad(M.convert_layout(params, scan_cfg, unrolled_cfg), unrolled_cfg,
-                                  tokens)
-  np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
-  chex.assert_trees_all_close(grads_s, M.convert_layout(grads_u, unrolled_cfg, scan_cfg),
-                              rtol=1e-5, atol=1e-6)
+  grads_s = model_checks.assert_scan_matches_unrolled(scan_cfg, _random_params(scan_cfg))
   if name.startswith("denseformer"):  # dead averaging weights: exactly zero gradient
     live = connections.dwa_live_mask(scan_cfg.L, scan_cfg.denseformer_dilation,
                                      scan_cfg.denseformer_period)  # [source, reader]

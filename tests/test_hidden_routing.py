@@ -11,16 +11,15 @@ from lime_jax import hidden_routing as hr
 from lime_jax import model as M
 from lime_jax.config import ModelConfig
 from lime_jax.hidden_model import HiddenLayerStack
-from lime_jax.loss import mean_loss
 from lime_jax.step import loss_fn
+import model_checks
 
 # L=3 with two segments: the pull stack runs segments of 1 and 2 layers.
 CFG = ModelConfig(V=64, D=32, L=3, H=4, F=64, T=16, router="hidden-static", scan_segments=2)
 ROUTERS = ("hidden-static", "hidden-dynamic")
 
 
-def _tokens(cfg, B=2, T=None, seed=1):
-  return jax.random.randint(jax.random.key(seed), (B, T or cfg.T), 0, cfg.V)
+_tokens = model_checks.tokens
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,9 +37,7 @@ def _params(cfg):
   return jax.jit(init)(jax.random.key(0))
 
 
-def _loss(params, cfg, tokens_BxT):
-  logits_BxTxV = M.Transformer(cfg).apply({"params": params}, tokens_BxT[:, :-1])
-  return mean_loss(logits_BxTxV, tokens_BxT[:, 1:])
+_loss = model_checks.next_token_loss
 
 
 @pytest.mark.parametrize("router", ROUTERS)
@@ -81,16 +78,7 @@ def test_pull_form_equals_autodiff_through_the_carried_buffer(router):
 @pytest.mark.parametrize("router", ROUTERS)
 def test_scan_and_unrolled_agree(router):
   scan_cfg = CFG.replace(router=router)
-  unrolled_cfg = scan_cfg.replace(scan_layers=False)
-  params = _params(scan_cfg)
-  unrolled_params = M.convert_layout(params, scan_cfg, unrolled_cfg)
-  tokens_BxT = _tokens(scan_cfg, T=scan_cfg.T + 1)
-  loss_and_grad = jax.jit(jax.value_and_grad(_loss), static_argnums=1)
-  loss_s, grads_s = loss_and_grad(params, scan_cfg, tokens_BxT)
-  loss_u, grads_u = loss_and_grad(unrolled_params, unrolled_cfg, tokens_BxT)
-  np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
-  chex.assert_trees_all_close(grads_s, M.convert_layout(grads_u, unrolled_cfg, scan_cfg),
-                              rtol=1e-5, atol=1e-6)
+  grads_s = model_checks.assert_scan_matches_unrolled(scan_cfg, _params(scan_cfg))
   # Layer 0 is a plain layer; sources after the reader are masked: exactly zero gradient.
   stacked = M.stacked_layer_params(grads_s, scan_cfg)
   assert np.all(np.asarray(stacked["router"][0]) == 0)

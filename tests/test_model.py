@@ -9,16 +9,14 @@ import pytest
 from lime_jax import model as M
 from lime_jax import routing
 from lime_jax.config import ModelConfig
-from lime_jax.loss import mean_loss
+import model_checks
 
 MHA = ModelConfig(V=64, D=32, L=4, H=4, R=4, F=64, T=16)
 GQA = ModelConfig(V=64, D=32, L=4, H=4, R=2, F=64, T=16)
 ROUTERS = ("none", "kv-static")
 
 
-def _tokens(cfg, B=2, T=None, seed=1):
-  T = T or cfg.T
-  return jax.random.randint(jax.random.key(seed), (B, T), 0, cfg.V)
+_tokens = model_checks.tokens
 
 
 def _randomize_routers(params, cfg, seed=3):
@@ -28,9 +26,7 @@ def _randomize_routers(params, cfg, seed=3):
   return M.with_stacked_layer_params(params, stacked, cfg)
 
 
-def _loss(params, cfg, tokens_BxT):
-  logits_BxTxV = M.Transformer(cfg).apply({"params": params}, tokens_BxT[:, :-1])
-  return mean_loss(logits_BxTxV, tokens_BxT[:, 1:])
+_loss = model_checks.next_token_loss
 
 
 class ShapeTest(chex.TestCase):
@@ -74,35 +70,17 @@ def test_causality(router):
   params = M.init_params(cfg, jax.random.key(0))
   if cfg.is_lime:
     params = _randomize_routers(params, cfg)
-  x_BxTxD = jax.random.normal(jax.random.key(2), (2, 12, cfg.D))
-  t = 6
-
-  def loss_at_t(x_BxTxD):
-    logits = M.Transformer(cfg).apply({"params": params}, x_BxTxD,
-                                      method=M.Transformer.from_embeddings)
-    return jax.nn.log_softmax(logits[:, t])[:, 3].sum()
-
-  grad_BxTxD = jax.jit(jax.grad(loss_at_t))(x_BxTxD)
-  assert np.all(np.asarray(grad_BxTxD[:, t + 1:]) == 0.0)
-  assert np.all(np.abs(np.asarray(grad_BxTxD[:, :t + 1])).sum(axis=(0, 2)) > 0)
+  model_checks.assert_causal(cfg, params)
 
 
 @pytest.mark.parametrize("cfg", [MHA, GQA], ids=["mha", "gqa"])
 @pytest.mark.parametrize("router, segments", [("none", 1), ("kv-static", 1), ("kv-static", 3)])
 def test_scan_and_unrolled_agree(cfg, router, segments):
   scan_cfg = cfg.replace(router=router, scan_segments=segments)
-  unrolled_cfg = scan_cfg.replace(scan_layers=False)
   params = M.init_params(scan_cfg, jax.random.key(0))
   if scan_cfg.is_lime:
     params = _randomize_routers(params, scan_cfg)
-  unrolled_params = M.convert_layout(params, scan_cfg, unrolled_cfg)
-  tokens_BxT = _tokens(cfg, T=cfg.T + 1)
-  loss_and_grad = jax.jit(jax.value_and_grad(_loss), static_argnums=1)
-  loss_s, grads_s = loss_and_grad(params, scan_cfg, tokens_BxT)
-  loss_u, grads_u = loss_and_grad(unrolled_params, unrolled_cfg, tokens_BxT)
-  np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
-  chex.assert_trees_all_close(grads_s, M.convert_layout(grads_u, unrolled_cfg, scan_cfg),
-                              rtol=1e-5, atol=1e-6)
+  model_checks.assert_scan_matches_unrolled(scan_cfg, params)
 
 
 # A loop-based reference of the forward, straight from the spec's equations, in float64 NumPy.
