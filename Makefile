@@ -18,7 +18,7 @@ test: install
 
 # The embedded default job: LIMe vs baseline on the embedded corpus (CPU, ~5 min), then a plot.
 train: install
-	JAX_PLATFORMS=cpu $(BIN)/python -m lime_jax.default_run
+	JAX_PLATFORMS=cpu $(BIN)/python -m lime_jax.cli.default_run
 
 bench: install
 	JAX_PLATFORMS=cpu $(BIN)/lime-jax bench --depths 8,16,32,64,128 --json runs/bench.json

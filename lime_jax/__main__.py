@@ -1,5 +1,5 @@
 import sys
 
-from lime_jax.cli import main
+from lime_jax.cli.main import main
 
 sys.exit(main())

@@ -4,8 +4,8 @@ import chex
 import jax
 import numpy as np
 
-from lime_jax import model as M
-from lime_jax.loss import mean_loss
+from lime_jax.model import transformer as M
+from lime_jax.train.loss import mean_loss
 
 
 def tokens(cfg, B=2, T=None, seed=1):

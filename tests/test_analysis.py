@@ -8,10 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from lime_jax import analysis as A
-from lime_jax import model as M
+from lime_jax.studies import analysis as A
+from lime_jax.model import transformer as M
 from lime_jax.config import ModelConfig
-from lime_jax.tokenizer import ByteTokenizer
+from lime_jax.data.tokenizers import ByteTokenizer
 
 TINY = ModelConfig(V=258, D=32, L=3, H=4, R=2, F=64, T=64)
 
@@ -161,8 +161,8 @@ def test_analyze_end_to_end(tmp_path):
 
 
 def test_run_cli(tmp_path, capsys):
-  """`run` with an in-memory loader (the CLI passes lime_jax.cli._load_for_generate)."""
-  from lime_jax.cli import _load_for_generate  # the real loader has this signature
+  """`run` with an in-memory loader (the CLI passes lime_jax.cli.main._load_for_generate)."""
+  from lime_jax.cli.main import _load_for_generate  # the real loader has this signature
   assert callable(_load_for_generate)
   cfgs = {"a": TINY.replace(L=2), "b": TINY.replace(L=2, router="none")}
 

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from lime_jax import bench
-from lime_jax.cli import main
+from lime_jax.studies import bench
+from lime_jax.cli.main import main
 from lime_jax.config import ModelConfig
 
 SMALL = ModelConfig(V=64, D=64, L=4, H=4, R=4, F=128, T=64)

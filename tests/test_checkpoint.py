@@ -13,12 +13,12 @@ import pytest
 
 from conftest import REPO, child_env
 
-from lime_jax import checkpoint as ckpt
-from lime_jax import train as train_lib
-from lime_jax.cli import main
-from lime_jax.experiment import load_experiment
-from lime_jax.metrics import read_metrics
-from lime_jax.optimizer import OptimConfig, make_optimizer
+from lime_jax.train import checkpoint as ckpt
+from lime_jax.train import loop as train_lib
+from lime_jax.cli.main import main
+from lime_jax.train.experiment import load_experiment
+from lime_jax.train.metrics import read_metrics
+from lime_jax.train.optimizer import OptimConfig, make_optimizer
 
 
 def _state(seed=0, width=3):
@@ -160,7 +160,7 @@ async def stalled(self, x, directory):
     time.sleep(600)
   return await original(self, x, directory)
 jch.JsonCheckpointHandler._save_fn = stalled
-from lime_jax.cli import main
+from lime_jax.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lime_jax.cli import build_parser, main
+from lime_jax.cli.main import build_parser, main
 
 
 def test_subcommands_are_registered():
@@ -37,9 +37,10 @@ def test_export_and_import_a_trained_checkpoint(tmp_path, capsys):
   """train -> `lime-jax export` -> import gives the checkpoint's logits back exactly."""
   import jax
   import numpy as np
-  from lime_jax import export, model
-  from lime_jax.experiment import load_experiment
-  from lime_jax.train import train
+  from lime_jax.interop import hf as export
+  from lime_jax.model import transformer as model
+  from lime_jax.train.experiment import load_experiment
+  from lime_jax.train.loop import train
   run_dir, out = tmp_path / "run", tmp_path / "hf"
   cfg = load_experiment(None, [
       "model.D=32", "model.L=3", "model.H=2", "model.F=64", "model.T=16", "data.seq_len=16",

@@ -10,10 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lime_jax import bench, connections, decode, flops
-from lime_jax import model as M
+from lime_jax.studies import bench
+from lime_jax.model import connections
+from lime_jax.inference import decode
+from lime_jax.model import flops
+from lime_jax.model import transformer as M
 from lime_jax.config import ModelConfig
-from lime_jax.optimizer import param_labels
+from lime_jax.train.optimizer import param_labels
 import model_checks
 from test_model import _np_rms_norm, _np_rope
 

@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lime_jax import data
-from lime_jax.data import (DataConfig, build_token_sequences, load_documents, make_train_iterator,
+from lime_jax.data import text as data
+from lime_jax.data.text import (DataConfig, build_token_sequences, load_documents, make_train_iterator,
                            make_val_batches, pack_documents, split_documents, unigram_entropy)
-from lime_jax.tokenizer import ByteTokenizer
+from lime_jax.data.tokenizers import ByteTokenizer
 
 BYTE = ByteTokenizer()
 LETTERS = string.ascii_letters  # 52 documents, each one letter repeated: its tokens mark it

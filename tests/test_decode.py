@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lime_jax import decode
-from lime_jax import model as M
+from lime_jax.inference import decode
+from lime_jax.model import transformer as M
 from lime_jax.config import ModelConfig
 
 # L=3 with two segments: the scanned LIMe stack runs segments of 1 and 2 layers.

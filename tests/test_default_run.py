@@ -2,10 +2,10 @@
 
 import pytest
 
-from lime_jax import default_run
-from lime_jax import flops
-from lime_jax.cli import main
-from lime_jax.metrics import read_metrics
+from lime_jax.cli import default_run
+from lime_jax.model import flops
+from lime_jax.cli.main import main
+from lime_jax.train.metrics import read_metrics
 
 SHRINK = ["model.D=32", "model.L=2", "model.H=2", "model.F=64", "run.steps=4", "run.eval_every=2",
           "run.checkpoint_every=4", "run.progress=false", "run.tensorboard=false", "run.peak_flops=1e11"]
@@ -18,7 +18,7 @@ def test_default_job_trains_both_and_plots(tmp_path, capsys):
     records = read_metrics(str(tmp_path / name))
     assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
     assert f"{name:8s} final validation loss {records[-1]['val_loss']:.4f}" in out
-    # MFU against the configured peak, with FLOPs from lime_jax.flops.
+    # MFU against the configured peak, with FLOPs from lime_jax.model.flops.
     cfg = default_run.run_config(name, dict(default_run.RUNS)[name], str(tmp_path), SHRINK)
     per_token = flops.train_flops_per_token(cfg.model, cfg.data.seq_len)
     timed = [r for r in records if r["tokens_per_s"] is not None]

@@ -13,10 +13,10 @@ import pytest
 
 from conftest import REPO, child_env
 
-from lime_jax import distributed
-from lime_jax import train as train_lib
-from lime_jax.experiment import load_experiment
-from lime_jax.metrics import read_metrics
+from lime_jax.parallel import distributed
+from lime_jax.train import loop as train_lib
+from lime_jax.train.experiment import load_experiment
+from lime_jax.train.metrics import read_metrics
 
 
 def _args(**kw):

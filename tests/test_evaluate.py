@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from lime_jax.cli import main
-from lime_jax.evaluate import evaluate_checkpoint
-from lime_jax.metrics import read_metrics
+from lime_jax.cli.main import main
+from lime_jax.train.evaluate import evaluate_checkpoint
+from lime_jax.train.metrics import read_metrics
 
 TINY = ["model.D=32", "model.L=2", "model.H=2", "model.F=64", "model.T=32", "data.seq_len=32",
         "data.batch_size=4", "data.val_batches=3", "optim.warmup_steps=2", "run.steps=4",

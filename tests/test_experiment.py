@@ -5,11 +5,11 @@ import os
 
 import pytest
 
-from lime_jax import default_run
-from lime_jax.cli import main
-from lime_jax.experiment import (ExperimentConfig, apply_overrides, check_vocab,
+from lime_jax.cli import default_run
+from lime_jax.cli.main import main
+from lime_jax.train.experiment import (ExperimentConfig, apply_overrides, check_vocab,
                                  config_differences, load_experiment, parse_yaml)
-from lime_jax.tokenizer import BYTE_VOCAB
+from lime_jax.data.tokenizers import BYTE_VOCAB
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from lime_jax import export, model, routing
+from lime_jax.interop import hf as export
+from lime_jax.model import transformer as model
+from lime_jax.model import kv_routing as routing
 from lime_jax.config import ModelConfig
 
 MHA = dict(V=61, D=32, L=3, H=4, R=4, F=48, T=16)
@@ -441,7 +443,7 @@ def test_models_without_a_hf_layout_refuse_export_and_write_nothing(tmp_path, ch
 
 
 def test_pruned_kv_router_exports_with_its_zeros_baked_in(tmp_path):
-  from lime_jax import top_p  # pylint: disable=g-import-not-at-top
+  from lime_jax.model import top_p  # pylint: disable=g-import-not-at-top
   cfg = _cfg(GQA, "kv-static", tied=True).replace(top_p=0.5)
   trained = _trained_like(cfg.replace(top_p=None), seed=5)
   stacked = model.stacked_layer_params(trained, cfg.replace(top_p=None))

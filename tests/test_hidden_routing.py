@@ -6,12 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lime_jax import flops
-from lime_jax import hidden_routing as hr
-from lime_jax import model as M
+from lime_jax.model import flops
+from lime_jax.model import hidden_routing as hr
+from lime_jax.model import transformer as M
 from lime_jax.config import ModelConfig
-from lime_jax.hidden_model import HiddenLayerStack
-from lime_jax.step import loss_fn
+from lime_jax.model.hidden_stack import HiddenLayerStack
+from lime_jax.train.step import loss_fn
 import model_checks
 
 # L=3 with two segments: the pull stack runs segments of 1 and 2 layers.
@@ -258,7 +258,7 @@ def test_training_memory_grows_linearly_with_depth():
 
 @pytest.mark.parametrize("router", ROUTERS)
 def test_cached_decoding_matches_full_forward(router):
-  from lime_jax import decode  # pylint: disable=g-import-not-at-top
+  from lime_jax.inference import decode  # pylint: disable=g-import-not-at-top
   cfg = CFG.replace(router=router, L=3, T=32)
   params = _params(cfg)
   tokens_BxT = _tokens(cfg, B=2, T=9)

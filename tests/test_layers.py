@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lime_jax import layers
-from lime_jax import model as M
+from lime_jax.model import layers
+from lime_jax.model import transformer as M
 from lime_jax.config import ModelConfig
 
 

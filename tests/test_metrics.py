@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import jax.numpy as jnp
 import pytest
 
-from lime_jax import metrics
+from lime_jax.train import metrics
 
 
 def test_deferred_fetch_returns_the_previous_step():

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lime_jax import model as M
-from lime_jax import routing
+from lime_jax.model import transformer as M
+from lime_jax.model import kv_routing as routing
 from lime_jax.config import ModelConfig
 import model_checks
 
@@ -213,7 +213,7 @@ def test_init_follows_spec():
 
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_masked_router_entries_get_zero_gradient_and_stay_zero(scan_layers):
-  from lime_jax.optimizer import OptimConfig, make_optimizer
+  from lime_jax.train.optimizer import OptimConfig, make_optimizer
   import optax
   cfg = GQA.replace(scan_layers=scan_layers, scan_segments=2)
   params = M.init_params(cfg, jax.random.key(0))
@@ -236,7 +236,7 @@ def test_masked_router_entries_get_zero_gradient_and_stay_zero(scan_layers):
 
 
 def test_extra_parameter_count_matches_spec():
-  from lime_jax import flops
+  from lime_jax.model import flops
   for cfg in (MHA, GQA, MHA.replace(L=16)):
     lime = jax.eval_shape(functools.partial(M.init_params, cfg), jax.random.key(0))
     base = jax.eval_shape(functools.partial(M.init_params, cfg.replace(router="none")),

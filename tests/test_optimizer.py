@@ -4,9 +4,9 @@ import numpy as np
 import optax
 import pytest
 
-from lime_jax import model as M
+from lime_jax.model import transformer as M
 from lime_jax.config import ModelConfig
-from lime_jax.optimizer import OptimConfig, lr_multiplier, make_optimizer, param_labels
+from lime_jax.train.optimizer import OptimConfig, lr_multiplier, make_optimizer, param_labels
 
 
 def _params():

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from lime_jax import flops as flops_lib
-from lime_jax import plan
-from lime_jax.cli import main
-from lime_jax.experiment import load_experiment
+from lime_jax.model import flops as flops_lib
+from lime_jax.parallel import plan
+from lime_jax.cli.main import main
+from lime_jax.train.experiment import load_experiment
 
 # Wide enough that parameters and Adam state dominate the arguments.
 SMALL = ["model.D=128", "model.L=2", "model.H=4", "model.F=512", "model.T=16", "model.V=264",

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from lime_jax.cli import main
-from lime_jax.plot import plot_val_loss_vs_flops, val_curve
+from lime_jax.cli.main import main
+from lime_jax.studies.plots import plot_val_loss_vs_flops, val_curve
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

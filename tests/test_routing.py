@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lime_jax import flops
-from lime_jax import model as M
-from lime_jax import routing
+from lime_jax.model import flops
+from lime_jax.model import transformer as M
+from lime_jax.model import kv_routing as routing
 from lime_jax.config import ModelConfig
-from lime_jax.loss import mean_loss
+from lime_jax.train.loss import mean_loss
 
 CFG = ModelConfig(V=64, D=32, L=6, H=4, R=2, F=64, T=8, scan_segments=2)
 # (window, dilation): the union; its live slots are contiguous for some sources, a scatter for

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lime_jax import checkpoint as ckpt
-from lime_jax import sharding as sharding_lib
-from lime_jax import step as step_lib
-from lime_jax import train as train_lib
-from lime_jax.experiment import load_experiment
-from lime_jax.metrics import read_metrics
-from lime_jax.sharding import Layout, MeshConfig
+from lime_jax.train import checkpoint as ckpt
+from lime_jax.parallel import sharding as sharding_lib
+from lime_jax.train import step as step_lib
+from lime_jax.train import loop as train_lib
+from lime_jax.train.experiment import load_experiment
+from lime_jax.train.metrics import read_metrics
+from lime_jax.parallel.sharding import Layout, MeshConfig
 
 # R = H = 4 so that tensor=4 splits kv heads; V = 264 (>= the byte tokenizer's 258) divides by 8.
 TINY = ["model.D=32", "model.L=2", "model.H=4", "model.F=64", "model.T=16", "model.V=264",
@@ -131,7 +131,7 @@ def test_rules_are_config_data():
 
 
 def init_params_fn(cfg):
-  from lime_jax.model import init_params
+  from lime_jax.model.transformer import init_params
   return lambda: init_params(cfg.model, jax.random.key(0))
 
 

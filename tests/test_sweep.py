@@ -9,13 +9,13 @@ import types
 
 import pytest
 
-import lime_jax
-from lime_jax import checkpoint as ckpt
-from lime_jax import flops as flops_lib
-from lime_jax import sweep
-from lime_jax.cli import main
-from lime_jax.metrics import read_metrics
-from lime_jax.train import train
+import lime_jax.parallel
+from lime_jax.train import checkpoint as ckpt
+from lime_jax.model import flops as flops_lib
+from lime_jax.studies import sweep
+from lime_jax.cli.main import main
+from lime_jax.train.metrics import read_metrics
+from lime_jax.train.loop import train
 
 BASE = """\
 model: {D: 32, L: 2, H: 2, F: 64, T: 32, router: none}
@@ -111,11 +111,11 @@ def test_skipped_by_the_fit_check_with_its_reason(tmp_path, monkeypatch):
     fits = exp_cfg.model.L < 4
     return fits, "" if fits else f"needs {exp_cfg.model.L * 100} GiB per device, has {hbm_gib}"
 
-  fake = types.ModuleType("lime_jax.plan")
+  fake = types.ModuleType("lime_jax.parallel.plan")
   fake.check_fit = check_fit  # the interface lime_jax/plan.py provides
   fake.ensure_cpu_devices = lambda n: calls.append(("devices", n))
-  monkeypatch.setitem(sys.modules, "lime_jax.plan", fake)
-  monkeypatch.setattr(lime_jax, "plan", fake, raising=False)
+  monkeypatch.setitem(sys.modules, "lime_jax.parallel.plan", fake)
+  monkeypatch.setattr(lime_jax.parallel, "plan", fake, raising=False)
   cfg = sweep.load_sweep(_write(tmp_path, "{routers: [none], depths: [2, 4], seeds: [3]}",
                                 hbm_gib=16, devices=8))
   rows, paths = sweep.run_sweep(cfg)

@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lime_jax import tasks
-from lime_jax.tasks import (TASK_NAMES, TASKS, TaskConfig, chance, encode_examples, evaluate_task,
+from lime_jax.data import tasks
+from lime_jax.data.tasks import (TASK_NAMES, TASKS, TaskConfig, chance, encode_examples, evaluate_task,
                             exact_match, generate_example, make_split, make_task_iterator,
                             make_test_batches)
-from lime_jax.tokenizer import ByteTokenizer
+from lime_jax.data.tokenizers import ByteTokenizer
 
 BYTE = ByteTokenizer()
 N = 60  # examples per independent check
@@ -361,8 +361,8 @@ TASK_RUN = ["model.D=32", "model.L=2", "model.H=2", "model.F=64", "model.T=32", 
 
 @pytest.fixture(scope="module")
 def task_runs(tmp_path_factory):
-  from lime_jax.experiment import load_experiment  # pylint: disable=g-import-not-at-top
-  from lime_jax.train import train  # pylint: disable=g-import-not-at-top
+  from lime_jax.train.experiment import load_experiment  # pylint: disable=g-import-not-at-top
+  from lime_jax.train.loop import train  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("task_runs")
   straight = load_experiment(None, [*TASK_RUN, "run.steps=4", f"run.out_dir={root / 'a'}"])
   train(straight)
@@ -372,10 +372,10 @@ def task_runs(tmp_path_factory):
 
 
 def test_task_training_logs_accuracy_and_resumes_exactly(task_runs):
-  from lime_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
-  from lime_jax import train as train_lib  # pylint: disable=g-import-not-at-top
-  from lime_jax.evaluate import apply_fn  # pylint: disable=g-import-not-at-top
-  from lime_jax.metrics import read_metrics  # pylint: disable=g-import-not-at-top
+  from lime_jax.train import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  from lime_jax.train import loop as train_lib  # pylint: disable=g-import-not-at-top
+  from lime_jax.train.evaluate import apply_fn  # pylint: disable=g-import-not-at-top
+  from lime_jax.train.metrics import read_metrics  # pylint: disable=g-import-not-at-top
   cfg, a, b = task_runs
   assert "task" in cfg.to_dict() and cfg.tokens_per_step == 4 * 32
   records_a, records_b = read_metrics(str(a)), read_metrics(str(b))
@@ -390,7 +390,7 @@ def test_task_training_logs_accuracy_and_resumes_exactly(task_runs):
   result = evaluate_task(apply_fn(cfg.model), params, cfg.task)
   assert evals[-1]["val_accuracy"] == result["accuracy"]
   # val_loss is the answer-only loss over the whole test split (padding rows unscored).
-  from lime_jax.loss import token_cross_entropy  # pylint: disable=g-import-not-at-top
+  from lime_jax.train.loss import token_cross_entropy  # pylint: disable=g-import-not-at-top
   encoded = encode_examples(make_split(cfg.task, "test"), 32)
   nll_NxT = token_cross_entropy(apply_fn(cfg.model)(params, encoded["inputs"]),
                                 jnp.asarray(encoded["targets"]))
@@ -402,8 +402,8 @@ def test_task_training_logs_accuracy_and_resumes_exactly(task_runs):
 
 
 def test_eval_task_reports_accuracy_beside_chance(task_runs, capsys):
-  from lime_jax.cli import main  # pylint: disable=g-import-not-at-top
-  from lime_jax.metrics import read_metrics  # pylint: disable=g-import-not-at-top
+  from lime_jax.cli.main import main  # pylint: disable=g-import-not-at-top
+  from lime_jax.train.metrics import read_metrics  # pylint: disable=g-import-not-at-top
   _, a, _ = task_runs
   logged = read_metrics(str(a))[-1]
   assert main(["eval", "--checkpoint", str(a), "--task", "mqar"]) == 0
@@ -418,7 +418,7 @@ def test_eval_task_reports_accuracy_beside_chance(task_runs, capsys):
 
 
 def test_experiment_task_section_is_optional_and_checked():
-  from lime_jax.experiment import load_experiment  # pylint: disable=g-import-not-at-top
+  from lime_jax.train.experiment import load_experiment  # pylint: disable=g-import-not-at-top
   text = load_experiment(None, ["model.T=32", "data.seq_len=32"])
   assert text.task is None and "task" not in text.to_dict()  # the text path is unchanged
   with pytest.raises(ValueError, match=r"model.T: 32 must be >= task.seq_len 64"):

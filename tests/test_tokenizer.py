@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from lime_jax import tokenizer as tokenizer_lib
-from lime_jax.tokenizer import ENDOFTEXT, ByteTokenizer, HFTokenizer, load_tokenizer, train_bpe
+from lime_jax.data import tokenizers as tokenizer_lib
+from lime_jax.data.tokenizers import ENDOFTEXT, ByteTokenizer, HFTokenizer, load_tokenizer, train_bpe
 
 UNICODE_TEXT = "Héllo, wörld! 你好 🙂 — tabs\tand\nnewlines; ∑ x² ≠ 0.\r\n  two spaces"
 CORPUS = ("The quick brown fox jumps over the lazy dog. " * 20

@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lime_jax import model as M
-from lime_jax import top_p
+from lime_jax.model import transformer as M
+from lime_jax.model import top_p
 from lime_jax.config import ModelConfig
-from lime_jax.optimizer import OptimConfig, make_optimizer
-from lime_jax.step import init_train_state, loss_fn, train_step
+from lime_jax.train.optimizer import OptimConfig, make_optimizer
+from lime_jax.train.step import init_train_state, loss_fn, train_step
 
 CFG = ModelConfig(V=64, D=32, L=3, H=4, F=64, T=8, router="hidden-static", top_p=0.6,
                   top_p_refresh=2)

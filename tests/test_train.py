@@ -14,14 +14,14 @@ import pytest
 
 from conftest import REPO, child_env
 
-from lime_jax import checkpoint as ckpt
-from lime_jax import data as data_lib
-from lime_jax import flops as flops_lib
-from lime_jax import train as train_lib
-from lime_jax.cli import main
-from lime_jax.experiment import load_experiment
-from lime_jax.metrics import METRICS_FILE, TENSORBOARD_DIR, read_metrics
-from lime_jax.tokenizer import load_tokenizer
+from lime_jax.train import checkpoint as ckpt
+from lime_jax.data import text as data_lib
+from lime_jax.model import flops as flops_lib
+from lime_jax.train import loop as train_lib
+from lime_jax.cli.main import main
+from lime_jax.train.experiment import load_experiment
+from lime_jax.train.metrics import METRICS_FILE, TENSORBOARD_DIR, read_metrics
+from lime_jax.data.tokenizers import load_tokenizer
 
 N = 4  # steps before the restart; the full run is 2N
 TINY = ["model.D=32", "model.L=2", "model.H=2", "model.F=64", "model.T=32", "data.seq_len=32",

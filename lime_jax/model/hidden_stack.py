@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from lime_jax import hidden_routing as hr
-from lime_jax import model as model_lib
+from lime_jax.model import hidden_routing as hr
+from lime_jax.model import transformer as model_lib
 from lime_jax.config import ModelConfig
-from lime_jax.layers import Attention, KVCache, Mlp, RMSNorm, dtype_of, logical, normal_init
+from lime_jax.model.layers import Attention, KVCache, Mlp, RMSNorm, dtype_of, logical, normal_init
 
 
 class _Scale(nn.Module):

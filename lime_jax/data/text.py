@@ -34,7 +34,7 @@ import grain
 import numpy as np
 
 from lime_jax.config import build_dataclass, require_positive_int
-from lime_jax.tokenizer import Tokenizer
+from lime_jax.data.tokenizers import Tokenizer
 
 SOURCES = ("embedded", "text", "jsonl", "parquet", "fineweb")
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -39,8 +39,8 @@ import flax.linen as nn
 import numpy as np
 
 from lime_jax.config import ModelConfig
-from lime_jax.layers import dtype_of, logical
-from lime_jax.routing import static_slots
+from lime_jax.model.layers import dtype_of, logical
+from lime_jax.model.kv_routing import static_slots
 
 HYPER = ("hyper-static", "hyper-dynamic")
 HC_DYNAMIC_SCALE = 0.01

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lime_jax import model as M
+from lime_jax.model import transformer as M
 from lime_jax.config import ModelConfig
 
 DEFAULT_WORDS = ("is", "are", "was", "were")
@@ -403,8 +403,8 @@ def _label(path: str) -> str:
 def run(args: argparse.Namespace,
         load_params: Callable[[str], tuple[Any, ModelConfig, str | None]]) -> int:
   """load_params(checkpoint) -> (params, model config, tokenizer spec or None)."""
-  from lime_jax import data  # pylint: disable=g-import-not-at-top
-  from lime_jax.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+  from lime_jax.data import text as data  # pylint: disable=g-import-not-at-top
+  from lime_jax.data.tokenizers import load_tokenizer  # pylint: disable=g-import-not-at-top
 
   words = [w.strip() for w in args.words.split(",") if w.strip()]
   if len(words) < 2:

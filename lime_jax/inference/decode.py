@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lime_jax.config import ModelConfig, require_positive_int
-from lime_jax.layers import KVCache, dtype_of
-from lime_jax.model import Transformer
+from lime_jax.model.layers import KVCache, dtype_of
+from lime_jax.model.transformer import Transformer
 
 PROMPT_BUCKET = 8  # prompts are padded to a multiple of this: fewer distinct compiled shapes
 
@@ -316,7 +316,7 @@ def run_generate(args: argparse.Namespace,
   load_params(checkpoint) -> (params, model config, the checkpoint's tokenizer spec or None).
   Prompts start with the tokenizer's BOS, as training sequences do; generation stops at EOS.
   """
-  from lime_jax.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+  from lime_jax.data.tokenizers import load_tokenizer  # pylint: disable=g-import-not-at-top
 
   params, model_cfg, tokenizer_spec = load_params(args.checkpoint)
   tokenizer = load_tokenizer(args.tokenizer or tokenizer_spec or "byte")

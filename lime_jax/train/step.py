@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lime_jax import top_p
+from lime_jax.model import top_p
 from lime_jax.config import ModelConfig
-from lime_jax.loss import mean_loss
-from lime_jax.model import Transformer, init_params
+from lime_jax.train.loss import mean_loss
+from lime_jax.model.transformer import Transformer, init_params
 
 Batch = dict[str, jax.Array]  # inputs_BxT, targets_BxT, optional weights_BxT
 

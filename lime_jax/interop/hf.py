@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lime_jax import model
+from lime_jax.model import transformer as model
 from lime_jax.config import ModelConfig
 
 CONFIG_FILE = "config.json"
@@ -400,7 +400,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace, load_params: LoadParams | None = None) -> int:
-  """`load_params(checkpoint, step=None) -> (params, ModelConfig)`; default: lime_jax.checkpoint."""
+  """`load_params(checkpoint, step=None) -> (params, ModelConfig)`; default: lime_jax.train.checkpoint."""
   load_params = load_params or load_checkpoint_params
   if args.step is None:
     params, cfg = load_params(args.checkpoint)
@@ -421,14 +421,14 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_import(args: argparse.Namespace, save_params: SaveParams | None = None) -> int:
   """Imports and checks a directory; with --out, `save_params(params, cfg, out)` writes it
-  (default: lime_jax.checkpoint.save_params)."""
+  (default: lime_jax.train.checkpoint.save_params)."""
   params, cfg = import_params(args.hf_dir)
   if args.out is not None:
     if save_params is None:
-      from lime_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+      from lime_jax.train import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
       save_params = getattr(ckpt, "save_params", None)
       if save_params is None:
-        raise ValueError("import --out: lime_jax.checkpoint has no save_params(params, cfg, out)")
+        raise ValueError("import --out: lime_jax.train.checkpoint has no save_params(params, cfg, out)")
     save_params(params, cfg, args.out)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   print(json.dumps({"hf_dir": args.hf_dir, "out": args.out, "router": cfg.router,
@@ -437,16 +437,16 @@ def run_import(args: argparse.Namespace, save_params: SaveParams | None = None) 
 
 
 def load_checkpoint_params(path: str, step: int | None = None) -> tuple[Any, ModelConfig]:
-  """(params, ModelConfig) of a training checkpoint; prefers lime_jax.checkpoint.load_params."""
+  """(params, ModelConfig) of a training checkpoint; prefers lime_jax.train.checkpoint.load_params."""
   # Imported here: the export core must not depend on training code.
-  from lime_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  from lime_jax.train import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
   loader = getattr(ckpt, "load_params", None)
   if loader is not None:
     return loader(path) if step is None else loader(path, step=step)
   import functools  # pylint: disable=g-import-not-at-top
-  from lime_jax.experiment import ExperimentConfig  # pylint: disable=g-import-not-at-top
-  from lime_jax.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
-  from lime_jax.train import init_state  # pylint: disable=g-import-not-at-top
+  from lime_jax.train.experiment import ExperimentConfig  # pylint: disable=g-import-not-at-top
+  from lime_jax.train.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
+  from lime_jax.train.loop import init_state  # pylint: disable=g-import-not-at-top
   directory, dir_step = ckpt.resolve_dir(path)
   if step is not None and dir_step is not None and step != dir_step:
     raise ValueError(f"--step {step} disagrees with the step directory {path}")

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lime_jax import routing
+from lime_jax.model import kv_routing as routing
 
 
 def num_router_params(L: int, D: int, H: int, router: str, window: int | None = None,

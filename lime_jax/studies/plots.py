@@ -1,6 +1,6 @@
 """Validation loss against training FLOPs for several runs, one PNG (matplotlib, Agg).
 
-FLOPs are the cumulative `flops` that training logged (lime_jax.flops, the single source), so
+FLOPs are the cumulative `flops` that training logged (lime_jax.model.flops, the single source), so
 LIMe's routing cost is on the x axis and the comparison is per unit of compute.
 """
 
@@ -10,7 +10,7 @@ import argparse
 import os
 from typing import Sequence
 
-from lime_jax.metrics import read_metrics
+from lime_jax.train.metrics import read_metrics
 
 
 def val_curve(run_dir: str) -> tuple[list[float], list[float]]:

@@ -33,20 +33,20 @@ CONFIG: dict[str, Any] = {
 
 
 def run_config(name: str, router: str, out_dir: str, overrides: Sequence[str] = ()):
-  from lime_jax.experiment import load_experiment  # pylint: disable=g-import-not-at-top
+  from lime_jax.train.experiment import load_experiment  # pylint: disable=g-import-not-at-top
   return load_experiment(None, [*overrides, f"model.router={router}",
                                 f"run.out_dir={os.path.join(out_dir, name)}"], base=CONFIG)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m lime_jax.default_run", description=__doc__)
+  parser = argparse.ArgumentParser(prog="python -m lime_jax.cli.default_run", description=__doc__)
   parser.add_argument("--out-dir", default=DEFAULT_OUT)
   parser.add_argument("overrides", nargs="*", help="section.key=value, applied to both runs")
   args = parser.parse_args(argv)
 
-  from lime_jax.cli import quiet_libraries  # pylint: disable=g-import-not-at-top
-  from lime_jax.plot import plot_val_loss_vs_flops  # pylint: disable=g-import-not-at-top
-  from lime_jax.train import NonFiniteLossError, train  # pylint: disable=g-import-not-at-top
+  from lime_jax.cli.main import quiet_libraries  # pylint: disable=g-import-not-at-top
+  from lime_jax.studies.plots import plot_val_loss_vs_flops  # pylint: disable=g-import-not-at-top
+  from lime_jax.train.loop import NonFiniteLossError, train  # pylint: disable=g-import-not-at-top
 
   quiet_libraries()
   try:

@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lime_jax import flops
+from lime_jax.model import flops
 from lime_jax.config import CONNECTIONS, ModelConfig
-from lime_jax.model import init_params
-from lime_jax.optimizer import OptimConfig, make_optimizer
-from lime_jax.step import init_train_state, train_step
+from lime_jax.model.transformer import init_params
+from lime_jax.train.optimizer import OptimConfig, make_optimizer
+from lime_jax.train.step import init_train_state, train_step
 
 RECORD_KEYS = ("router", "depth", "width", "temp_bytes", "flops", "compile_s", "step_s")
 
@@ -77,7 +77,7 @@ def bench_point(cfg: ModelConfig, batch: int, steps: int, seed: int = 0,
 def bench_decode(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int,
                  repeats: int = 3, seed: int = 0) -> dict[str, Any]:
   """Greedy cached decoding: median tokens/s over `repeats` calls and the KV cache's bytes."""
-  from lime_jax import decode  # pylint: disable=g-import-not-at-top
+  from lime_jax.inference import decode  # pylint: disable=g-import-not-at-top
   params = init_params(cfg, jax.random.key(seed))
   prompts = np.random.default_rng(seed).integers(0, cfg.V, (batch, prompt_len)).tolist()
   rates = []

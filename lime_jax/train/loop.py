@@ -39,17 +39,17 @@ import jax
 import jax.numpy as jnp
 import yaml
 
-from lime_jax import checkpoint as ckpt
-from lime_jax import data as data_lib
-from lime_jax import flops as flops_lib
-from lime_jax import metrics as metrics_lib
-from lime_jax import sharding as sharding_lib
-from lime_jax import tasks as tasks_lib
-from lime_jax.evaluate import task_metrics, validation_loss
-from lime_jax.experiment import ExperimentConfig, check_vocab, config_differences
-from lime_jax.optimizer import lr_multiplier, make_optimizer
-from lime_jax.step import TrainState, eval_step, init_train_state, train_step
-from lime_jax.tokenizer import load_tokenizer
+from lime_jax.train import checkpoint as ckpt
+from lime_jax.data import text as data_lib
+from lime_jax.model import flops as flops_lib
+from lime_jax.train import metrics as metrics_lib
+from lime_jax.parallel import sharding as sharding_lib
+from lime_jax.data import tasks as tasks_lib
+from lime_jax.train.evaluate import task_metrics, validation_loss
+from lime_jax.train.experiment import ExperimentConfig, check_vocab, config_differences
+from lime_jax.train.optimizer import lr_multiplier, make_optimizer
+from lime_jax.train.step import TrainState, eval_step, init_train_state, train_step
+from lime_jax.data.tokenizers import load_tokenizer
 
 CONFIG_FILE = "config.yaml"
 

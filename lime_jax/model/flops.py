@@ -7,10 +7,11 @@ Counts are analytic. One multiply-add is 2 FLOPs; a training step costs 3x the f
 
 from __future__ import annotations
 
-from lime_jax import connections, hidden_routing
+from lime_jax.model import connections
+from lime_jax.model import hidden_routing
 from lime_jax.config import HIDDEN_ROUTERS, ModelConfig
-from lime_jax import routing
-from lime_jax.routing import num_router_params
+from lime_jax.model import kv_routing as routing
+from lime_jax.model.kv_routing import num_router_params
 
 
 def layer_params(cfg: ModelConfig) -> int:

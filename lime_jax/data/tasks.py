@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lime_jax.config import build_dataclass, require_positive_int
-from lime_jax.tokenizer import ByteTokenizer
+from lime_jax.data.tokenizers import ByteTokenizer
 
 TOKENIZER = ByteTokenizer()
 PAD_ID = TOKENIZER.eos_id  # padding is never scored, so any id would do

@@ -24,9 +24,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lime_jax import hidden_routing as hr
-from lime_jax import model as M
-from lime_jax import routing
+from lime_jax.model import hidden_routing as hr
+from lime_jax.model import transformer as M
+from lime_jax.model import kv_routing as routing
 from lime_jax.config import ModelConfig
 
 

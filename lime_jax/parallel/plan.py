@@ -30,10 +30,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from lime_jax import flops as flops_lib
-from lime_jax import metrics as metrics_lib
-from lime_jax import sharding as sharding_lib
-from lime_jax.experiment import ExperimentConfig
+from lime_jax.model import flops as flops_lib
+from lime_jax.train import metrics as metrics_lib
+from lime_jax.parallel import sharding as sharding_lib
+from lime_jax.train.experiment import ExperimentConfig
 
 GIB = 2 ** 30
 
@@ -115,7 +115,7 @@ def _abstract_batch(cfg: ExperimentConfig, layout: sharding_lib.Layout) -> dict[
 def compile_step(cfg: ExperimentConfig, num_devices: int) -> Plan:
   """Compiles the sharded train step for `num_devices` CPU devices; ValueError if the mesh,
   batch or a parameter cannot be split that way."""
-  from lime_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from lime_jax.train import loop as train_lib  # pylint: disable=g-import-not-at-top
   devices = ensure_cpu_devices(num_devices)
   cfg.mesh.resolve(num_devices)  # the mesh must use exactly these devices
   layout = sharding_lib.Layout.from_config(cfg.mesh, devices)
@@ -182,7 +182,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
   from lime_jax.config import require_positive_int  # pylint: disable=g-import-not-at-top
-  from lime_jax.experiment import load_experiment  # pylint: disable=g-import-not-at-top
+  from lime_jax.train.experiment import load_experiment  # pylint: disable=g-import-not-at-top
   require_positive_int("--devices", args.devices)
   if args.hbm_gib is not None and not args.hbm_gib > 0:
     raise ValueError(f"--hbm-gib: must be > 0, got {args.hbm_gib}")

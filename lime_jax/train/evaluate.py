@@ -21,10 +21,10 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-from lime_jax import checkpoint as ckpt
-from lime_jax import tasks as tasks_lib
+from lime_jax.train import checkpoint as ckpt
+from lime_jax.data import tasks as tasks_lib
 from lime_jax.config import ModelConfig
-from lime_jax.experiment import ExperimentConfig, apply_overrides, check_vocab
+from lime_jax.train.experiment import ExperimentConfig, apply_overrides, check_vocab
 
 
 def validation_loss(params: Any, val_batches: Sequence[dict[str, Any]],
@@ -44,7 +44,7 @@ def validation_loss(params: Any, val_batches: Sequence[dict[str, Any]],
 @functools.lru_cache(maxsize=8)
 def apply_fn(model_cfg: ModelConfig) -> Callable[[Any, jax.Array], jax.Array]:
   """params, inputs_BxT -> logits_BxTxV; one function per config so its jit is cached."""
-  from lime_jax.model import Transformer  # pylint: disable=g-import-not-at-top
+  from lime_jax.model.transformer import Transformer  # pylint: disable=g-import-not-at-top
 
   def logits(params: Any, inputs_BxT: jax.Array) -> jax.Array:
     return Transformer(model_cfg).apply({"params": params}, inputs_BxT)
@@ -65,9 +65,9 @@ def evaluate_checkpoint(path: str, *, step: int | None = None, overrides: Sequen
   `task`, the loss is on that task's answers and "task", "difficulty", "accuracy", "chance",
   "majority", "num_examples" are added."""
   # Imported here: train imports this module.
-  from lime_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from lime_jax.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
-  from lime_jax.train import abstract_state, jitted_fns  # pylint: disable=g-import-not-at-top
+  from lime_jax.data import text as data_lib  # pylint: disable=g-import-not-at-top
+  from lime_jax.data.tokenizers import load_tokenizer  # pylint: disable=g-import-not-at-top
+  from lime_jax.train.loop import abstract_state, jitted_fns  # pylint: disable=g-import-not-at-top
 
   directory, dir_step = ckpt.resolve_dir(path)
   if step is not None and dir_step is not None and step != dir_step:

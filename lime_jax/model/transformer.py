@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from lime_jax import connections, routing
+from lime_jax.model import connections
+from lime_jax.model import kv_routing as routing
 from lime_jax.config import HIDDEN_ROUTERS, ModelConfig
-from lime_jax.layers import (Attention, KVCache, Mlp, RMSNorm, constrain, dtype_of, logical,
+from lime_jax.model.layers import (Attention, KVCache, Mlp, RMSNorm, constrain, dtype_of, logical,
                              normal_init)
 
 REMAT_POLICIES = {
@@ -159,7 +160,7 @@ class LayerStack(nn.Module):
 
 def _layer_stack(cfg: ModelConfig) -> nn.Module:
   if cfg.router in HIDDEN_ROUTERS:  # the paper's v1, in its own module
-    from lime_jax.hidden_model import HiddenLayerStack  # pylint: disable=g-import-not-at-top
+    from lime_jax.model.hidden_stack import HiddenLayerStack  # pylint: disable=g-import-not-at-top
     return HiddenLayerStack(cfg)
   return LayerStack(cfg)
 

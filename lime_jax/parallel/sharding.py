@@ -39,7 +39,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from lime_jax import model as model_lib
+from lime_jax.model import transformer as model_lib
 from lime_jax.config import ModelConfig, build_dataclass
 
 MESH_AXES = ("data", "fsdp", "tensor")

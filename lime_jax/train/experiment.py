@@ -39,10 +39,10 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from lime_jax.config import ModelConfig, build_dataclass
-from lime_jax.data import DataConfig
-from lime_jax.optimizer import OptimConfig
-from lime_jax.sharding import MeshConfig
-from lime_jax.tasks import TaskConfig
+from lime_jax.data.text import DataConfig
+from lime_jax.train.optimizer import OptimConfig
+from lime_jax.parallel.sharding import MeshConfig
+from lime_jax.data.tasks import TaskConfig
 
 SECTIONS = ("model", "data", "optim", "run", "task", "mesh")
 # Sections that may differ when a run is resumed: a checkpoint restores onto any mesh.
@@ -168,7 +168,7 @@ def _build(values: Mapping[str, Any], vocab_size: int | None) -> ExperimentConfi
   model_values = sections["model"]
   if "V" not in model_values:
     if vocab_size is None:
-      from lime_jax.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+      from lime_jax.data.tokenizers import load_tokenizer  # pylint: disable=g-import-not-at-top
       vocab_size = load_tokenizer(data.tokenizer).vocab_size
     model_values["V"] = vocab_size
   model = _model_from_dict(model_values)

@@ -53,10 +53,10 @@ import sys
 import time
 from typing import Any, Mapping, Sequence
 
-from lime_jax import flops as flops_lib
+from lime_jax.model import flops as flops_lib
 from lime_jax.config import ROUTERS, build_dataclass, require_positive_int
-from lime_jax.experiment import ExperimentConfig, load_experiment, read_yaml
-from lime_jax.metrics import read_metrics
+from lime_jax.train.experiment import ExperimentConfig, load_experiment, read_yaml
+from lime_jax.train.metrics import read_metrics
 
 RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"
@@ -287,15 +287,15 @@ def check_fit(cfg: SweepConfig, point_cfg: ExperimentConfig) -> tuple[bool, str]
   if cfg.hbm_gib is None:
     return True, ""
   try:
-    from lime_jax import plan  # pylint: disable=g-import-not-at-top
+    from lime_jax.parallel import plan  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise ValueError("hbm_gib: set, but lime_jax.plan (the fit check) is not available") from None
+    raise ValueError("hbm_gib: set, but lime_jax.parallel.plan (the fit check) is not available") from None
   return plan.check_fit(point_cfg, cfg.devices, cfg.hbm_gib)
 
 
 def _finished(point: Point) -> bool:
-  from lime_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
-  from lime_jax.train import checkpoint_dir  # pylint: disable=g-import-not-at-top
+  from lime_jax.train import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  from lime_jax.train.loop import checkpoint_dir  # pylint: disable=g-import-not-at-top
   latest = ckpt.latest_step(checkpoint_dir(point.cfg))
   return latest is not None and latest >= point.cfg.run.steps
 
@@ -318,7 +318,7 @@ def compiled_temp_mib(point_cfg: ExperimentConfig) -> float | None:
   """Temp memory of the compiled train step (XLA memory_analysis), MiB; one extra compile."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from lime_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from lime_jax.train import loop as train_lib  # pylint: disable=g-import-not-at-top
   init, step, _ = train_lib.jitted_fns(point_cfg.model, point_cfg.optim, point_cfg.run.seed)
   B, T = point_cfg.batch_size, point_cfg.seq_len
   batch = {"inputs": jax.ShapeDtypeStruct((B, T), jnp.int32),
@@ -332,9 +332,9 @@ def compiled_temp_mib(point_cfg: ExperimentConfig) -> float | None:
 def run_points(cfg: SweepConfig, points: Sequence[Point], *, log=None) -> list[dict]:
   """Trains the points one after another; returns one results row per point."""
   log = log or sys.stderr
-  from lime_jax.train import NonFiniteLossError, train  # pylint: disable=g-import-not-at-top
+  from lime_jax.train.loop import NonFiniteLossError, train  # pylint: disable=g-import-not-at-top
   if cfg.hbm_gib is not None:  # the fit check compiles on `devices` fake CPU devices
-    from lime_jax import plan  # pylint: disable=g-import-not-at-top
+    from lime_jax.parallel import plan  # pylint: disable=g-import-not-at-top
     plan.ensure_cpu_devices(cfg.devices)  # before any training starts JAX, or a one-line error
   rows = []
   for i, point in enumerate(points):
