@@ -3,7 +3,7 @@ experiment, run point by point in this process, or written out as one launch com
 
 A sweep YAML (every key but `base` and `grid` optional):
 
-  base: ../deep_L64_lime.yaml     # experiment config, relative to this file
+  base: ../deep_L64_lime.yaml     # experiment config, relative to this file (it may have bases)
   overrides: [run.steps=200]      # section.key=value on every point
   out_dir: runs/sweeps/deep       # point P runs in <out_dir>/<P>/
   variants:                       # name -> overrides; e.g. the text corpus and some tasks
@@ -41,7 +41,6 @@ Every error in a sweep file is a one-line ValueError naming the file and the key
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import fnmatch
@@ -53,9 +52,16 @@ import sys
 import time
 from typing import Any, Mapping, Sequence
 
-from lime_jax.model import flops as flops_lib
+import jax
+import jax.numpy as jnp
+
 from lime_jax.config import ROUTERS, build_dataclass, require_positive_int
-from lime_jax.train.experiment import ExperimentConfig, load_experiment, read_yaml
+from lime_jax.errors import one_line
+from lime_jax.model import flops as flops_lib
+from lime_jax.parallel import plan
+from lime_jax.train import checkpoint as ckpt
+from lime_jax.train import loop as train_lib
+from lime_jax.train.experiment import ExperimentConfig, load_experiment, read_yaml, read_yaml_file
 from lime_jax.train.metrics import read_metrics
 
 RESULTS_CSV = "results.csv"
@@ -151,7 +157,7 @@ class SweepConfig:
 def load_sweep(path: str, overrides: Sequence[str] = ()) -> SweepConfig:
   """Reads a sweep YAML; `overrides` are extra experiment overrides for every point."""
   where = f"sweep file {path}"
-  values = read_yaml(path)
+  values = read_yaml_file(path)  # here `base` names the experiment, not a sweep to compose
   try:
     values = dict(values)
     if "base" not in values or "grid" not in values:
@@ -162,11 +168,12 @@ def load_sweep(path: str, overrides: Sequence[str] = ()) -> SweepConfig:
       raise ValueError(f"base: expected a path, got {values['base']!r}")
     values["base"] = os.path.normpath(
         os.path.join(os.path.dirname(os.path.abspath(path)), values["base"]))
+    read_yaml(values["base"])  # a missing experiment file or a cycle in its bases fails here
     cfg = build_dataclass(SweepConfig, {**values, "grid": grid}, "sweep")
     if overrides:
       cfg = dataclasses.replace(cfg, overrides=[*cfg.overrides, *overrides])
   except ValueError as err:
-    raise ValueError(f"{where}: {' '.join(str(err).split())}") from None
+    raise ValueError(f"{where}: {one_line(err)}") from None
   return cfg
 
 
@@ -247,7 +254,7 @@ def expand(cfg: SweepConfig) -> list[Point]:
             try:
               point_cfg = load_experiment(cfg.base, overrides)
             except ValueError as err:
-              raise ValueError(f"sweep point {name}: {' '.join(str(err).split())}") from None
+              raise ValueError(f"sweep point {name}: {one_line(err)}") from None
             points.append(Point(name, variant, router, L, D, seed, overrides, point_cfg))
   return points
 
@@ -286,17 +293,11 @@ def check_fit(cfg: SweepConfig, point_cfg: ExperimentConfig) -> tuple[bool, str]
   """plan.check_fit when the sweep sets hbm_gib; always fits otherwise."""
   if cfg.hbm_gib is None:
     return True, ""
-  try:
-    from lime_jax.parallel import plan  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise ValueError("hbm_gib: set, but lime_jax.parallel.plan (the fit check) is not available") from None
   return plan.check_fit(point_cfg, cfg.devices, cfg.hbm_gib)
 
 
 def _finished(point: Point) -> bool:
-  from lime_jax.train import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
-  from lime_jax.train.loop import checkpoint_dir  # pylint: disable=g-import-not-at-top
-  latest = ckpt.latest_step(checkpoint_dir(point.cfg))
+  latest = ckpt.latest_step(train_lib.checkpoint_dir(point.cfg))
   return latest is not None and latest >= point.cfg.run.steps
 
 
@@ -316,9 +317,6 @@ def _write_point_file(out_dir: str, values: Mapping[str, Any]) -> None:
 
 def compiled_temp_mib(point_cfg: ExperimentConfig) -> float | None:
   """Temp memory of the compiled train step (XLA memory_analysis), MiB; one extra compile."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from lime_jax.train import loop as train_lib  # pylint: disable=g-import-not-at-top
   init, step, _ = train_lib.jitted_fns(point_cfg.model, point_cfg.optim, point_cfg.run.seed)
   B, T = point_cfg.batch_size, point_cfg.seq_len
   batch = {"inputs": jax.ShapeDtypeStruct((B, T), jnp.int32),
@@ -332,9 +330,7 @@ def compiled_temp_mib(point_cfg: ExperimentConfig) -> float | None:
 def run_points(cfg: SweepConfig, points: Sequence[Point], *, log=None) -> list[dict]:
   """Trains the points one after another; returns one results row per point."""
   log = log or sys.stderr
-  from lime_jax.train.loop import NonFiniteLossError, train  # pylint: disable=g-import-not-at-top
   if cfg.hbm_gib is not None:  # the fit check compiles on `devices` fake CPU devices
-    from lime_jax.parallel import plan  # pylint: disable=g-import-not-at-top
     plan.ensure_cpu_devices(cfg.devices)  # before any training starts JAX, or a one-line error
   rows = []
   for i, point in enumerate(points):
@@ -348,13 +344,13 @@ def run_points(cfg: SweepConfig, points: Sequence[Point], *, log=None) -> list[d
     else:
       print(f"[{i + 1}/{len(points)}] {point.name}", file=log, flush=True)
       try:
-        result = train(point.cfg)
+        result = train_lib.train(point.cfg)
         status = ("trained" if result.resumed_from is None
                   else f"resumed from step {result.resumed_from}")
         record = _read_point_file(out_dir)
         _write_point_file(out_dir, {**record, "wall_s": record.get("wall_s", 0.0) + result.wall_s})
-      except (ValueError, NonFiniteLossError) as err:
-        status = f"failed: {' '.join(str(err).split())}"
+      except (ValueError, train_lib.NonFiniteLossError) as err:
+        status = f"failed: {one_line(err)}"
     if fits and cfg.compiled_memory and not status.startswith("failed"):
       extra["compiled_temp_mib"] = compiled_temp_mib(point.cfg)
     print(f"[{i + 1}/{len(points)}] {point.name}: {status}", file=log, flush=True)
@@ -630,35 +626,3 @@ def run_sweep(cfg: SweepConfig, only: Sequence[str] | None = None, *,
   every = [by_name.get(p.name) or collect(p, "finished earlier" if _finished(p)
                                           else "not run (--only)") for p in points]
   return rows, report(cfg, points, every)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line.
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--config", required=True, help="sweep YAML (configs/sweeps/NAME.yaml)")
-  parser.add_argument("--print-commands", action="store_true",
-                      help=f"write <out_dir>/{COMMANDS_FILE}, one launch command per point,"
-                           " and train nothing")
-  parser.add_argument("--only", nargs="+", default=None, metavar="PATTERN",
-                      help="only the points whose name matches one of these fnmatch patterns")
-  parser.add_argument("overrides", nargs="*",
-                      help="section.key=value experiment overrides for every point")
-
-
-def run(args: argparse.Namespace) -> int:
-  cfg = load_sweep(args.config, args.overrides)
-  points = select(expand(cfg), args.only)
-  if args.print_commands:
-    path = write_commands(cfg, points, os.path.join(cfg.out_dir, COMMANDS_FILE))
-    print(f"wrote {path} ({len(points)} commands)")
-    return 0
-  rows, paths = run_sweep(cfg, args.only)
-  for path in paths:
-    print(f"wrote {path}")
-  failed = [r["point"] for r in rows if r["status"].startswith("failed")]
-  if failed:
-    print(f"sweep: {len(failed)} point(s) failed: {', '.join(failed)}", file=sys.stderr)
-    return 1
-  return 0

@@ -26,6 +26,13 @@ Derived defaults, applied only when the key is absent after overrides:
 - `optim.total_steps` (the cosine horizon) is `run.steps`.
 Always checked: `model.T >= data.seq_len` (`task.seq_len` when training on a task).
 
+A file may name `base: other.yaml` (or a list of files), relative to itself: the bases are read
+first (each may have its own base), merged in order, and the file is merged on top, section by
+section and key by key (nested mappings merge too; any other value, null included, replaces).
+So a router variant states only what differs from its setup. `read_yaml` returns the resolved
+mapping, without `base`; that is what is validated and saved with a run. A cycle or a missing
+base is an error naming the file.
+
 Every error is a one-line ValueError naming the file and the key.
 """
 
@@ -226,7 +233,11 @@ def parse_yaml(text: str, where: str) -> Any:
     raise ValueError(f"{where}: invalid YAML: {_one_line(err)}") from None
 
 
-def read_yaml(path: str) -> dict[str, Any]:
+BASE_KEY = "base"
+
+
+def read_yaml_file(path: str) -> dict[str, Any]:
+  """One YAML file as a mapping, `base` left as written (sweep files use that key otherwise)."""
   if not os.path.isfile(path):
     raise ValueError(f"config file {path}: no such file")
   with open(path, encoding="utf-8") as f:
@@ -236,6 +247,45 @@ def read_yaml(path: str) -> dict[str, Any]:
   if not isinstance(values, dict):
     raise ValueError(f"config file {path}: expected a mapping of sections, got {type(values).__name__}")
   return values
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+  """An experiment file resolved over its `base` chain: plain sections, no `base` key."""
+  return _resolve(path, ())
+
+
+def _resolve(path: str, chain: tuple[str, ...]) -> dict[str, Any]:
+  values = read_yaml_file(path)
+  if BASE_KEY not in values:
+    return values
+  bases = values.pop(BASE_KEY)
+  if isinstance(bases, str):
+    bases = [bases]
+  if not isinstance(bases, list) or not bases or not all(isinstance(b, str) and b for b in bases):
+    raise ValueError(f"config file {path}: base: expected a path or a list of paths, got"
+                     f" {bases!r}")
+  chain = (*chain, os.path.realpath(path))
+  merged: dict[str, Any] = {}
+  for base in bases:
+    base_path = os.path.join(os.path.dirname(path), base)
+    if not os.path.isfile(base_path):
+      raise ValueError(f"config file {path}: base {base!r}: no such file {base_path}")
+    if os.path.realpath(base_path) in chain:
+      cycle = [os.path.relpath(p) for p in (*chain, os.path.realpath(base_path))]
+      raise ValueError(f"config file {path}: base {base!r} makes a cycle: {' -> '.join(cycle)}")
+    merged = merge_configs(merged, _resolve(base_path, chain))
+  return merge_configs(merged, values)
+
+
+def merge_configs(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+  """`overlay` on top of `base`: mappings merge key by key, any other value (null too) replaces."""
+  out = dict(base)
+  for key, value in overlay.items():
+    if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+      out[key] = merge_configs(out[key], value)
+    else:
+      out[key] = value
+  return out
 
 
 def apply_overrides(values: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
