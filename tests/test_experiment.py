@@ -8,11 +8,16 @@ import pytest
 from lime_jax.cli import default_run
 from lime_jax.cli.main import main
 from lime_jax.train.experiment import (ExperimentConfig, apply_overrides, check_vocab,
-                                 config_differences, load_experiment, parse_yaml)
+                                 config_differences, load_experiment, parse_yaml, read_yaml)
 from lime_jax.data.tokenizers import BYTE_VOCAB
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
+# Every experiment file, setups included; sweeps are read by load_sweep instead.
+EXPERIMENT_FILES = sorted(set(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"),
+                                        recursive=True))
+                          - set(glob.glob(os.path.join(REPO, "configs", "sweeps", "*.yaml"))))
+SWEEP_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "sweeps", "*.yaml")))
 TINY = ["model.D=32", "model.L=2", "model.H=2", "model.F=64", "model.T=32", "data.seq_len=32",
         "data.batch_size=4", "run.steps=2", "run.progress=false"]
 
@@ -194,3 +199,110 @@ def test_cli_resume_without_checkpoint(tmp_path, capsys):
   err = _cli_error(capsys, ["train", "--resume", *TINY, f"run.out_dir={out}"])
   assert "no checkpoint to resume" in err
   assert not out.exists()
+
+
+# --- composition: `base:` files ------------------------------------------------------------------
+
+SETUP = """\
+model: {D: 32, L: 2, H: 2, F: 64, T: 32, router: none}
+data: {seq_len: 32, batch_size: 4}
+optim: {lr: 1e-3}
+run: {steps: 7, out_dir: runs/setup}
+"""
+
+
+def test_base_is_merged_under_the_file(tmp_path):
+  (tmp_path / "setups").mkdir()
+  _write(tmp_path, SETUP, "setups/tiny.yaml")
+  path = _write(tmp_path, "base: setups/tiny.yaml\nmodel: {router: kv-static}\n"
+                "run: {out_dir: runs/lime}\n", "lime.yaml")
+  values = read_yaml(path)
+  assert "base" not in values
+  assert values["model"] == {"D": 32, "L": 2, "H": 2, "F": 64, "T": 32, "router": "kv-static"}
+  assert values["run"] == {"steps": 7, "out_dir": "runs/lime"}
+  _write(tmp_path, "x: {a: {b: 1, c: 2}, d: [1, 2]}\n", "nested.yaml")
+  nested = _write(tmp_path, "base: nested.yaml\nx: {a: {c: null}, d: [3]}\n", "over.yaml")
+  assert read_yaml(nested) == {"x": {"a": {"b": 1, "c": None}, "d": [3]}}  # lists replace
+  cfg = load_experiment(path)
+  assert (cfg.model.router, cfg.model.D, cfg.optim.lr, cfg.run.out_dir) == (
+      "kv-static", 32, 1e-3, "runs/lime")
+  # What a run saves is the resolved config: no `base`, and it rebuilds the same config.
+  saved = cfg.to_dict()
+  assert "base" not in saved and ExperimentConfig.from_dict(saved) == cfg
+
+
+def test_base_chains_and_lists_apply_in_order(tmp_path):
+  _write(tmp_path, SETUP, "a.yaml")
+  _write(tmp_path, "base: a.yaml\nmodel: {L: 3}\nrun: {steps: 8}\n", "b.yaml")
+  _write(tmp_path, "model: {L: 4, router: kv-static}\n", "c.yaml")
+  path = _write(tmp_path, "base: [b.yaml, c.yaml]\nrun: {steps: 9}\n", "d.yaml")
+  cfg = load_experiment(path)  # a <- b, then c on top of that, then d
+  assert (cfg.model.D, cfg.model.L, cfg.model.router, cfg.run.steps) == (32, 4, "kv-static", 9)
+  task = _write(tmp_path, "base: a.yaml\ntask: {name: mqar, seq_len: 32}\n", "task.yaml")
+  cleared = _write(tmp_path, "base: task.yaml\ntask: null\n", "no_task.yaml")
+  assert load_experiment(task).task is not None and load_experiment(cleared).task is None
+
+
+def test_overrides_beat_the_file_which_beats_its_base(tmp_path):
+  _write(tmp_path, SETUP, "setup.yaml")
+  path = _write(tmp_path, "base: setup.yaml\nmodel: {L: 3}\noptim: {lr: 2e-3}\n", "o.yaml")
+  cfg = load_experiment(path, ["model.L=5"])
+  assert (cfg.model.L, cfg.optim.lr, cfg.model.D) == (5, 2e-3, 32)
+  assert load_experiment(path).model.L == 3
+
+
+def test_base_cycles_are_one_line_errors(tmp_path, capsys):
+  _write(tmp_path, "base: b.yaml\nmodel: {L: 3}\n", "a.yaml")
+  _write(tmp_path, "base: [c.yaml]\n", "b.yaml")
+  path = _write(tmp_path, "base: a.yaml\n", "c.yaml")
+  with pytest.raises(ValueError, match=r"config file .*c.yaml: base 'a.yaml' makes a cycle: "
+                                       r"\S*a.yaml -> \S*b.yaml -> \S*c.yaml -> \S*a.yaml$"):
+    load_experiment(str(tmp_path / "a.yaml"))
+  itself = _write(tmp_path, "base: self.yaml\n", "self.yaml")
+  with pytest.raises(ValueError, match=r"self.yaml: base 'self.yaml' makes a cycle"):
+    load_experiment(itself)
+  err = _cli_error(capsys, ["train", "--config", path, f"run.out_dir={tmp_path / 'run'}"])
+  assert "makes a cycle" in err
+  assert not (tmp_path / "run").exists()
+
+
+def test_missing_or_bad_base_is_a_one_line_error(tmp_path, capsys):
+  path = _write(tmp_path, "base: setups/nope.yaml\nmodel: {L: 3}\n", "o.yaml")
+  with pytest.raises(ValueError, match=r"config file .*o.yaml: base 'setups/nope.yaml': no such file"
+                                       r" .*setups/nope.yaml"):
+    load_experiment(path)
+  err = _cli_error(capsys, ["train", "--config", path, f"run.out_dir={tmp_path / 'run'}"])
+  assert "o.yaml: base 'setups/nope.yaml': no such file" in err
+  assert not (tmp_path / "run").exists()
+  for text in ("base: 3\n", "base: []\n", "base: [a.yaml, {x: 1}]\n"):
+    bad = _write(tmp_path, text, "bad.yaml")
+    with pytest.raises(ValueError, match=r"bad.yaml: base: expected a path or a list of paths"):
+      load_experiment(bad)
+  _write(tmp_path, "model: [\n", "broken.yaml")
+  on_broken = _write(tmp_path, "base: broken.yaml\n", "on_broken.yaml")
+  with pytest.raises(ValueError, match=r"config file .*broken.yaml: invalid YAML"):
+    load_experiment(on_broken)
+
+
+def test_every_experiment_and_sweep_file_loads_and_validates():
+  """Every file in configs/ resolves, validates and names no missing base; builds nothing."""
+  from lime_jax.studies import sweep  # pylint: disable=g-import-not-at-top
+  setups = [p for p in EXPERIMENT_FILES if os.sep + "setups" + os.sep in p]
+  assert setups and len(EXPERIMENT_FILES) > len(CONFIGS)
+  for path in EXPERIMENT_FILES:
+    cfg = load_experiment(path)
+    assert cfg.optim.total_steps == cfg.run.steps, path
+    assert "base" not in read_yaml(path), path
+  assert SWEEP_FILES
+  for path in SWEEP_FILES:
+    cfg = sweep.load_sweep(path)
+    assert os.path.isfile(cfg.base), path
+    points = sweep.expand(cfg)  # every point's experiment config, validated
+    assert points and all(p.cfg.model.router in cfg.grid.routers for p in points), path
+
+
+def test_sweep_with_a_missing_base_experiment_is_a_one_line_error(tmp_path):
+  from lime_jax.studies import sweep  # pylint: disable=g-import-not-at-top
+  path = _write(tmp_path, "base: nope.yaml\ngrid: {routers: [none]}\n", "s.yaml")
+  with pytest.raises(ValueError, match=r"sweep file .*s.yaml: config file .*nope.yaml: no such file"):
+    sweep.load_sweep(path)

@@ -255,6 +255,7 @@ def read_yaml(path: str) -> dict[str, Any]:
 
 
 def _resolve(path: str, chain: tuple[str, ...]) -> dict[str, Any]:
+  """`path` over its bases; `chain` holds the files that led here, to name a cycle."""
   values = read_yaml_file(path)
   if BASE_KEY not in values:
     return values
@@ -264,15 +265,15 @@ def _resolve(path: str, chain: tuple[str, ...]) -> dict[str, Any]:
   if not isinstance(bases, list) or not bases or not all(isinstance(b, str) and b for b in bases):
     raise ValueError(f"config file {path}: base: expected a path or a list of paths, got"
                      f" {bases!r}")
-  chain = (*chain, os.path.realpath(path))
+  chain = (*chain, path)
   merged: dict[str, Any] = {}
   for base in bases:
-    base_path = os.path.join(os.path.dirname(path), base)
+    base_path = os.path.normpath(os.path.join(os.path.dirname(path), base))
     if not os.path.isfile(base_path):
       raise ValueError(f"config file {path}: base {base!r}: no such file {base_path}")
-    if os.path.realpath(base_path) in chain:
-      cycle = [os.path.relpath(p) for p in (*chain, os.path.realpath(base_path))]
-      raise ValueError(f"config file {path}: base {base!r} makes a cycle: {' -> '.join(cycle)}")
+    if any(os.path.samefile(base_path, p) for p in chain):
+      raise ValueError(f"config file {path}: base {base!r} makes a cycle:"
+                       f" {' -> '.join((*chain, base_path))}")
     merged = merge_configs(merged, _resolve(base_path, chain))
   return merge_configs(merged, values)
 
