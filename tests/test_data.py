@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from lime_jax.data import text as data
-from lime_jax.data.text import (DataConfig, build_token_sequences, load_documents, make_train_iterator,
-                           make_val_batches, pack_documents, split_documents, unigram_entropy)
+from lime_jax.data.text import (DataConfig, build_token_sequences, load_documents,
+                                make_train_iterator, make_val_batches, pack_documents,
+                                split_documents, unigram_entropy)
 from lime_jax.data.tokenizers import ByteTokenizer
 
 BYTE = ByteTokenizer()

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from lime_jax.data import tasks
-from lime_jax.data.tasks import (TASK_NAMES, TASKS, TaskConfig, chance, encode_examples, evaluate_task,
-                            exact_match, generate_example, make_split, make_task_iterator,
-                            make_test_batches)
+from lime_jax.data.tasks import (TASK_NAMES, TASKS, TaskConfig, chance, encode_examples,
+                                 evaluate_task, exact_match, generate_example, make_split,
+                                 make_task_iterator, make_test_batches)
 from lime_jax.data.tokenizers import ByteTokenizer
 
 BYTE = ByteTokenizer()

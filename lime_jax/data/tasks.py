@@ -35,9 +35,10 @@ Tasks (`difficulty` is the knob; `chance` is the exact-match accuracy of uniform
 
 Splits: the test split is drawn first, i.i.d. from its own seeded stream; the train split is
 drawn from another stream, rejecting every prompt the test split holds, so the two never share
-an example (the answer is a function of the prompt). Train batches come from a grain
-MapDataset (shuffled by seed, endless, resumable from a small JSON state); test batches are
-fixed, the last one padded with zero-weight rows so that every batch has one shape.
+an example (the answer is a function of the prompt). `TaskSource` hands the encoded rows to the
+one grain pipeline (pipeline.py: shuffled by seed, endless, resumable from a small JSON state);
+test batches are fixed, the last one padded with zero-weight rows so that every batch has one
+shape.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lime_jax.config import build_dataclass, require_positive_int
+from lime_jax.data import pipeline
 from lime_jax.data.tokenizers import ByteTokenizer
 
 TOKENIZER = ByteTokenizer()
@@ -391,6 +393,44 @@ def _encoded_split(cfg: TaskConfig, split: str) -> np.ndarray:
 # Batches.
 
 
+def batch_format(cfg: TaskConfig) -> pipeline.BatchFormat:
+  """{"inputs", "targets": int32, "weights": float32}, each [batch_size, seq_len]."""
+  return pipeline.BatchFormat("task", cfg.batch_size, cfg.seq_len,
+                              (("inputs", "int32"), ("targets", "int32"), ("weights", "float32")))
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSource:
+  """The task as a pipeline.Source: rows are [3, T] stacks of inputs, targets and weights."""
+
+  cfg: TaskConfig
+
+  @property
+  def format(self) -> pipeline.BatchFormat:
+    return batch_format(self.cfg)
+
+  @property
+  def seed(self) -> int:
+    return self.cfg.seed
+
+  def train_rows(self) -> np.ndarray:
+    return _encoded_split(self.cfg, "train")
+
+  def eval_rows(self) -> tuple[np.ndarray, int]:
+    """Every test row, the last batch filled up with zero-weight rows (one shape, one compile)."""
+    rows_Mx3xT = _encoded_split(self.cfg, "test")
+    B = self.cfg.batch_size
+    pad = -len(rows_Mx3xT) % B
+    if pad:
+      filler_Px3xT = np.repeat(rows_Mx3xT[:1], pad, axis=0)
+      filler_Px3xT[:, 2] = 0
+      rows_Mx3xT = np.concatenate([rows_Mx3xT, filler_Px3xT])
+    return rows_Mx3xT, B
+
+  def to_batch(self, rows_Bx3xT: np.ndarray) -> dict[str, np.ndarray]:
+    return _to_batch(rows_Bx3xT)
+
+
 def make_task_iterator(cfg: TaskConfig, *, process_index: int = 0,
                        process_count: int = 1) -> grain.DatasetIterator:
   """Endless training batches {"inputs", "targets", "weights"}: [batch_size // process_count, T].
@@ -399,26 +439,8 @@ def make_task_iterator(cfg: TaskConfig, *, process_index: int = 0,
   small JSON-serializable dict and `set_state` resumes exactly. Process p reads rows p, p + P,
   ... of every global batch.
   """
-  _require_positive_int("process_count", process_count)
-  if isinstance(process_index, bool) or not isinstance(process_index, int) or not (
-      0 <= process_index < process_count):
-    raise ValueError(
-        f"task: process_index must be in [0, {process_count}), got {process_index!r}")
-  if cfg.batch_size % process_count:
-    raise ValueError(
-        f"task.batch_size: global batch {cfg.batch_size} is not divisible by process_count"
-        f" {process_count}")
-  ds = (grain.MapDataset.source(_encoded_split(cfg, "train"))
-        .seed(cfg.seed)
-        .shuffle()
-        .repeat(None)  # reseeds the shuffle every epoch
-        .slice(slice(process_index, None, process_count))
-        # drop_remainder: an endless stream has none, and ceil(len / b) overflows at b = 1.
-        .batch(cfg.batch_size // process_count, drop_remainder=True)
-        .map(_to_batch))
-  # In-memory rows: threads would only contend for the GIL.
-  options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-  return iter(ds.to_iter_dataset(options))
+  return pipeline.train_iterator(TaskSource(cfg), process_index=process_index,
+                                 process_count=process_count)
 
 
 def make_test_batches(cfg: TaskConfig) -> list[dict[str, np.ndarray]]:
@@ -427,15 +449,7 @@ def make_test_batches(cfg: TaskConfig) -> list[dict[str, np.ndarray]]:
   The last batch is filled up with zero-weight rows (one shape, one compile); exact_match does
   not count rows without answer tokens.
   """
-  rows_Mx3xT = _encoded_split(cfg, "test")
-  B = cfg.batch_size
-  num_batches = -(-len(rows_Mx3xT) // B)
-  pad = num_batches * B - len(rows_Mx3xT)
-  if pad:
-    filler_Px3xT = np.repeat(rows_Mx3xT[:1], pad, axis=0)
-    filler_Px3xT[:, 2] = 0
-    rows_Mx3xT = np.concatenate([rows_Mx3xT, filler_Px3xT])
-  return [_to_batch(rows_Mx3xT[i * B:(i + 1) * B]) for i in range(num_batches)]
+  return pipeline.eval_batches(TaskSource(cfg))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,10 +14,9 @@ Sources ("data.source"):
   dataset id (e.g. "HuggingFaceFW/fineweb-edu") streamed with `datasets` (then `max_documents`
   is required).
 
-Training batches come from a grain MapDataset pipeline, so the iterator state is a small JSON dict
-and a resumed run continues at exactly the next batch. With several processes, process p reads
-rows p, p + P, p + 2P, ... of every global batch: its own disjoint share, the union being the
-single-process global batch.
+`TextSource` hands the packed sequences to the one grain pipeline (pipeline.py): shuffled,
+sharded over processes, resumable from a small JSON state. Validation batches are the first
+`val_batches` full global batches of the held-out sequences.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ import grain
 import numpy as np
 
 from lime_jax.config import build_dataclass, require_positive_int
+from lime_jax.data import pipeline
 from lime_jax.data.tokenizers import Tokenizer
 
 SOURCES = ("embedded", "text", "jsonl", "parquet", "fineweb")
@@ -230,13 +230,6 @@ def pack_documents(token_docs: list[np.ndarray], bos_id: int, eos_id: int,
   return stream_S[:n * (seq_len + 1)].reshape(n, seq_len + 1).astype(np.int32)
 
 
-def _encode_all(tokenizer: Tokenizer, docs: list[str]) -> list[np.ndarray]:
-  encode_batch = getattr(tokenizer, "encode_batch", None)
-  if encode_batch is not None:
-    return [np.asarray(ids, np.int32) for ids in encode_batch(docs)]
-  return [np.asarray(tokenizer.encode(d), np.int32) for d in docs]
-
-
 def build_token_sequences(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
   """(train_seqs_NxT1, val_seqs_MxT1), int32, T1 = seq_len + 1; split by document, then packed.
 
@@ -259,7 +252,7 @@ def _cached_sequences(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[np.ndarray
 def _build_token_sequences(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
   docs = load_documents(cfg)
   train_idx, val_idx = split_documents(len(docs), cfg.val_fraction, cfg.seed)
-  token_docs = _encode_all(tokenizer, docs)
+  token_docs = [np.asarray(ids, np.int32) for ids in tokenizer.encode_batch(docs)]
   pack = functools.partial(pack_documents, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
                            seq_len=cfg.seq_len)
   train_seqs_NxT1 = pack([token_docs[i] for i in train_idx])
@@ -282,6 +275,49 @@ def _to_example(seqs_BxT1: np.ndarray) -> dict[str, np.ndarray]:
 # Batches.
 
 
+def batch_format(cfg: DataConfig) -> pipeline.BatchFormat:
+  """{"inputs", "targets"}: int32 [batch_size, seq_len]."""
+  return pipeline.BatchFormat("data", cfg.batch_size, cfg.seq_len,
+                              (("inputs", "int32"), ("targets", "int32")))
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSource:
+  """The corpus as a pipeline.Source: rows are packed sequences of seq_len + 1 tokens."""
+
+  cfg: DataConfig
+  tokenizer: Tokenizer
+
+  @property
+  def format(self) -> pipeline.BatchFormat:
+    return batch_format(self.cfg)
+
+  @property
+  def seed(self) -> int:
+    return self.cfg.seed
+
+  def train_rows(self) -> np.ndarray:
+    train_seqs_NxT1, _ = build_token_sequences(self.cfg, self.tokenizer)
+    return train_seqs_NxT1
+
+  def eval_rows(self) -> tuple[np.ndarray, int]:
+    """The first `val_batches` full batches; a validation set under one batch is one batch."""
+    _, val_seqs_MxT1 = build_token_sequences(self.cfg, self.tokenizer)
+    m = len(val_seqs_MxT1)
+    if m == 0:
+      raise ValueError(
+          f"data.val_fraction: {self.cfg.val_fraction} holds out no full sequence of"
+          f" {self.cfg.seq_len + 1} tokens from {_where(self.cfg)}; use a larger val_fraction"
+          " (or a shorter seq_len)")
+    B = min(self.cfg.batch_size, m)
+    n_batches = min(self.cfg.val_batches, m // B)
+    # A copy: the cached sequences are read-only, the batches handed out are not.
+    return np.array(val_seqs_MxT1[:n_batches * B]), B
+
+  def to_batch(self, seqs_BxT1: np.ndarray) -> dict[str, np.ndarray]:
+    return _to_example(seqs_BxT1)
+
+
 def make_train_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int = 0,
                         process_count: int = 1) -> grain.DatasetIterator:
   """Endless {"inputs", "targets"}: int32 [batch_size // process_count, seq_len] batches.
@@ -289,28 +325,8 @@ def make_train_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, process_index:
   Sequences are shuffled by `cfg.seed`, differently (and deterministically) every epoch. The
   iterator's `get_state()` is a small JSON-serializable dict; `set_state` resumes exactly.
   """
-  _require_positive_int("process_count", process_count)
-  if isinstance(process_index, bool) or not isinstance(process_index, int) or not (
-      0 <= process_index < process_count):
-    raise ValueError(
-        f"data: process_index must be in [0, {process_count}), got {process_index!r}")
-  if cfg.batch_size % process_count:
-    raise ValueError(
-        f"data.batch_size: global batch {cfg.batch_size} is not divisible by process_count"
-        f" {process_count}")
-  train_seqs_NxT1, _ = build_token_sequences(cfg, tokenizer)
-  ds = (grain.MapDataset.source(train_seqs_NxT1)
-        .seed(cfg.seed)
-        .shuffle()
-        .repeat(None)  # reseeds the shuffle every epoch
-        # Global row g*B + i belongs to process i % P: a strided slice, then a local batch.
-        .slice(slice(process_index, None, process_count))
-        # drop_remainder: an endless stream has none, and ceil(len / b) overflows at b = 1.
-        .batch(cfg.batch_size // process_count, drop_remainder=True)
-        .map(_to_example))
-  # In-memory rows: threads would only contend for the GIL.
-  options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-  return iter(ds.to_iter_dataset(options))
+  return pipeline.train_iterator(TextSource(cfg, tokenizer), process_index=process_index,
+                                 process_count=process_count)
 
 
 def make_val_batches(cfg: DataConfig, tokenizer: Tokenizer) -> list[dict[str, np.ndarray]]:
@@ -318,15 +334,7 @@ def make_val_batches(cfg: DataConfig, tokenizer: Tokenizer) -> list[dict[str, np
 
   A validation set smaller than one batch gives a single smaller batch.
   """
-  _, val_seqs_MxT1 = build_token_sequences(cfg, tokenizer)
-  m = len(val_seqs_MxT1)
-  if m == 0:
-    raise ValueError(
-        f"data.val_fraction: {cfg.val_fraction} holds out no full sequence of {cfg.seq_len + 1}"
-        f" tokens from {_where(cfg)}; use a larger val_fraction (or a shorter seq_len)")
-  B = min(cfg.batch_size, m)
-  n_batches = min(cfg.val_batches, m // B)
-  return [_to_example(np.array(val_seqs_MxT1[i * B:(i + 1) * B])) for i in range(n_batches)]
+  return pipeline.eval_batches(TextSource(cfg, tokenizer))
 
 
 def unigram_entropy(cfg: DataConfig, tokenizer: Tokenizer) -> float:

@@ -52,10 +52,8 @@ import sys
 import time
 from typing import Any, Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
-
 from lime_jax.config import ROUTERS, build_dataclass, require_positive_int
+from lime_jax.data import sources
 from lime_jax.errors import one_line
 from lime_jax.model import flops as flops_lib
 from lime_jax.parallel import plan
@@ -318,11 +316,7 @@ def _write_point_file(out_dir: str, values: Mapping[str, Any]) -> None:
 def compiled_temp_mib(point_cfg: ExperimentConfig) -> float | None:
   """Temp memory of the compiled train step (XLA memory_analysis), MiB; one extra compile."""
   init, step, _ = train_lib.jitted_fns(point_cfg.model, point_cfg.optim, point_cfg.run.seed)
-  B, T = point_cfg.batch_size, point_cfg.seq_len
-  batch = {"inputs": jax.ShapeDtypeStruct((B, T), jnp.int32),
-           "targets": jax.ShapeDtypeStruct((B, T), jnp.int32)}
-  if point_cfg.task is not None:
-    batch["weights"] = jax.ShapeDtypeStruct((B, T), jnp.float32)
+  batch = sources.batch_format(point_cfg.data, point_cfg.task).abstract_batch()
   analysis = step.lower(train_lib.abstract_state(init), batch).compile().memory_analysis()
   return None if analysis is None else analysis.temp_size_in_bytes / 2**20
 

@@ -40,11 +40,10 @@ import jax.numpy as jnp
 import yaml
 
 from lime_jax.train import checkpoint as ckpt
-from lime_jax.data import text as data_lib
+from lime_jax.data import sources
 from lime_jax.model import flops as flops_lib
 from lime_jax.train import metrics as metrics_lib
 from lime_jax.parallel import sharding as sharding_lib
-from lime_jax.data import tasks as tasks_lib
 from lime_jax.train.evaluate import task_metrics, validation_loss
 from lime_jax.train.experiment import ExperimentConfig, check_vocab, config_differences
 from lime_jax.train.optimizer import lr_multiplier, make_optimizer
@@ -120,10 +119,8 @@ def make_batches(cfg: ExperimentConfig, tokenizer) -> tuple[Any, list[dict[str, 
   config has one, else the text corpus's."""
   # Each process reads only its own rows of every global batch.
   shard = {"process_index": jax.process_index(), "process_count": jax.process_count()}
-  if cfg.task is not None:
-    return tasks_lib.make_task_iterator(cfg.task, **shard), tasks_lib.make_test_batches(cfg.task)
-  return (data_lib.make_train_iterator(cfg.data, tokenizer, **shard),
-          data_lib.make_val_batches(cfg.data, tokenizer))
+  return (sources.train_iterator(cfg.data, cfg.task, tokenizer, **shard),
+          sources.eval_batches(cfg.data, cfg.task, tokenizer))
 
 
 @jax.jit
@@ -184,7 +181,7 @@ class Trainer:
     self.ckpt_dir = checkpoint_dir(cfg)
     self.layout = sharding_lib.Layout.from_config(cfg.mesh)
     sharding_lib.check_batch(cfg.batch_size, self.layout,
-                             "task.batch_size" if cfg.task is not None else "data.batch_size")
+                             sources.batch_format(cfg.data, cfg.task).batch_size_field)
     self._batch_sharding = self.layout.batch_sharding(cfg.batch_size)
     self.is_main = jax.process_index() == 0
     self.start = resume_step(cfg, resume or run.resume)
