@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from lime_jax.cli import analyze as analyze_cmd
 from lime_jax.studies import analysis as A
 from lime_jax.model import transformer as M
 from lime_jax.config import ModelConfig
@@ -161,8 +162,8 @@ def test_analyze_end_to_end(tmp_path):
 
 
 def test_run_cli(tmp_path, capsys):
-  """`run` with an in-memory loader (the CLI passes lime_jax.cli.main._load_for_generate)."""
-  from lime_jax.cli.main import _load_for_generate  # the real loader has this signature
+  """`run` with an in-memory loader (the CLI passes lime_jax.cli.generate.load_for_decoding)."""
+  from lime_jax.cli.generate import load_for_decoding as _load_for_generate  # the real loader
   assert callable(_load_for_generate)
   cfgs = {"a": TINY.replace(L=2), "b": TINY.replace(L=2, router="none")}
 
@@ -173,11 +174,11 @@ def test_run_cli(tmp_path, capsys):
   data = tmp_path / "text.txt"
   data.write_text(_text(60))
   parser = argparse.ArgumentParser()
-  A.add_arguments(parser)
+  analyze_cmd.add_arguments(parser)
   args = parser.parse_args(["--checkpoint", str(tmp_path / "a"), "--compare", str(tmp_path / "b"),
                             "--data", str(data), "--seq-len", "32", "--max-sequences", "8",
                             "--words", "is,are", "--out", str(tmp_path / "out")])
-  assert A.run(args, load_params) == 0
+  assert analyze_cmd.run(args, load_params) == 0
   saved = json.loads((tmp_path / "out" / "analysis.json").read_text())
   assert saved["words"] == ["is", "are"] and [m["label"] for m in saved["models"]] == ["a", "b"]
   assert "wrote" in capsys.readouterr().out

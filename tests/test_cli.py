@@ -37,6 +37,7 @@ def test_export_and_import_a_trained_checkpoint(tmp_path, capsys):
   """train -> `lime-jax export` -> import gives the checkpoint's logits back exactly."""
   import jax
   import numpy as np
+  from lime_jax.cli.export import load_model_params
   from lime_jax.interop import hf as export
   from lime_jax.model import transformer as model
   from lime_jax.train.experiment import load_experiment
@@ -53,10 +54,42 @@ def test_export_and_import_a_trained_checkpoint(tmp_path, capsys):
   assert main(["generate", "--checkpoint", str(run_dir), "--prompt", "abc",
                "--max-new-tokens", "4", "--temperature", "0"]) == 0
   assert "tokens/s" in capsys.readouterr().out
-  saved, saved_cfg = export.load_checkpoint_params(str(run_dir))
+  saved, saved_cfg = load_model_params(str(run_dir))
   imported, imported_cfg = export.import_params(str(out))
   tokens = np.arange(16, dtype=np.int32).reshape(1, 16) % 200
   logits = lambda p, c: np.asarray(model.Transformer(c).apply({"params": p}, tokens))
   np.testing.assert_array_equal(logits(imported, imported_cfg), logits(saved, saved_cfg))
   assert not np.allclose(logits(saved, saved_cfg),
                          logits(model.init_params(saved_cfg, jax.random.key(1)), saved_cfg))
+
+
+def test_import_out_writes_a_training_checkpoint(tmp_path, capsys):
+  """export -> `import --out` gives step 0 of a run: eval reads it (the source checkpoint's
+  loss exactly), and train with the config.yaml it wrote resumes from it."""
+  import json
+  run_dir, hf_dir, out = tmp_path / "run", tmp_path / "hf", tmp_path / "imported"
+  model = ["model.D=32", "model.L=2", "model.H=2", "model.F=64", "model.T=16"]
+  run = ["data.seq_len=16", "data.batch_size=2", "run.steps=2", "run.eval_every=2",
+         "run.checkpoint_every=2", "run.progress=false"]
+  assert main(["train", *model, *run, f"run.out_dir={run_dir}"]) == 0
+  assert main(["export", "--checkpoint", str(run_dir), "--out", str(hf_dir)]) == 0
+  assert main(["import", "--hf-dir", str(hf_dir), "--out", str(out), *run]) == 0
+  assert json.loads(capsys.readouterr().out.splitlines()[-1])["out"] == str(out)
+  assert main(["eval", "--checkpoint", str(run_dir)]) == 0
+  source = json.loads(capsys.readouterr().out)
+  assert main(["eval", "--checkpoint", str(out)]) == 0
+  imported = json.loads(capsys.readouterr().out)
+  assert imported["step"] == 0 and imported["val_loss"] == source["val_loss"]
+  assert main(["train", "--config", str(out / "config.yaml"), "--resume"]) == 0
+  assert capsys.readouterr().out.startswith(f"{out}: step 2")
+  for argv, message in (
+      (["import", "--hf-dir", str(hf_dir), "--out", str(out), *run], "already holds a checkpoint"),
+      (["import", "--hf-dir", str(hf_dir), "--out", str(tmp_path / "x"), "model.F=128", *run],
+       "describes F=64, the given config has F=128"),
+      (["import", "--hf-dir", str(hf_dir), "data.seq_len=16"], "give --out too")):
+    with pytest.raises(SystemExit) as exc:
+      main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lime-jax import: ") and message in err and "\n" not in err, err
+  assert not (tmp_path / "x").exists()

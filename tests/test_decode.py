@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lime_jax.cli import generate as generate_cmd
 from lime_jax.inference import decode
 from lime_jax.model import transformer as M
 from lime_jax.config import ModelConfig
@@ -220,17 +221,17 @@ def test_run_generate_prints_text_and_speed(capsys):
   cfg = ModelConfig(V=258, D=32, L=2, H=2, F=64, T=64)  # byte tokenizer: 256 bytes + BOS/EOS
   params = M.init_params(cfg, jax.random.key(0))
   parser = argparse.ArgumentParser()
-  decode.add_generate_arguments(parser)
+  generate_cmd.add_arguments(parser)
   args = parser.parse_args(["--checkpoint", "ckpt", "--prompt", "ab", "--prompt", "hello",
                             "--max-new-tokens", "4", "--temperature", "0.8", "--top-k", "20",
                             "--top-p", "0.9", "--seed", "3"])
   seen = []
   load = lambda path: seen.append(path) or (params, cfg, None)  # no tokenizer saved: byte
-  assert decode.run_generate(args, load) == 0
+  assert generate_cmd.run(args, load) == 0
   out = capsys.readouterr().out
   assert seen == ["ckpt"]
   assert "=== prompt 0 ===\nab" in out and "=== prompt 1 ===\nhello" in out
   assert "tokens/s" in out
   args.top_p = 2.0
   with pytest.raises(ValueError, match="^top_p:"):
-    decode.run_generate(args, load)
+    generate_cmd.run(args, load)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from lime_jax.cli.main import main
-from lime_jax.train.evaluate import evaluate_checkpoint
+from lime_jax.cli.eval import evaluate_checkpoint
 from lime_jax.train.metrics import read_metrics
 
 TINY = ["model.D=32", "model.L=2", "model.H=2", "model.F=64", "model.T=32", "data.seq_len=32",

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from lime_jax.cli import export as export_cmd
+from lime_jax.cli import import_ as import_cmd
 from lime_jax.interop import hf as export
 from lime_jax.model import transformer as model
 from lime_jax.model import kv_routing as routing
@@ -417,16 +419,16 @@ def test_run_export_and_import_with_injected_checkpoint_io(tmp_path, capsys):
     return params, cfg
 
   parser = argparse.ArgumentParser()
-  export.add_export_arguments(parser)
+  export_cmd.add_arguments(parser)
   args = parser.parse_args(["--checkpoint", "runs/x", "--step", "4", "--out", str(tmp_path / "hf")])
-  assert export.run_export(args, load_params=load_params) == 0
+  assert export_cmd.run(args, load_params=load_params) == 0
   assert seen["load"] == ("runs/x", 4)
   assert json.loads(capsys.readouterr().out)["router"] == "kv-static"
 
   parser = argparse.ArgumentParser()
-  export.add_import_arguments(parser)
+  import_cmd.add_arguments(parser)
   args = parser.parse_args(["--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")])
-  export.run_import(args, save_params=lambda p, c, out: seen.update(save=(p, c, out)))
+  import_cmd.run(args, save_params=lambda p, c, out: seen.update(save=(p, c, out)))
   saved_params, saved_cfg, out = seen["save"]
   assert saved_cfg == cfg and out == str(tmp_path / "ckpt")
   _assert_trees_equal(saved_params, params)

@@ -4,12 +4,10 @@ import csv
 import dataclasses
 import math
 import os
-import sys
 import types
 
 import pytest
 
-import lime_jax.parallel
 from lime_jax.train import checkpoint as ckpt
 from lime_jax.model import flops as flops_lib
 from lime_jax.studies import sweep
@@ -114,8 +112,7 @@ def test_skipped_by_the_fit_check_with_its_reason(tmp_path, monkeypatch):
   fake = types.ModuleType("lime_jax.parallel.plan")
   fake.check_fit = check_fit  # the interface lime_jax/plan.py provides
   fake.ensure_cpu_devices = lambda n: calls.append(("devices", n))
-  monkeypatch.setitem(sys.modules, "lime_jax.parallel.plan", fake)
-  monkeypatch.setattr(lime_jax.parallel, "plan", fake, raising=False)
+  monkeypatch.setattr(sweep, "plan", fake)
   cfg = sweep.load_sweep(_write(tmp_path, "{routers: [none], depths: [2, 4], seeds: [3]}",
                                 hbm_gib=16, devices=8))
   rows, paths = sweep.run_sweep(cfg)

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from lime_jax.data import tokenizers as tokenizer_lib
+from lime_jax.cli import tokenizer as tokenizer_cmd
 from lime_jax.data.tokenizers import ENDOFTEXT, ByteTokenizer, HFTokenizer, load_tokenizer, train_bpe
 
 UNICODE_TEXT = "Héllo, wörld! 你好 🙂 — tabs\tand\nnewlines; ∑ x² ≠ 0.\r\n  two spaces"
@@ -116,10 +116,10 @@ def test_cli_train_command(tmp_path, capsys):
   corpus = tmp_path / "c.txt"
   corpus.write_text(CORPUS, encoding="utf-8")
   parser = argparse.ArgumentParser()
-  tokenizer_lib.add_train_arguments(parser)
+  tokenizer_cmd.add_train_arguments(parser)
   out = tmp_path / "tok.json"
   args = parser.parse_args(["--files", str(corpus), "--vocab-size", "280", "--out", str(out)])
-  assert tokenizer_lib.run_train(args) == 0
+  assert tokenizer_cmd.run_train(args) == 0
   assert out.is_file()
   assert f"wrote {out}" in capsys.readouterr().out
   assert load_tokenizer(str(out)).vocab_size <= 280

@@ -16,6 +16,12 @@ import os
 import sys
 from typing import Any, Sequence
 
+from lime_jax.cli.quiet import quiet_libraries
+from lime_jax.errors import one_line
+from lime_jax.studies.plots import plot_val_loss_vs_flops
+from lime_jax.train.experiment import load_experiment
+from lime_jax.train.loop import NonFiniteLossError, train
+
 DEFAULT_OUT = os.path.join("runs", "default")
 RUNS = (("lime", "kv-static"), ("baseline", "none"))
 
@@ -33,7 +39,6 @@ CONFIG: dict[str, Any] = {
 
 
 def run_config(name: str, router: str, out_dir: str, overrides: Sequence[str] = ()):
-  from lime_jax.train.experiment import load_experiment  # pylint: disable=g-import-not-at-top
   return load_experiment(None, [*overrides, f"model.router={router}",
                                 f"run.out_dir={os.path.join(out_dir, name)}"], base=CONFIG)
 
@@ -43,10 +48,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out-dir", default=DEFAULT_OUT)
   parser.add_argument("overrides", nargs="*", help="section.key=value, applied to both runs")
   args = parser.parse_args(argv)
-
-  from lime_jax.cli.main import quiet_libraries  # pylint: disable=g-import-not-at-top
-  from lime_jax.studies.plots import plot_val_loss_vs_flops  # pylint: disable=g-import-not-at-top
-  from lime_jax.train.loop import NonFiniteLossError, train  # pylint: disable=g-import-not-at-top
 
   quiet_libraries()
   try:
@@ -58,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  labels=[f"{name} ({cfg.model.router})" for name, cfg in configs],
                                  title="embedded corpus, byte tokenizer: LIMe vs baseline")
   except (ValueError, NonFiniteLossError) as err:
-    print(f"lime-jax train: {' '.join(str(err).split())}", file=sys.stderr)
+    print(f"lime-jax train: {one_line(err)}", file=sys.stderr)
     return 2
   for name, result in results.items():
     print(f"{name:8s} final validation loss {result.val_loss:.4f}"

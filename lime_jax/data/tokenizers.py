@@ -13,7 +13,6 @@ Both share a small interface: `vocab_size`, `bos_id`, `eos_id`, `encode(text) ->
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 from typing import Iterable, Protocol, Sequence
@@ -150,17 +149,3 @@ def train_bpe(files: Sequence[str], vocab_size: int, out_path: str) -> HFTokeniz
   os.makedirs(out_dir, exist_ok=True)
   tok.save(str(out_path))
   return HFTokenizer(str(out_path))
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-  """Arguments of `lime-jax tokenizer train`."""
-  parser.add_argument("--files", nargs="+", required=True, help="local text files to fit on")
-  parser.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, >= 257")
-  parser.add_argument("--out", required=True, help="where to write tokenizer.json")
-
-
-def run_train(args: argparse.Namespace) -> int:
-  tok = train_bpe(args.files, args.vocab_size, args.out)
-  print(f"wrote {args.out}: byte-level BPE, vocab_size={tok.vocab_size},"
-        f" bos_id=eos_id={tok.bos_id} ({ENDOFTEXT})")
-  return 0

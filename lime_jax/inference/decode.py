@@ -1,5 +1,5 @@
-"""KV-cache decoding for both routers: prefill, one-token steps, batched sampling, and the
-`generate` command's hooks.
+"""KV-cache decoding for both routers: prefill, one-token steps, batched sampling
+(`lime-jax generate` is lime_jax/cli/generate.py).
 
 What the cache holds. Per layer, the keys and values attention reads: for LIMe the routed,
 rotated k' and v' (spec section 2), so decode memory equals the baseline's at equal shapes.
@@ -26,12 +26,11 @@ every setting.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import math
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -289,48 +288,3 @@ def _check_prompts(prompt_tokens, V: int) -> list[list[int]]:
       raise ValueError(f"prompt_tokens: prompt {i} has ids outside [0, {V})")
     prompts.append(ids.astype(np.int32).tolist())
   return prompts
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line hooks (`lime-jax generate`).
-
-
-def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--checkpoint", required=True,
-                      help="run directory, its checkpoints/ directory, or one step directory")
-  parser.add_argument("--prompt", action="append", default=None,
-                      help="prompt text; repeat for a batch (default: one empty prompt)")
-  parser.add_argument("--max-new-tokens", type=int, default=64)
-  parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-  parser.add_argument("--top-k", type=int, default=0, help="0 = off")
-  parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1 = off")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--tokenizer", default=None,
-                      help="'byte' or a tokenizer.json path (default: the checkpoint's, else byte)")
-
-
-def run_generate(args: argparse.Namespace,
-                 load_params: Callable[[str], tuple[Any, ModelConfig, str | None]]) -> int:
-  """Prints each prompt with its continuation, then tokens/s.
-
-  load_params(checkpoint) -> (params, model config, the checkpoint's tokenizer spec or None).
-  Prompts start with the tokenizer's BOS, as training sequences do; generation stops at EOS.
-  """
-  from lime_jax.data.tokenizers import load_tokenizer  # pylint: disable=g-import-not-at-top
-
-  params, model_cfg, tokenizer_spec = load_params(args.checkpoint)
-  tokenizer = load_tokenizer(args.tokenizer or tokenizer_spec or "byte")
-  if tokenizer.vocab_size > model_cfg.V:
-    raise ValueError(f"--tokenizer: vocab_size {tokenizer.vocab_size} exceeds the model's"
-                     f" V={model_cfg.V}")
-  texts = args.prompt if args.prompt else [""]
-  result = generate(params, model_cfg, [[tokenizer.bos_id] + tokenizer.encode(t) for t in texts],
-                    args.max_new_tokens, jax.random.key(args.seed),
-                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    eos_id=tokenizer.eos_id)
-  for i, (text, new) in enumerate(zip(texts, result.tokens)):
-    print(f"=== prompt {i} ===")
-    print(text + tokenizer.decode(new))
-  print(f"{result.sampled} tokens in {result.wall_s:.3f} s: {result.tokens_per_s:.1f} tokens/s"
-        f" (batch {len(texts)}; compile {result.compile_s:.1f} s)")
-  return 0

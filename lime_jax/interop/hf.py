@@ -25,18 +25,19 @@ which the import casts back). Every bad input is a one-line ValueError naming fi
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
-from lime_jax.model import transformer as model
 from lime_jax.config import ModelConfig
+from lime_jax.errors import one_line
+from lime_jax.model import transformer as model
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -104,7 +105,7 @@ def config_from_hf(hf: Mapping[str, Any], where: str = CONFIG_FILE) -> ModelConf
     try:
       cfg = ModelConfig.from_dict(hf[LIME_CONFIG_KEY], where=LIME_CONFIG_KEY)
     except ValueError as err:
-      raise ValueError(f"{where}: {_one_line(err)}") from None
+      raise ValueError(f"{where}: {one_line(err, limit=300)}") from None
     for key, field in _HF_KEYS.items():
       if key in hf and hf[key] != getattr(cfg, field):
         raise ValueError(f"{where}: key {key!r} = {hf[key]!r} disagrees with"
@@ -127,7 +128,7 @@ def config_from_hf(hf: Mapping[str, Any], where: str = CONFIG_FILE) -> ModelConf
   try:
     return ModelConfig.from_dict(values, where="llama keys")
   except ValueError as err:
-    raise ValueError(f"{where}: {_one_line(err)}") from None
+    raise ValueError(f"{where}: {one_line(err, limit=300)}") from None
 
 
 def _check_llama_features(hf: Mapping[str, Any], where: str) -> None:
@@ -324,8 +325,6 @@ def export_params(params: Mapping[str, Any], cfg: ModelConfig, out_dir: str) -> 
   if cfg.connections != "none" or cfg.router not in ("none", "kv-static"):
     raise ValueError(f"export: router={cfg.router!r}, connections={cfg.connections!r} has no"
                      " Hugging Face layout here; only Llama and LIMe kv-static export")
-  # Imported here: only export/import need safetensors, not every CLI command.
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   tensors = to_hf_tensors(params, cfg)
   check_tensors(tensors, cfg, where="export")
   os.makedirs(out_dir, exist_ok=True)
@@ -346,7 +345,6 @@ def import_params(in_dir: str,
   `cfg` picks the layout to load into (scanned or not, dtypes); it must describe the same
   model as the file, differing at most in LAYOUT_FIELDS. Default: the stored config.
   """
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(in_dir):
     raise ValueError(f"{in_dir}: no such directory")
   config_path, weights_path = os.path.join(in_dir, CONFIG_FILE), os.path.join(in_dir, WEIGHTS_FILE)
@@ -357,7 +355,7 @@ def import_params(in_dir: str,
     with open(config_path, encoding="utf-8") as f:
       hf = json.load(f)
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-    raise ValueError(f"{config_path}: not readable JSON: {_one_line(err)}") from None
+    raise ValueError(f"{config_path}: not readable JSON: {one_line(err, limit=300)}") from None
   file_cfg = config_from_hf(hf, where=config_path)
   if cfg is None:
     cfg = file_cfg
@@ -366,7 +364,7 @@ def import_params(in_dir: str,
   try:
     tensors = load_file(weights_path)
   except Exception as err:  # safetensors raises its own error types for damaged files
-    raise ValueError(f"{weights_path}: cannot read: {_one_line(err)}") from None
+    raise ValueError(f"{weights_path}: cannot read: {one_line(err, limit=300)}") from None
   return from_hf_tensors(tensors, cfg, where=weights_path), cfg
 
 
@@ -378,83 +376,3 @@ def _check_same_model(cfg: ModelConfig, file_cfg: ModelConfig, where: str) -> No
     if mine != theirs:
       raise ValueError(f"{where}: describes {field.name}={theirs!r}, the given config has"
                        f" {field.name}={mine!r}")
-
-
-def _one_line(err: BaseException) -> str:
-  text = " ".join(str(err).split())
-  return (text[:300] + " ...") if len(text) > 300 else text or type(err).__name__
-
-
-# --- command line ---------------------------------------------------------------------------------
-
-LoadParams = Callable[..., tuple[Any, ModelConfig]]
-SaveParams = Callable[[Any, ModelConfig, str], None]
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--checkpoint", required=True,
-                      help="run directory, its checkpoints/ directory, or one step directory")
-  parser.add_argument("--step", type=int, default=None, help="step to export (default: latest)")
-  parser.add_argument("--out", required=True,
-                      help="directory for model.safetensors and config.json (HF Llama names)")
-
-
-def run_export(args: argparse.Namespace, load_params: LoadParams | None = None) -> int:
-  """`load_params(checkpoint, step=None) -> (params, ModelConfig)`; default: lime_jax.train.checkpoint."""
-  load_params = load_params or load_checkpoint_params
-  if args.step is None:
-    params, cfg = load_params(args.checkpoint)
-  else:
-    params, cfg = load_params(args.checkpoint, step=args.step)
-  export_params(params, cfg, args.out)
-  print(json.dumps({"out": args.out, "router": cfg.router, "layers": cfg.L,
-                    "tensors": len(expected_shapes(cfg))}))
-  return 0
-
-
-def add_import_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--hf-dir", required=True,
-                      help="directory with model.safetensors and config.json")
-  parser.add_argument("--out", default=None,
-                      help="where to save the imported parameters (default: only check them)")
-
-
-def run_import(args: argparse.Namespace, save_params: SaveParams | None = None) -> int:
-  """Imports and checks a directory; with --out, `save_params(params, cfg, out)` writes it
-  (default: lime_jax.train.checkpoint.save_params)."""
-  params, cfg = import_params(args.hf_dir)
-  if args.out is not None:
-    if save_params is None:
-      from lime_jax.train import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
-      save_params = getattr(ckpt, "save_params", None)
-      if save_params is None:
-        raise ValueError("import --out: lime_jax.train.checkpoint has no save_params(params, cfg, out)")
-    save_params(params, cfg, args.out)
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  print(json.dumps({"hf_dir": args.hf_dir, "out": args.out, "router": cfg.router,
-                    "layers": cfg.L, "params": num_params}))
-  return 0
-
-
-def load_checkpoint_params(path: str, step: int | None = None) -> tuple[Any, ModelConfig]:
-  """(params, ModelConfig) of a training checkpoint; prefers lime_jax.train.checkpoint.load_params."""
-  # Imported here: the export core must not depend on training code.
-  from lime_jax.train import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
-  loader = getattr(ckpt, "load_params", None)
-  if loader is not None:
-    return loader(path) if step is None else loader(path, step=step)
-  import functools  # pylint: disable=g-import-not-at-top
-  from lime_jax.train.experiment import ExperimentConfig  # pylint: disable=g-import-not-at-top
-  from lime_jax.train.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
-  from lime_jax.train.loop import init_state  # pylint: disable=g-import-not-at-top
-  directory, dir_step = ckpt.resolve_dir(path)
-  if step is not None and dir_step is not None and step != dir_step:
-    raise ValueError(f"--step {step} disagrees with the step directory {path}")
-  step, saved = ckpt.read_config(directory, step if step is not None else dir_step)
-  cfg = ExperimentConfig.from_dict(saved, where=f"checkpoint {directory}/{step} config")
-  # The checkpoint holds the whole train state; restore it all, keep the parameters.
-  init = functools.partial(init_state, cfg.model, make_optimizer(cfg.optim), cfg.run.seed)
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                          jax.eval_shape(init))
-  return ckpt.restore(directory, abstract, step).state["params"], cfg.model

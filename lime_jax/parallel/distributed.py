@@ -1,7 +1,7 @@
 """Multi-host start-up: JAX's own multi-controller runtime (`jax.distributed`), nothing more.
 
-Every host runs the same `lime-jax train` command. Which processes form one job comes from,
-in this order:
+Every host runs the same `lime-jax train` command (its flags: lime_jax/cli/train.py). Which
+processes form one job comes from, in this order:
 
 1. explicit settings: `--coordinator HOST:PORT --num-processes N --process-id I` (or the
    environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); all three
@@ -26,16 +26,6 @@ ENV = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCE
        "process_id": "JAX_PROCESS_ID"}
 FLAGS = {"coordinator": "--coordinator", "num_processes": "--num-processes",
          "process_id": "--process-id"}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  group = parser.add_argument_group("multi-host (jax.distributed)")
-  group.add_argument("--coordinator", default=None,
-                     help="HOST:PORT of process 0's coordinator (with --num-processes, --process-id)")
-  group.add_argument("--num-processes", type=int, default=None, help="processes in the job")
-  group.add_argument("--process-id", type=int, default=None, help="this process, 0-based")
-  group.add_argument("--distributed", action="store_true",
-                     help="let JAX detect the cluster (Cloud TPU pod, SLURM, Open MPI)")
 
 
 def settings(args: argparse.Namespace, environ: Mapping[str, str] | None = None

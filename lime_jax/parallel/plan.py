@@ -1,4 +1,4 @@
-"""`lime-jax plan`: will this config fit, and how long will a step take, before anything runs.
+"""Will this config fit, and how long will a step take, before anything runs (`lime-jax plan`).
 
 The sharded train step (the same jitted function `train.py` runs) is lowered and compiled ahead
 of time for N devices of the config's mesh; fake CPU devices stand in for the accelerators
@@ -20,19 +20,18 @@ cannot fit.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import os
 import time
 from typing import Any
 
 import jax
+import numpy as np
 
-from lime_jax.data import sources
+from lime_jax.errors import one_line
 from lime_jax.model import flops as flops_lib
-from lime_jax.train import metrics as metrics_lib
 from lime_jax.parallel import sharding as sharding_lib
+from lime_jax.train import loop as train_lib
+from lime_jax.train import metrics as metrics_lib
 from lime_jax.train.experiment import ExperimentConfig
 
 GIB = 2 ** 30
@@ -103,20 +102,23 @@ class Plan:
 
 
 def _abstract_batch(cfg: ExperimentConfig, layout: sharding_lib.Layout) -> dict[str, Any]:
-  # Task batches carry answer-only loss weights; the format knows, no data is built.
-  return sources.batch_format(cfg.data, cfg.task).abstract_batch(
-      layout.batch_sharding(cfg.batch_size))
+  sharding = layout.batch_sharding(cfg.batch_size)
+  shape = (cfg.batch_size, cfg.seq_len)
+  batch = {"inputs": jax.ShapeDtypeStruct(shape, np.int32, sharding=sharding),
+           "targets": jax.ShapeDtypeStruct(shape, np.int32, sharding=sharding)}
+  if cfg.task is not None:  # task batches carry answer-only loss weights
+    batch["weights"] = jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding)
+  return batch
 
 
 def compile_step(cfg: ExperimentConfig, num_devices: int) -> Plan:
   """Compiles the sharded train step for `num_devices` CPU devices; ValueError if the mesh,
   batch or a parameter cannot be split that way."""
-  from lime_jax.train import loop as train_lib  # pylint: disable=g-import-not-at-top
   devices = ensure_cpu_devices(num_devices)
   cfg.mesh.resolve(num_devices)  # the mesh must use exactly these devices
   layout = sharding_lib.Layout.from_config(cfg.mesh, devices)
   sharding_lib.check_batch(cfg.batch_size, layout,
-                           sources.batch_format(cfg.data, cfg.task).batch_size_field)
+                           "task.batch_size" if cfg.task is not None else "data.batch_size")
   start = time.perf_counter()
   init, step, _ = train_lib.jitted_fns(cfg.model, cfg.optim, cfg.run.seed, layout)
   compiled = step.lower(train_lib.abstract_state(init), _abstract_batch(cfg, layout)).compile()
@@ -131,12 +133,12 @@ def compile_step(cfg: ExperimentConfig, num_devices: int) -> Plan:
               flops_per_step=int(flops), compile_s=compile_s)
 
 
-def _breakdown(plan: Plan) -> str:
+def breakdown(plan: Plan) -> str:
   return (f"arguments {plan.argument_bytes / GIB:.3f} + outputs {plan.output_bytes / GIB:.3f}"
           f" - donated {plan.alias_bytes / GIB:.3f} + temp {plan.temp_bytes / GIB:.3f} GiB")
 
 
-def _mesh_text(plan: Plan) -> str:
+def mesh_text(plan: Plan) -> str:
   return " x ".join(f"{k}={v}" for k, v in plan.mesh.items())
 
 
@@ -144,7 +146,7 @@ def fit_line(plan: Plan, hbm: float) -> tuple[bool, str]:
   fits = plan.per_device_bytes <= hbm * GIB
   verdict = "fits" if fits else "does not fit"
   return fits, (f"{verdict}: {plan.per_device_bytes / GIB:.3f} GiB per device of {hbm:g} GiB"
-                f" ({_breakdown(plan)}) on {plan.num_devices} devices, mesh {_mesh_text(plan)}")
+                f" ({breakdown(plan)}) on {plan.num_devices} devices, mesh {mesh_text(plan)}")
 
 
 def check_fit(exp_cfg: ExperimentConfig, num_devices: int, hbm_gib: float) -> tuple[bool, str]:
@@ -156,56 +158,5 @@ def check_fit(exp_cfg: ExperimentConfig, num_devices: int, hbm_gib: float) -> tu
   except NotEnoughDevices:
     raise
   except ValueError as err:
-    return False, f"cannot shard on {num_devices} devices: {' '.join(str(err).split())}"
+    return False, f"cannot shard on {num_devices} devices: {one_line(err)}"
   return fit_line(plan, hbm_gib)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line.
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--config", default=None, help="YAML file (default: all defaults)")
-  parser.add_argument("--devices", type=int, default=8,
-                      help="devices to plan for (fake CPU devices; default 8)")
-  parser.add_argument("--hbm-gib", type=float, default=None,
-                      help="memory per device in GiB (default: the accelerator's)")
-  parser.add_argument("--accelerator", default="v5e", choices=sorted(ACCELERATORS),
-                      help="the accelerator whose HBM and step time the verdict uses")
-  parser.add_argument("--json", default=None, help="also write the plan as JSON here")
-  parser.add_argument("overrides", nargs="*", help="e.g. mesh.fsdp=-1 data.batch_size=256")
-
-
-def run(args: argparse.Namespace) -> int:
-  from lime_jax.config import require_positive_int  # pylint: disable=g-import-not-at-top
-  from lime_jax.train.experiment import load_experiment  # pylint: disable=g-import-not-at-top
-  require_positive_int("--devices", args.devices)
-  if args.hbm_gib is not None and not args.hbm_gib > 0:
-    raise ValueError(f"--hbm-gib: must be > 0, got {args.hbm_gib}")
-  if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    # Nothing runs, so skip LLVM's optimizations: compiles several-fold faster, and buffer
-    # assignment (memory_analysis) happens before them.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_backend_optimization_level=0").strip()
-  ensure_cpu_devices(args.devices)  # before anything else starts JAX
-  cfg = load_experiment(args.config, args.overrides)
-  hbm = args.hbm_gib if args.hbm_gib is not None else hbm_gib(args.accelerator)
-  plan = compile_step(cfg, args.devices)
-  fits, line = fit_line(plan, hbm)
-  print(f"mesh {_mesh_text(plan)} on {plan.num_devices} devices; compiled in {plan.compile_s:.1f} s")
-  print(f"memory per device: {plan.per_device_bytes / GIB:.3f} GiB = {_breakdown(plan)}")
-  print(f"FLOPs per optimizer step (flops.py): {plan.flops_per_step:.4g}"
-        f" ({cfg.tokens_per_step} tokens x {plan.flops_per_step // cfg.tokens_per_step} per token;"
-        f" {cfg.optim.grad_accum_steps} micro-batch(es) of the compiled step)")
-  print("FLOPs-bound optimizer step time (100% MFU, a lower bound):")
-  print(f"  {'accelerator':<12} {'peak TFLOP/s':>12} {'HBM GB':>7} {'step s':>10}")
-  for name, (_, hbm_gb) in ACCELERATORS.items():
-    mark = " <-" if name == args.accelerator else ""
-    print(f"  {name:<12} {peak_flops(name) / 1e12:>12.0f} {hbm_gb:>7} "
-          f"{plan.step_time_s(name):>10.4g}{mark}")
-  print(line)
-  if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump({**plan.to_dict(), "hbm_gib": hbm, "fits": fits,
-                 "accelerator": args.accelerator}, f, indent=2)
-  return 0 if fits else 1

@@ -13,9 +13,7 @@ Ratios LIMe/baseline come from the same run, so a noisy shared machine affects b
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import statistics
 import time
 from typing import Any
@@ -24,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lime_jax.inference import decode
 from lime_jax.model import flops
 from lime_jax.config import CONNECTIONS, ModelConfig
 from lime_jax.model.transformer import init_params
@@ -77,7 +76,6 @@ def bench_point(cfg: ModelConfig, batch: int, steps: int, seed: int = 0,
 def bench_decode(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int,
                  repeats: int = 3, seed: int = 0) -> dict[str, Any]:
   """Greedy cached decoding: median tokens/s over `repeats` calls and the KV cache's bytes."""
-  from lime_jax.inference import decode  # pylint: disable=g-import-not-at-top
   params = init_params(cfg, jax.random.key(seed))
   prompts = np.random.default_rng(seed).integers(0, cfg.V, (batch, prompt_len)).tolist()
   rates = []
@@ -101,8 +99,7 @@ def ratio_rows(records: list[dict[str, Any]], batch: int) -> list[dict[str, Any]
     if not (base and lime):
       continue
     cfg = lime["_cfg"]
-    formula = (flops.routing_train_flops(cfg, batch * cfg.T)
-               + 3 * 2 * flops.connection_macs_per_token(cfg) * batch * cfg.T)
+    formula = flops.mixer_train_flops(cfg, batch * cfg.T)
     rows.append({
         "router": router,
         "depth": depth,
@@ -138,38 +135,6 @@ def format_tables(records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> 
   return "\n".join(lines + decode_lines)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--depths", default="8,16,32,64,128", help="comma-separated layer counts")
-  parser.add_argument("--routers", default="none,kv-static",
-                      help="comma-separated variants: a router or a cross-layer baseline"
-                           " (hyper-static, hyper-dynamic, denseformer), each optionally with"
-                           " :key=value model overrides, e.g. kv-static:router_window=4")
-  parser.add_argument("--width", type=int, default=256)
-  parser.add_argument("--heads", type=int, default=4)
-  parser.add_argument("--kv-heads", type=int, default=4)
-  parser.add_argument("--mlp", type=int, default=1024)
-  parser.add_argument("--vocab", type=int, default=256, help="256 = byte vocabulary")
-  parser.add_argument("--batch", type=int, default=4)
-  parser.add_argument("--length", type=int, default=256)
-  parser.add_argument("--steps", type=int, default=3, help="timed steps per point (median)")
-  parser.add_argument("--remat", default="none")
-  parser.add_argument("--decode", action="store_true",
-                      help="also time greedy cached decoding (--length/2 prompt tokens, then"
-                           " --decode-tokens new ones) and report the KV cache's bytes")
-  parser.add_argument("--decode-tokens", type=int, default=64)
-  parser.add_argument("--json", default=None, help="write the records to this JSON file")
-
-
-def _parse_ints(text: str, flag: str) -> list[int]:
-  try:
-    values = [int(v) for v in text.split(",") if v.strip()]
-  except ValueError:
-    raise SystemExit(f"lime-jax bench: {flag} must be comma-separated integers, got {text!r}")
-  if not values or min(values) < 1:
-    raise SystemExit(f"lime-jax bench: {flag} needs positive integers, got {text!r}")
-  return values
-
-
 def variant_config(variant: str, **base: Any) -> ModelConfig:
   """A `--routers` entry: `name[:key=value...]`, name a router (none, kv-static, ...) or a
   cross-layer baseline (hyper-static, hyper-dynamic, denseformer; router none), with
@@ -184,33 +149,3 @@ def variant_config(variant: str, **base: Any) -> ModelConfig:
       raise ValueError(f"--routers {variant!r}: expected key=value after ':', got {item!r}")
     values[key] = int(text) if text.lstrip("-").isdigit() else text
   return ModelConfig.from_dict(values, where=f"--routers {variant}")
-
-
-def run(args: argparse.Namespace) -> int:
-  depths = _parse_ints(args.depths, "--depths")
-  routers = [r.strip() for r in args.routers.split(",") if r.strip()]
-  records = []
-  for depth in depths:
-    for router in routers:
-      try:
-        cfg = variant_config(router, V=args.vocab, D=args.width, L=depth, H=args.heads,
-                             R=args.kv_heads, F=args.mlp, T=args.length, remat_policy=args.remat)
-      except ValueError as err:
-        raise SystemExit(f"lime-jax bench: {err}")
-      record = dict(bench_point(cfg, args.batch, args.steps), router=router)  # the variant's label
-      if args.decode:
-        record.update(bench_decode(cfg, args.batch, args.length // 2, args.decode_tokens))
-        print(f"router={router:9s} depth={depth:4d} decode={record['decode_tokens_per_s']:8.1f}"
-              f" tokens/s cache={record['cache_bytes'] / 2**20:7.2f} MiB", flush=True)
-      print(f"router={router:9s} depth={depth:4d} temp={record['temp_bytes'] / 2**20:9.1f} MiB"
-            f" flops={record['flops'] / 1e9:9.2f} G compile={record['compile_s']:6.2f} s"
-            f" step={record['step_s']:7.3f} s", flush=True)
-      records.append(dict(record, _cfg=cfg))
-  rows = ratio_rows(records, args.batch)
-  print()
-  print(format_tables(records, rows))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump([{k: v for k, v in r.items() if not k.startswith("_")} for r in records], f,
-                indent=1)
-  return 0

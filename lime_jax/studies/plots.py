@@ -6,7 +6,6 @@ LIMe's routing cost is on the x axis and the comparison is per unit of compute.
 
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Sequence
 
@@ -56,17 +55,3 @@ def plot_val_loss_vs_flops(run_dirs: Sequence[str], out_path: str,
   fig.savefig(out_path)
   plt.close(fig)
   return out_path
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
-  parser.add_argument("--out", required=True, help="PNG path to write")
-  parser.add_argument("--labels", default=None, help="comma-separated labels, one per run")
-  parser.add_argument("--title", default=None)
-
-
-def run(args: argparse.Namespace) -> int:
-  labels = args.labels.split(",") if args.labels else None
-  path = plot_val_loss_vs_flops(args.runs, args.out, labels, args.title)
-  print(f"wrote {path}")
-  return 0

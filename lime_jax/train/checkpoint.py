@@ -22,6 +22,9 @@ from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from lime_jax.errors import one_line
 
 SUBDIR = "checkpoints"
 STATE, DATA, CONFIG = "state", "data", "config"
@@ -45,11 +48,6 @@ def _is_url(path: str) -> bool:
 
 def _absolute(path: str) -> str:
   return path if _is_url(path) else os.path.abspath(path)  # orbax wants absolute paths
-
-
-def _one_line(err: BaseException) -> str:
-  text = " ".join(str(err).split())
-  return (text[:300] + " ...") if len(text) > 300 else text or type(err).__name__
 
 
 def checkpoint_dir(out_dir: str) -> str:
@@ -110,7 +108,6 @@ def all_steps(directory: str) -> list[int]:
   if not (_is_url(directory) or os.path.isdir(directory)):
     return []
   if _is_url(directory):
-    from etils import epath  # pylint: disable=g-import-not-at-top
     if not epath.Path(directory).exists():
       return []
   with _reader(directory) as manager:
@@ -141,7 +138,7 @@ def read_config(directory: str, step: int | None = None) -> tuple[int, dict[str,
       restored = manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
   except Exception as err:  # orbax raises many types; all mean "unreadable"
     raise CheckpointError(
-        f"checkpoint {directory}/{step}: cannot read its config: {_one_line(err)}") from None
+        f"checkpoint {directory}/{step}: cannot read its config: {one_line(err, limit=300)}") from None
   config = restored[CONFIG]
   if not isinstance(config, dict):
     raise CheckpointError(f"checkpoint {directory}/{step}: config is not a JSON object")
@@ -168,7 +165,7 @@ def restore(directory: str, abstract_state: Any, step: int | None = None) -> Res
           DATA: ocp.args.JsonRestore(),
           CONFIG: ocp.args.JsonRestore()}))
   except Exception as err:  # orbax raises many types; all mean "unreadable"
-    raise CheckpointError(f"checkpoint {directory}/{step}: cannot restore: {_one_line(err)}") from None
+    raise CheckpointError(f"checkpoint {directory}/{step}: cannot restore: {one_line(err, limit=300)}") from None
   return Restored(step=step, state=restored[STATE], data_state=restored[DATA] or {},
                   config=restored[CONFIG] or {})
 
@@ -180,7 +177,7 @@ def _check_shapes(directory: str, step: int, abstract_state: Any) -> None:
       metadata = manager.item_metadata(step)[STATE]
   except Exception as err:
     raise CheckpointError(
-        f"checkpoint {directory}/{step}: cannot read its metadata: {_one_line(err)}") from None
+        f"checkpoint {directory}/{step}: cannot read its metadata: {one_line(err, limit=300)}") from None
   if metadata is None:
     raise CheckpointError(f"checkpoint {directory}/{step}: has no '{STATE}' item")
   stored = _flat(metadata)

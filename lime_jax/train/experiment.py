@@ -46,7 +46,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from lime_jax.config import ModelConfig, build_dataclass
-from lime_jax.data import sources
+from lime_jax.errors import one_line
 from lime_jax.data.text import DataConfig
 from lime_jax.train.optimizer import OptimConfig
 from lime_jax.parallel.sharding import MeshConfig
@@ -129,7 +129,7 @@ class ExperimentConfig:
     try:
       return _build(values, vocab_size)
     except ValueError as err:
-      raise ValueError(f"{where}: {_one_line(err)}") from None
+      raise ValueError(f"{where}: {one_line(err)}") from None
 
   @property
   def micro_steps_per_step(self) -> int:
@@ -138,20 +138,16 @@ class ExperimentConfig:
   @property
   def seq_len(self) -> int:
     """T of the training batches: the task's when training on a task, else the data's."""
-    return sources.batch_format(self.data, self.task).seq_len
+    return self.task.seq_len if self.task is not None else self.data.seq_len
 
   @property
   def batch_size(self) -> int:
-    return sources.batch_format(self.data, self.task).batch_size
+    return self.task.batch_size if self.task is not None else self.data.batch_size
 
   @property
   def tokens_per_step(self) -> int:
     """Tokens per optimizer step (all micro-batches)."""
     return self.batch_size * self.seq_len * self.optim.grad_accum_steps
-
-
-def _one_line(err: BaseException) -> str:
-  return " ".join(str(err).split())
 
 
 def _build(values: Mapping[str, Any], vocab_size: int | None) -> ExperimentConfig:
@@ -231,7 +227,7 @@ def parse_yaml(text: str, where: str) -> Any:
   try:
     return yaml.load(text, Loader=_Loader)  # a SafeLoader: plain data only
   except yaml.YAMLError as err:
-    raise ValueError(f"{where}: invalid YAML: {_one_line(err)}") from None
+    raise ValueError(f"{where}: invalid YAML: {one_line(err)}") from None
 
 
 BASE_KEY = "base"

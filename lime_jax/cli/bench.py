@@ -1,0 +1,72 @@
+"""`lime-jax bench`: memory, FLOPs, compile and step time of a train step vs depth, baseline vs
+LIMe (lime_jax/studies/bench.py says what each number is)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from lime_jax.studies.bench import (bench_decode, bench_point, format_tables, ratio_rows,
+                                    variant_config)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--depths", default="8,16,32,64,128", help="comma-separated layer counts")
+  parser.add_argument("--routers", default="none,kv-static",
+                      help="comma-separated variants: a router or a cross-layer baseline"
+                           " (hyper-static, hyper-dynamic, denseformer), each optionally with"
+                           " :key=value model overrides, e.g. kv-static:router_window=4")
+  parser.add_argument("--width", type=int, default=256)
+  parser.add_argument("--heads", type=int, default=4)
+  parser.add_argument("--kv-heads", type=int, default=4)
+  parser.add_argument("--mlp", type=int, default=1024)
+  parser.add_argument("--vocab", type=int, default=256, help="256 = byte vocabulary")
+  parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--length", type=int, default=256)
+  parser.add_argument("--steps", type=int, default=3, help="timed steps per point (median)")
+  parser.add_argument("--remat", default="none")
+  parser.add_argument("--decode", action="store_true",
+                      help="also time greedy cached decoding (--length/2 prompt tokens, then"
+                           " --decode-tokens new ones) and report the KV cache's bytes")
+  parser.add_argument("--decode-tokens", type=int, default=64)
+  parser.add_argument("--json", default=None, help="write the records to this JSON file")
+
+
+def _parse_ints(text: str, flag: str) -> list[int]:
+  try:
+    values = [int(v) for v in text.split(",") if v.strip()]
+  except ValueError:
+    raise SystemExit(f"lime-jax bench: {flag} must be comma-separated integers, got {text!r}")
+  if not values or min(values) < 1:
+    raise SystemExit(f"lime-jax bench: {flag} needs positive integers, got {text!r}")
+  return values
+
+
+def run(args: argparse.Namespace) -> int:
+  depths = _parse_ints(args.depths, "--depths")
+  routers = [r.strip() for r in args.routers.split(",") if r.strip()]
+  records = []
+  for depth in depths:
+    for router in routers:
+      try:
+        cfg = variant_config(router, V=args.vocab, D=args.width, L=depth, H=args.heads,
+                             R=args.kv_heads, F=args.mlp, T=args.length, remat_policy=args.remat)
+      except ValueError as err:
+        raise SystemExit(f"lime-jax bench: {err}")
+      record = dict(bench_point(cfg, args.batch, args.steps), router=router)  # the variant's label
+      if args.decode:
+        record.update(bench_decode(cfg, args.batch, args.length // 2, args.decode_tokens))
+        print(f"router={router:9s} depth={depth:4d} decode={record['decode_tokens_per_s']:8.1f}"
+              f" tokens/s cache={record['cache_bytes'] / 2**20:7.2f} MiB", flush=True)
+      print(f"router={router:9s} depth={depth:4d} temp={record['temp_bytes'] / 2**20:9.1f} MiB"
+            f" flops={record['flops'] / 1e9:9.2f} G compile={record['compile_s']:6.2f} s"
+            f" step={record['step_s']:7.3f} s", flush=True)
+      records.append(dict(record, _cfg=cfg))
+  rows = ratio_rows(records, args.batch)
+  print()
+  print(format_tables(records, rows))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump([{k: v for k, v in r.items() if not k.startswith("_")} for r in records], f,
+                indent=1)
+  return 0
