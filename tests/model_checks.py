@@ -5,6 +5,7 @@ import jax
 import numpy as np
 
 from lime_jax.model import transformer as M
+from lime_jax.model import stack
 from lime_jax.train.loss import mean_loss
 
 
@@ -38,9 +39,9 @@ def assert_scan_matches_unrolled(scan_cfg, params):
   tokens_BxT = tokens(scan_cfg, T=scan_cfg.T + 1)
   loss_and_grad = jax.jit(jax.value_and_grad(next_token_loss), static_argnums=1)
   loss_s, grads_s = loss_and_grad(params, scan_cfg, tokens_BxT)
-  loss_u, grads_u = loss_and_grad(M.convert_layout(params, scan_cfg, unrolled_cfg), unrolled_cfg,
+  loss_u, grads_u = loss_and_grad(stack.convert_layout(params, scan_cfg, unrolled_cfg), unrolled_cfg,
                                   tokens_BxT)
   np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
-  chex.assert_trees_all_close(grads_s, M.convert_layout(grads_u, unrolled_cfg, scan_cfg),
+  chex.assert_trees_all_close(grads_s, stack.convert_layout(grads_u, unrolled_cfg, scan_cfg),
                               rtol=1e-5, atol=1e-6)
   return grads_s

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from lime_jax.studies import bench
-from lime_jax.model import connections
+from lime_jax.model.mixers import denseformer
 from lime_jax.inference import decode
 from lime_jax.model import flops
 from lime_jax.model import transformer as M
+from lime_jax.model import stack
 from lime_jax.config import ModelConfig
 from lime_jax.train.optimizer import param_labels
 import model_checks
@@ -64,7 +65,7 @@ def test_shapes():
     logits = jax.eval_shape(M.Transformer(cfg).apply, {"params": params}, _tokens(cfg, 3, 11))
     chex.assert_shape(logits, (3, 11, cfg.V))
     chex.assert_type(logits, jnp.float32)
-    stacked = jax.eval_shape(lambda p: M.stacked_layer_params(p, cfg), params)
+    stacked = jax.eval_shape(lambda p: stack.stacked_layer_params(p, cfg), params)
     L, n = cfg.L, cfg.hc_expansion
     if name == "denseformer":
       chex.assert_shape(stacked["denseformer"]["dwa"], (L, L))
@@ -90,9 +91,9 @@ def test_init_equals_baseline(name):
     cfg = VARIANTS[name].replace(norm_eps=eps)
     base_params = M.init_params(base_cfg, jax.random.key(0))
     params = M.init_params(cfg, jax.random.key(5))
-    stacked = dict(M.stacked_layer_params(params, cfg))
-    stacked.update(M.stacked_layer_params(base_params, base_cfg))
-    params = M.with_stacked_layer_params({**base_params, "layers": params["layers"]}, stacked, cfg)
+    stacked = dict(stack.stacked_layer_params(params, cfg))
+    stacked.update(stack.stacked_layer_params(base_params, base_cfg))
+    params = stack.with_stacked_layer_params({**base_params, "layers": params["layers"]}, stacked, cfg)
     tokens = _tokens(cfg)
     base_logits = np.asarray(apply(base_params, base_cfg, tokens))
     logits = np.asarray(apply(params, cfg, tokens))
@@ -104,12 +105,12 @@ def test_init_equals_baseline(name):
       np.testing.assert_allclose(logits, base_logits, atol=5e-3)
   # Init values per the papers / spec section 6.
   if name == "denseformer":
-    alpha = np.asarray(connections.dwa_weights(
-        M.stacked_layer_params(params, cfg)["denseformer"]["dwa"],
+    alpha = np.asarray(denseformer.dwa_weights(
+        stack.stacked_layer_params(params, cfg)["denseformer"]["dwa"],
         params["layers"]["denseformer_input"]["dwa"], cfg))
     np.testing.assert_array_equal(alpha, np.eye(cfg.L, cfg.L + 1, k=1))
   else:
-    alpha = np.asarray(M.stacked_layer_params(params, cfg)["hc_mlp"]["hc_alpha"])
+    alpha = np.asarray(stack.stacked_layer_params(params, cfg)["hc_mlp"]["hc_alpha"])
     n = cfg.hc_expansion
     for l in range(cfg.L):
       np.testing.assert_array_equal(alpha[l, :, 0], np.eye(n)[(2 * l + 1) % n])
@@ -128,10 +129,10 @@ def test_scan_and_unrolled_agree(name):
   scan_cfg = VARIANTS[name]
   grads_s = model_checks.assert_scan_matches_unrolled(scan_cfg, _random_params(scan_cfg))
   if name.startswith("denseformer"):  # dead averaging weights: exactly zero gradient
-    live = connections.dwa_live_mask(scan_cfg.L, scan_cfg.denseformer_dilation,
+    live = denseformer.dwa_live_mask(scan_cfg.L, scan_cfg.denseformer_dilation,
                                      scan_cfg.denseformer_period)  # [source, reader]
     grad_SxL = np.concatenate([np.asarray(grads_s["layers"]["denseformer_input"]["dwa"])[None],
-                               np.asarray(M.stacked_layer_params(grads_s, scan_cfg)
+                               np.asarray(stack.stacked_layer_params(grads_s, scan_cfg)
                                           ["denseformer"]["dwa"])])
     assert np.all(grad_SxL[~live] == 0.0) and np.all(grad_SxL[live] != 0.0)
 
@@ -163,7 +164,7 @@ def _np_sublayers(p, cfg, l, T):
 
 
 def _np_reference_logits(params, cfg, tokens_T):
-  p = jax.tree.map(lambda a: np.asarray(a, np.float64), M.stacked_layer_params(params, cfg))
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), stack.stacked_layer_params(params, cfg))
   embed = np.asarray(params["embed"], np.float64)
   x0 = embed[np.asarray(tokens_T)]
   T, n = x0.shape[0], cfg.hc_expansion
@@ -240,12 +241,12 @@ def test_parameter_count_is_exact(name):
   stored = sum(x.size for x in jax.tree.leaves(params))
   dead = 0
   if cfg.connections == "denseformer":  # stored [L+1, L], of which the live ones are parameters
-    dead = (cfg.L + 1) * cfg.L - connections.num_denseformer_params(cfg)
+    dead = (cfg.L + 1) * cfg.L - denseformer.num_denseformer_params(cfg)
   assert stored - dead == flops.total_params(cfg)
   assert flops.total_params(cfg) - flops.total_params(BASE.replace(L=cfg.L)) == \
-      flops.connection_params(cfg)
+      flops.mixer_params(cfg)
   if name == "denseformer":
-    assert flops.connection_params(cfg) == cfg.L * (cfg.L + 3) // 2  # the paper's count
+    assert flops.mixer_params(cfg) == cfg.L * (cfg.L + 3) // 2  # the paper's count
   labels = jax.tree_util.tree_leaves_with_path(param_labels(params))
   assert {g for p, g in labels if _is_connection(p)} == {"no_decay"}
 
@@ -270,7 +271,7 @@ def test_flops_match_cost_analysis(name):
   if name == "denseformer":
     formula = 3 * 2 * flops.executed_push_macs_per_token(cfg) * B * cfg.T
   else:
-    formula = 3 * 2 * flops.connection_macs_per_token(cfg) * B * cfg.T
+    formula = 3 * 2 * flops.mixer_macs_per_token(cfg) * B * cfg.T
   assert 0.75 < measured / formula < 1.25, (measured, formula)
 
 

@@ -10,6 +10,7 @@ import pytest
 from lime_jax.cli import generate as generate_cmd
 from lime_jax.inference import decode
 from lime_jax.model import transformer as M
+from lime_jax.model import stack
 from lime_jax.config import ModelConfig
 
 # L=3 with two segments: the scanned LIMe stack runs segments of 1 and 2 layers.
@@ -24,14 +25,14 @@ def _params(cfg):
   def init(rng):
     params = M.init_params(cfg, rng)
     if cfg.is_lime:  # random values in every stored router entry, masked ones included
-      stacked = M.stacked_layer_params(params, cfg)
+      stacked = stack.stacked_layer_params(params, cfg)
       router = jax.random.normal(jax.random.fold_in(rng, 1), stacked["router"].shape)
-      params = M.with_stacked_layer_params(params, dict(stacked, router=router), cfg)
+      params = stack.with_stacked_layer_params(params, dict(stacked, router=router), cfg)
     return params
   return jax.jit(init)(jax.random.key(0))
 
 
-_convert_layout = jax.jit(M.convert_layout, static_argnums=(1, 2))
+_convert_layout = jax.jit(stack.convert_layout, static_argnums=(1, 2))
 
 
 def _tokens(cfg, B, T, seed=1):

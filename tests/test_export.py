@@ -16,7 +16,8 @@ from lime_jax.cli import export as export_cmd
 from lime_jax.cli import import_ as import_cmd
 from lime_jax.interop import hf as export
 from lime_jax.model import transformer as model
-from lime_jax.model import kv_routing as routing
+from lime_jax.model import stack
+from lime_jax.model.mixers import kv_routing as routing
 from lime_jax.config import ModelConfig
 
 MHA = dict(V=61, D=32, L=3, H=4, R=4, F=48, T=16)
@@ -64,12 +65,12 @@ def _trained_like(cfg: ModelConfig, seed: int = 0) -> dict:
 
   params = jax.tree_util.tree_map_with_path(draw, abstract)
   if cfg.is_lime:
-    stacked = model.stacked_layer_params(params, cfg)
+    stacked = stack.stacked_layer_params(params, cfg)
     canonical = np.zeros((cfg.L, cfg.L, cfg.R, cfg.R), np.float32)
     canonical[0, 0] = np.eye(cfg.R)
     learnable = routing.learnable_mask(cfg.L)[:, :, None, None]
     router = jnp.asarray(np.where(learnable, np.asarray(stacked["router"]), canonical))
-    params = model.with_stacked_layer_params(params, {**stacked, "router": router}, cfg)
+    params = stack.with_stacked_layer_params(params, {**stacked, "router": router}, cfg)
   return params
 
 
@@ -165,11 +166,11 @@ def test_reference_forward_of_export_matches_flax(tmp_path, shape, router, tied)
 def test_export_ignores_masked_router_entries(tmp_path):
   cfg = _cfg(GQA, "kv-static", tied=True)
   params = _trained_like(cfg)
-  stacked = model.stacked_layer_params(params, cfg)
+  stacked = stack.stacked_layer_params(params, cfg)
   garbage = jax.random.normal(jax.random.key(7), stacked["router"].shape)
   learnable = jnp.asarray(routing.learnable_mask(cfg.L))[:, :, None, None]
   router = jnp.where(learnable, stacked["router"], garbage)
-  noisy = model.with_stacked_layer_params(params, {**stacked, "router": router}, cfg)
+  noisy = stack.with_stacked_layer_params(params, {**stacked, "router": router}, cfg)
   export.export_params(noisy, cfg, str(tmp_path / "noisy"))
   export.export_params(params, cfg, str(tmp_path / "clean"))
   noisy_t = load_file(str(tmp_path / "noisy" / "model.safetensors"))
@@ -218,11 +219,11 @@ def test_import_into_another_layout_and_dtype(tmp_path):
   unrolled = cfg.replace(scan_layers=False)
   imported, got_cfg = export.import_params(str(tmp_path), unrolled)
   assert got_cfg == unrolled
-  _assert_trees_equal(imported, model.convert_layout(params, cfg, unrolled))
+  _assert_trees_equal(imported, stack.convert_layout(params, cfg, unrolled))
   bf16 = cfg.replace(param_dtype="bfloat16")
   imported, _ = export.import_params(str(tmp_path), bf16)
   assert imported["embed"].dtype == jnp.bfloat16
-  assert model.stacked_layer_params(imported, bf16)["router"].dtype == jnp.float32  # as init
+  assert stack.stacked_layer_params(imported, bf16)["router"].dtype == jnp.float32  # as init
   export.export_params(imported, bf16, str(tmp_path / "bf16"))  # bf16 -> f32 -> bf16 is exact
   _assert_trees_equal(export.import_params(str(tmp_path / "bf16"), bf16)[0], imported)
 
@@ -271,7 +272,7 @@ def test_file_names_shapes_and_config(tmp_path, router):
   assert all(v.dtype == np.float32 for v in tensors.values())
 
   # Spot-check individual entries against our parameter layout.
-  stacked = model.stacked_layer_params(params, cfg)
+  stacked = stack.stacked_layer_params(params, cfg)
   l, h, r, d, dd = 1, 1, 1, 3, 5
   np.testing.assert_array_equal(tensors["model.layers.1.self_attn.q_proj.weight"][h * Hd + d, dd],
                                 stacked["attn"]["q_proj"][l, dd, h, d])
@@ -448,10 +449,10 @@ def test_pruned_kv_router_exports_with_its_zeros_baked_in(tmp_path):
   from lime_jax.model import top_p  # pylint: disable=g-import-not-at-top
   cfg = _cfg(GQA, "kv-static", tied=True).replace(top_p=0.5)
   trained = _trained_like(cfg.replace(top_p=None), seed=5)
-  stacked = model.stacked_layer_params(trained, cfg.replace(top_p=None))
+  stacked = stack.stacked_layer_params(trained, cfg.replace(top_p=None))
   stacked["top_p_mask"] = jnp.ones_like(stacked["router"])
-  params = top_p.refresh(model.with_stacked_layer_params(trained, stacked, cfg), cfg, jnp.int32(0))
-  assert 0 < float(model.stacked_layer_params(params, cfg)["top_p_mask"].mean()) < 1
+  params = top_p.refresh(stack.with_stacked_layer_params(trained, stacked, cfg), cfg, jnp.int32(0))
+  assert 0 < float(stack.stacked_layer_params(params, cfg)["top_p_mask"].mean()) < 1
   export.export_params(params, cfg, str(tmp_path))
   imported, imported_cfg = export.import_params(str(tmp_path))
   assert imported_cfg == cfg.replace(top_p=None)

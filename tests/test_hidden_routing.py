@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from lime_jax.model import flops
-from lime_jax.model import hidden_routing as hr
+from lime_jax.model.mixers import hidden_routing as hr
 from lime_jax.model import transformer as M
+from lime_jax.model import stack
 from lime_jax.config import ModelConfig
-from lime_jax.model.hidden_stack import HiddenLayerStack
+from lime_jax.model.stack import LayerStack
 from lime_jax.train.step import loss_fn
 import model_checks
 
@@ -27,13 +28,13 @@ def _params(cfg):
   """Random routers (masked entries included) and norm scales, so every path is exercised."""
   def init(rng):
     params = M.init_params(cfg, rng)
-    stacked = M.stacked_layer_params(params, cfg)
+    stacked = stack.stacked_layer_params(params, cfg)
     router = jax.random.normal(jax.random.fold_in(rng, 1), stacked["router"].shape)
     if cfg.router == "hidden-dynamic":
       router = router / cfg.D ** 0.5
     scale = 1 + 0.3 * jax.random.normal(jax.random.fold_in(rng, 2), (cfg.L, cfg.D))
     stacked = dict(stacked, router=router, source_norm={"scale": scale})
-    return M.with_stacked_layer_params(params, stacked, cfg)
+    return stack.with_stacked_layer_params(params, stacked, cfg)
   return jax.jit(init)(jax.random.key(0))
 
 
@@ -48,7 +49,7 @@ def test_shapes_and_layout(router):
   chex.assert_shape(logits_BxTxV, (3, 11, cfg.V))
   chex.assert_type(logits_BxTxV, jnp.float32)
   chex.assert_tree_all_finite(logits_BxTxV)
-  stacked = M.stacked_layer_params(params, cfg)
+  stacked = stack.stacked_layer_params(params, cfg)
   chex.assert_shape(stacked["kv_proj"], (cfg.L, cfg.D, cfg.H, 2, cfg.Hd))  # per query head
   chex.assert_shape(stacked["source_norm"]["scale"], (cfg.L, cfg.D))
   router_shape = (cfg.L, cfg.H, cfg.L) if router == "hidden-static" else (cfg.L, cfg.D, cfg.H, cfg.L)
@@ -65,7 +66,7 @@ def test_pull_form_equals_autodiff_through_the_carried_buffer(router):
     probe_BxTxD = jax.random.normal(jax.random.key(3), x_BxTxD.shape)
 
     def loss(p, x, naive):
-      out, _ = HiddenLayerStack(cfg, naive=naive).apply({"params": p}, x, positions_BxT)
+      out, _ = LayerStack(cfg, naive=naive).apply({"params": p}, x, positions_BxT)
       return jnp.sum(jnp.tanh(out) * probe_BxTxD)
 
     value_and_grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
@@ -80,7 +81,7 @@ def test_scan_and_unrolled_agree(router):
   scan_cfg = CFG.replace(router=router)
   grads_s = model_checks.assert_scan_matches_unrolled(scan_cfg, _params(scan_cfg))
   # Layer 0 is a plain layer; sources after the reader are masked: exactly zero gradient.
-  stacked = M.stacked_layer_params(grads_s, scan_cfg)
+  stacked = stack.stacked_layer_params(grads_s, scan_cfg)
   assert np.all(np.asarray(stacked["router"][0]) == 0)
   assert np.all(np.asarray(stacked["source_norm"]["scale"][0]) == 0)
   router_LxxL = np.asarray(stacked["router"])
@@ -123,7 +124,7 @@ def _np_rope(x_TxNxHd, theta):
 
 
 def _np_reference_logits(params, cfg, tokens_T):
-  p = jax.tree.map(lambda a: np.asarray(a, np.float64), M.stacked_layer_params(params, cfg))
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), stack.stacked_layer_params(params, cfg))
   embed = np.asarray(params["embed"], np.float64)
   x = embed[np.asarray(tokens_T)]
   T = x.shape[0]
@@ -171,7 +172,7 @@ def test_matches_loop_reference(router, scan_layers, window):
   cfg = CFG.replace(router=router, scan_layers=scan_layers, router_window=window)
   params = _params(cfg.replace(scan_layers=True))
   if not scan_layers:
-    params = M.convert_layout(params, cfg.replace(scan_layers=True), cfg)
+    params = stack.convert_layout(params, cfg.replace(scan_layers=True), cfg)
   tokens_BxT = _tokens(cfg, B=2, T=10)
   logits = np.asarray(jax.jit(M.Transformer(cfg).apply)({"params": params}, tokens_BxT))
   for b in range(2):
@@ -181,14 +182,14 @@ def test_matches_loop_reference(router, scan_layers, window):
 
 def test_init_follows_spec():
   cfg = CFG.replace(L=6)
-  stacked = M.stacked_layer_params(M.init_params(cfg, jax.random.key(0)), cfg)
+  stacked = stack.stacked_layer_params(M.init_params(cfg, jax.random.key(0)), cfg)
   logits_LxHxL = np.asarray(stacked["router"])
   live = np.tril(np.ones((cfg.L, cfg.L), bool))[:, None, :].repeat(cfg.H, 1)
   assert np.all(logits_LxHxL[~live] == 0)
   assert 0.07 < logits_LxHxL[live].std() < 0.13  # N(0, 1) * 0.1
   np.testing.assert_array_equal(stacked["source_norm"]["scale"], 1.0)
   dyn_cfg = cfg.replace(router="hidden-dynamic")
-  dynamic = np.asarray(M.stacked_layer_params(M.init_params(dyn_cfg, jax.random.key(0)),
+  dynamic = np.asarray(stack.stacked_layer_params(M.init_params(dyn_cfg, jax.random.key(0)),
                                               dyn_cfg)["router"])
   dynamic_LxHxLxD = dynamic.transpose(0, 2, 3, 1)
   assert np.all(dynamic_LxHxLxD[~live] == 0)
@@ -201,12 +202,12 @@ def test_parameter_count(router, window, dilation):
   cfg = CFG.replace(router=router, router_window=window, router_dilation=dilation, L=6)
   shapes = jax.eval_shape(functools.partial(M.init_params, cfg), jax.random.key(0))
   size = sum(x.size for x in jax.tree.leaves(shapes))
-  stacked = jax.eval_shape(lambda p: M.stacked_layer_params(p, cfg), shapes)
+  stacked = jax.eval_shape(lambda p: stack.stacked_layer_params(p, cfg), shapes)
   stored = stacked["router"].size + stacked["source_norm"]["scale"].size
   live = hr.routing.live_mask(cfg.L, window, dilation)[:, 1:].sum()  # readers >= 1
   per_pair = cfg.H if router == "hidden-static" else cfg.D * cfg.H
   learnable = per_pair * live + (cfg.L - 1) * cfg.D
-  assert flops.router_params(cfg) == learnable
+  assert flops.mixer_params(cfg) == learnable
   base = cfg.replace(router="none", router_window=None, router_dilation=None)
   assert size - stored + learnable == flops.total_params(cfg) == flops.total_params(base) + learnable
   if window is None and dilation is None:
@@ -238,7 +239,7 @@ def _stack_grad_temp_bytes(cfg, naive, B=2, T=64):
   positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
 
   def loss(p, x):
-    out, _ = HiddenLayerStack(cfg, naive=naive).apply({"params": p}, x, positions_BxT)
+    out, _ = LayerStack(cfg, naive=naive).apply({"params": p}, x, positions_BxT)
     return jnp.sum(out)
 
   x = jax.ShapeDtypeStruct((B, T, cfg.D), jnp.float32)

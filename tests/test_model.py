@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from lime_jax.model import transformer as M
-from lime_jax.model import kv_routing as routing
+from lime_jax.model import stack
+from lime_jax.model.mixers import kv_routing as routing
 from lime_jax.config import ModelConfig
 import model_checks
 
@@ -21,9 +22,9 @@ _tokens = model_checks.tokens
 
 def _randomize_routers(params, cfg, seed=3):
   """Random values in every stored router entry, masked ones included."""
-  stacked = M.stacked_layer_params(params, cfg)
+  stacked = stack.stacked_layer_params(params, cfg)
   stacked = dict(stacked, router=jax.random.normal(jax.random.key(seed), stacked["router"].shape))
-  return M.with_stacked_layer_params(params, stacked, cfg)
+  return stack.with_stacked_layer_params(params, stacked, cfg)
 
 
 _loss = model_checks.next_token_loss
@@ -42,7 +43,7 @@ class ShapeTest(chex.TestCase):
         chex.assert_shape(logits_BxTxV, (3, 11, c.V))
         chex.assert_type(logits_BxTxV, jnp.float32)
         chex.assert_tree_all_finite(logits_BxTxV)
-        stacked = M.stacked_layer_params(params, c)
+        stacked = stack.stacked_layer_params(params, c)
         chex.assert_shape(stacked["kv_proj"], (c.L, c.D, c.R, 2, c.Hd))
         chex.assert_shape(stacked["attn"]["q_proj"], (c.L, c.D, c.H, c.Hd))
         if c.is_lime:
@@ -104,7 +105,7 @@ def _np_spec_router(push_LsrcxLxRxR, l):
 
 
 def _np_reference_logits(params, cfg, tokens_T):
-  p = jax.tree.map(lambda a: np.asarray(a, np.float64), M.stacked_layer_params(params, cfg))
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), stack.stacked_layer_params(params, cfg))
   embed = np.asarray(params["embed"], np.float64)
   x = embed[np.asarray(tokens_T)]
   T = x.shape[0]
@@ -150,12 +151,12 @@ def test_matches_loop_reference(cfg, router, scan_layers):
   if cfg.is_lime:
     # Random routers with masked entries set to zero: the reference reads stored values as is,
     # so this also checks that masked entries are never used.
-    stacked = M.stacked_layer_params(params, cfg)
+    stacked = stack.stacked_layer_params(params, cfg)
     random = jax.random.normal(jax.random.key(5), stacked["router"].shape)
     keep = jnp.asarray(routing.learnable_mask(cfg.L))[:, :, None, None]
     eye = jnp.zeros_like(random).at[0, 0].set(jnp.eye(cfg.R))
     stacked = dict(stacked, router=jnp.where(keep, random, 0.0) + eye)
-    params = M.with_stacked_layer_params(params, stacked, cfg)
+    params = stack.with_stacked_layer_params(params, stacked, cfg)
   tokens_BxT = _tokens(cfg, B=2, T=10)
   logits = np.asarray(M.Transformer(cfg).apply({"params": params}, tokens_BxT))
   for b in range(2):
@@ -167,7 +168,7 @@ def test_router_view_is_the_spec_layout():
   cfg = GQA
   params = _randomize_routers(M.init_params(cfg, jax.random.key(0)), cfg)
   W = np.asarray(M.router_weights(params, cfg))
-  push = np.asarray(M.stacked_layer_params(params, cfg)["router"])
+  push = np.asarray(stack.stacked_layer_params(params, cfg)["router"])
   for i in range(cfg.L):
     for j in range(cfg.L):
       expected = push[j, i] if (j <= i and (i, j) != (0, 0)) else 0.0
@@ -182,10 +183,10 @@ def test_identity_router_equals_baseline(scan_layers):
   lime_cfg = base_cfg.replace(router="kv-static")
   base_params = M.init_params(base_cfg, jax.random.key(0))
   lime_params = M.init_params(lime_cfg, jax.random.key(1))
-  stacked = dict(M.stacked_layer_params(base_params, base_cfg))
+  stacked = dict(stack.stacked_layer_params(base_params, base_cfg))
   # Identity on the layer's own heads, zero elsewhere; kv projection = the baseline's k and v.
   stacked["router"] = jnp.eye(lime_cfg.L)[:, :, None, None] * jnp.eye(lime_cfg.R)[None, None]
-  lime_params = M.with_stacked_layer_params(
+  lime_params = stack.with_stacked_layer_params(
       {**base_params, "layers": lime_params["layers"]}, stacked, lime_cfg)
   tokens_BxT = _tokens(base_cfg)
   base_logits = M.Transformer(base_cfg).apply({"params": base_params}, tokens_BxT)
@@ -204,10 +205,10 @@ def test_init_follows_spec():
     if i:
       assert np.abs(off).max() <= bound and np.abs(off).max() > 0.5 * bound
     assert np.all(W[i, :, i + 1:, :] == 0)
-  kv = np.asarray(M.stacked_layer_params(params, cfg)["kv_proj"])
+  kv = np.asarray(stack.stacked_layer_params(params, cfg)["kv_proj"])
   assert np.abs(kv).max() <= 1 / np.sqrt(cfg.D) and np.abs(kv).max() > 0.9 / np.sqrt(cfg.D)
   base = M.init_params(cfg.replace(router="none"), jax.random.key(0))
-  base_kv = np.asarray(M.stacked_layer_params(base, cfg.replace(router="none"))["kv_proj"])
+  base_kv = np.asarray(stack.stacked_layer_params(base, cfg.replace(router="none"))["kv_proj"])
   assert abs(base_kv.std() - 0.02) < 0.002
 
 
@@ -218,7 +219,7 @@ def test_masked_router_entries_get_zero_gradient_and_stay_zero(scan_layers):
   cfg = GQA.replace(scan_layers=scan_layers, scan_segments=2)
   params = M.init_params(cfg, jax.random.key(0))
   grads = jax.jit(jax.grad(_loss), static_argnums=1)(params, cfg, _tokens(cfg, T=cfg.T + 1))
-  router_grad = np.asarray(M.stacked_layer_params(grads, cfg)["router"])  # [L_src, L_reader, R, R]
+  router_grad = np.asarray(stack.stacked_layer_params(grads, cfg)["router"])  # [L_src, L_reader, R, R]
   mask = routing.learnable_mask(cfg.L)
   assert np.all(router_grad[~mask] == 0.0)
   nonzero_entries = int(np.count_nonzero(router_grad))
@@ -227,8 +228,8 @@ def test_masked_router_entries_get_zero_gradient_and_stay_zero(scan_layers):
   tx = make_optimizer(OptimConfig(warmup_steps=0))
   updates, _ = tx.update(grads, tx.init(params), params)
   new_params = optax.apply_updates(params, updates)
-  before = np.asarray(M.stacked_layer_params(params, cfg)["router"])
-  after = np.asarray(M.stacked_layer_params(new_params, cfg)["router"])
+  before = np.asarray(stack.stacked_layer_params(params, cfg)["router"])
+  after = np.asarray(stack.stacked_layer_params(new_params, cfg)["router"])
   source_after_reader = ~np.tril(np.ones((cfg.L, cfg.L), bool)).T  # j > i
   assert np.all(after[source_after_reader] == 0.0)
   np.testing.assert_array_equal(after[~mask], before[~mask])

@@ -9,7 +9,8 @@ import pytest
 
 from lime_jax.model import flops
 from lime_jax.model import transformer as M
-from lime_jax.model import kv_routing as routing
+from lime_jax.model import stack
+from lime_jax.model.mixers import kv_routing as routing
 from lime_jax.config import ModelConfig
 from lime_jax.train.loss import mean_loss
 
@@ -69,9 +70,9 @@ def _loss(params, cfg, tokens_BxT):
 
 def _random_router_params(cfg, seed=0):
   params = M.init_params(cfg, jax.random.key(seed))
-  stacked = M.stacked_layer_params(params, cfg)
+  stacked = stack.stacked_layer_params(params, cfg)
   stacked = dict(stacked, router=jax.random.normal(jax.random.key(7), stacked["router"].shape))
-  return M.with_stacked_layer_params(params, stacked, cfg)
+  return stack.with_stacked_layer_params(params, stacked, cfg)
 
 
 @pytest.mark.parametrize("window, dilation", SPARSE)
@@ -80,25 +81,25 @@ def test_sparse_equals_dense_with_dead_entries_zeroed(window, dilation):
   the dead entries zeroed; dense routing is checked against the loop reference in test_model."""
   sparse = CFG.replace(router_window=window, router_dilation=dilation)
   params = _random_router_params(sparse)  # dead entries hold random values: must be ignored
-  stacked = M.stacked_layer_params(params, sparse)
+  stacked = stack.stacked_layer_params(params, sparse)
   live = jnp.asarray(routing.live_mask(CFG.L, window, dilation))[:, :, None, None]
-  dense_params = M.with_stacked_layer_params(
+  dense_params = stack.with_stacked_layer_params(
       params, dict(stacked, router=jnp.where(live, stacked["router"], 0.0)), CFG)
   tokens_BxT = jax.random.randint(jax.random.key(1), (2, CFG.T + 1), 0, CFG.V)
   loss_and_grad = jax.jit(jax.value_and_grad(_loss), static_argnums=1)
   loss_d = jax.jit(_loss, static_argnums=1)(dense_params, CFG, tokens_BxT)
   loss_s, grads_s = loss_and_grad(params, sparse, tokens_BxT)
   unrolled = sparse.replace(scan_layers=False)
-  loss_u, grads_u = loss_and_grad(M.convert_layout(params, sparse, unrolled), unrolled, tokens_BxT)
+  loss_u, grads_u = loss_and_grad(stack.convert_layout(params, sparse, unrolled), unrolled, tokens_BxT)
   np.testing.assert_allclose(loss_s, loss_d, rtol=1e-6)
   np.testing.assert_allclose(loss_u, loss_d, rtol=1e-6)
-  chex.assert_trees_all_close(grads_s, M.convert_layout(grads_u, unrolled, sparse),
+  chex.assert_trees_all_close(grads_s, stack.convert_layout(grads_u, unrolled, sparse),
                               rtol=1e-5, atol=1e-6)
   # Dead entries: exactly zero gradient; live ones receive gradient; the count is exact.
-  router_grad = np.asarray(M.stacked_layer_params(grads_s, sparse)["router"])
+  router_grad = np.asarray(stack.stacked_layer_params(grads_s, sparse)["router"])
   learnable = routing.learnable_mask(CFG.L, window, dilation)
   assert np.all(router_grad[~learnable] == 0.0)
-  assert np.count_nonzero(router_grad) == flops.router_params(sparse)
+  assert np.count_nonzero(router_grad) == flops.mixer_params(sparse)
   W = np.asarray(M.router_weights(params, sparse))  # [reader, R, source, R]
   assert np.all(W.transpose(2, 0, 1, 3)[~routing.live_mask(CFG.L, window, dilation)] == 0.0)
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lime_jax.model import transformer as M
+from lime_jax.model import stack
 from lime_jax.model import top_p
 from lime_jax.config import ModelConfig
 from lime_jax.train.optimizer import OptimConfig, make_optimizer
@@ -57,7 +58,7 @@ def test_masks_prune_expected_entries():
 def test_kv_masks_prune_by_magnitude_per_reader_head():
   cfg = KV_CFG
   params = M.init_params(cfg, jax.random.key(3))
-  push = M.stacked_layer_params(params, cfg)["router"]  # [L_src, L_reader, R, R]
+  push = stack.stacked_layer_params(params, cfg)["router"]  # [L_src, L_reader, R, R]
   mask = np.asarray(top_p.kv_masks(push, cfg))
   W = np.asarray(M.router_weights(params, cfg.replace(top_p=None)), np.float64)  # [Li, R, Lj, R]
   for i in range(cfg.L):
@@ -80,18 +81,18 @@ def test_top_p_of_one_equals_the_unpruned_router(router):
   plain_cfg = cfg.replace(top_p=None)
   params = M.init_params(cfg, jax.random.key(0))
   params = top_p.refresh(params, cfg, jnp.int32(0))
-  plain = M.with_stacked_layer_params(
-      params, {k: v for k, v in M.stacked_layer_params(params, cfg).items() if k != "top_p_mask"},
+  plain = stack.with_stacked_layer_params(
+      params, {k: v for k, v in stack.stacked_layer_params(params, cfg).items() if k != "top_p_mask"},
       plain_cfg)
   batch = _batch(cfg)
   grad = jax.jit(jax.value_and_grad(loss_fn), static_argnums=1)
   loss, grads = grad(params, cfg, batch)
   plain_loss, plain_grads = grad(plain, plain_cfg, batch)
   assert float(loss) == float(plain_loss)
-  stacked = M.stacked_layer_params(grads, cfg)
+  stacked = stack.stacked_layer_params(grads, cfg)
   np.testing.assert_array_equal(stacked.pop("top_p_mask"), 0.0)
   jax.tree.map(np.testing.assert_array_equal, stacked,
-               M.stacked_layer_params(plain_grads, plain_cfg))
+               stack.stacked_layer_params(plain_grads, plain_cfg))
 
 
 @pytest.mark.parametrize("router", sorted(CFGS))
@@ -100,8 +101,8 @@ def test_mask_refreshes_only_on_schedule_and_pruned_logits_get_no_gradient(route
   tx = make_optimizer(OptimConfig(warmup_steps=0, router_lr=0.5))
   state = init_train_state(cfg, tx, jax.random.key(0))
   step = jax.jit(functools.partial(train_step, model_cfg=cfg, tx=tx))
-  mask_of = lambda params: np.asarray(M.stacked_layer_params(params, cfg)["top_p_mask"])
-  logits_of = lambda params: M.stacked_layer_params(params, cfg)["router"]
+  mask_of = lambda params: np.asarray(stack.stacked_layer_params(params, cfg)["top_p_mask"])
+  logits_of = lambda params: stack.stacked_layer_params(params, cfg)["router"]
   masks = []
   for n in range(4):
     expected = (np.asarray(_fresh_masks(logits_of(state.params), cfg)) if n % 2 == 0
@@ -113,4 +114,4 @@ def test_mask_refreshes_only_on_schedule_and_pruned_logits_get_no_gradient(route
   grads = jax.grad(loss_fn)(state.params, cfg, _batch(cfg))
   pruned = (mask_of(state.params) == 0)
   assert pruned.any()
-  assert np.all(np.asarray(M.stacked_layer_params(grads, cfg)["router"])[pruned] == 0)
+  assert np.all(np.asarray(stack.stacked_layer_params(grads, cfg)["router"])[pruned] == 0)

@@ -37,6 +37,7 @@ from safetensors.numpy import load_file, save_file
 
 from lime_jax.config import ModelConfig
 from lime_jax.errors import one_line
+from lime_jax.model import mixers, stack
 from lime_jax.model import transformer as model
 
 CONFIG_FILE = "config.json"
@@ -195,7 +196,7 @@ def to_hf_tensors(params: Mapping[str, Any], cfg: ModelConfig) -> dict[str, np.n
     return np.asarray(x).astype(np.float32)
 
   L, D, H, R, Hd = cfg.L, cfg.D, cfg.H, cfg.R, cfg.Hd
-  stacked = jax.tree.map(f32, model.stacked_layer_params(params, cfg))
+  stacked = jax.tree.map(f32, stack.stacked_layer_params(params, cfg))
   tensors = {"model.embed_tokens.weight": f32(params["embed"]),
              "model.norm.weight": f32(params["final_norm"]["scale"])}
   if not cfg.tie_embeddings:
@@ -265,7 +266,7 @@ def from_hf_tensors(tensors: Mapping[str, np.ndarray], cfg: ModelConfig,
          "final_norm": {"scale": get("model.norm.weight")}}
   if not cfg.tie_embeddings:
     top["unembed"] = get("lm_head.weight").T
-  params = model.with_stacked_layer_params(top, stacked, cfg)
+  params = stack.with_stacked_layer_params(top, stacked, cfg)
   # Cast to the dtypes init gives each leaf (routers stay float32 whatever param_dtype is).
   abstract = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
   if jax.tree.structure(abstract) != jax.tree.structure(params):
@@ -322,7 +323,7 @@ def _arch(cfg: ModelConfig) -> str:
 
 def export_params(params: Mapping[str, Any], cfg: ModelConfig, out_dir: str) -> None:
   """Writes `out_dir/model.safetensors` and `out_dir/config.json` (created or overwritten)."""
-  if cfg.connections != "none" or cfg.router not in ("none", "kv-static"):
+  if not mixers.build(cfg).exportable:
     raise ValueError(f"export: router={cfg.router!r}, connections={cfg.connections!r} has no"
                      " Hugging Face layout here; only Llama and LIMe kv-static export")
   tensors = to_hf_tensors(params, cfg)

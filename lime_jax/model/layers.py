@@ -1,5 +1,5 @@
 """Building blocks shared by every layer: RMSNorm, RoPE, causal GQA attention, SwiGLU MLP,
-and the key/value cache that attention appends to when decoding."""
+sub-block rematerialization, and the key/value cache that attention appends to when decoding."""
 
 from __future__ import annotations
 
@@ -35,6 +35,13 @@ def dtype_of(name: str) -> jnp.dtype:
   return jnp.dtype(name)
 
 
+def rms_normalize(x_xD: jax.Array, eps: float) -> jax.Array:
+  """x / rms(x) over the last axis, in float32: RMSNorm without its scale (the one RMS norm;
+  RMSNorm, the hidden routers' state buffer and hyper-connections' non-affine norms use it)."""
+  x32_xD = x_xD.astype(jnp.float32)
+  return x32_xD * jax.lax.rsqrt(jnp.mean(jnp.square(x32_xD), axis=-1, keepdims=True) + eps)
+
+
 class RMSNorm(nn.Module):
   """RMSNorm computed in float32, returned in the compute dtype."""
 
@@ -44,11 +51,28 @@ class RMSNorm(nn.Module):
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     scale_D = self.param("scale", logical(nn.initializers.ones, "norm"), (x_BxTxD.shape[-1],),
                          dtype_of(self.cfg.param_dtype))
-    x32_BxTxD = x_BxTxD.astype(jnp.float32)
-    rms_BxTx1 = jax.lax.rsqrt(jnp.mean(jnp.square(x32_BxTxD), axis=-1, keepdims=True)
-                              + self.cfg.norm_eps)
-    y_BxTxD = x32_BxTxD * rms_BxTx1 * scale_D.astype(jnp.float32)[None, None, :]
+    y_BxTxD = rms_normalize(x_BxTxD, self.cfg.norm_eps) * scale_D.astype(jnp.float32)[None, None, :]
     return y_BxTxD.astype(dtype_of(self.cfg.compute_dtype))
+
+
+# Remat policies by config name (config.REMAT_POLICIES; "none" means no remat).
+REMAT_POLICY_FNS = {
+    "full": None,  # save nothing inside the sub-block
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_proj": jax.checkpoint_policies.save_only_these_names("q_proj", "mlp_hidden"),
+}
+
+
+def maybe_remat(module_cls, cfg: ModelConfig):
+  """`module_cls`, rematerialized by the config's policy.
+
+  Only sub-blocks that do not own a cross-layer carry are rematerialized: a checkpoint whose
+  input is LIMe's accumulator would save one copy of it per layer (spec section 5).
+  """
+  if cfg.remat_policy == "none":
+    return module_cls
+  return nn.remat(module_cls, policy=REMAT_POLICY_FNS[cfg.remat_policy],
+                  prevent_cse=not cfg.scan_layers)
 
 
 def apply_rope(x_BxTxNxHd: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:

@@ -24,10 +24,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lime_jax.model import hidden_routing as hr
-from lime_jax.model import transformer as M
-from lime_jax.model import kv_routing as routing
 from lime_jax.config import ModelConfig
+from lime_jax.model import stack
+from lime_jax.model.mixers import hidden_routing as hr
+from lime_jax.model.mixers import kv_routing as routing
 
 
 def keep_mask(weights_xN: jax.Array, p: float) -> jax.Array:
@@ -67,8 +67,8 @@ def refresh(params: dict[str, Any], cfg: ModelConfig, step: jax.Array) -> dict[s
   """`params` with every layer's top_p_mask recomputed when step % top_p_refresh == 0."""
   if cfg.top_p is None:
     return params
-  stacked = M.stacked_layer_params(params, cfg)
+  stacked = stack.stacked_layer_params(params, cfg)
   router = jax.lax.stop_gradient(stacked["router"])
   new_mask = kv_masks(router, cfg) if cfg.router == "kv-static" else masks(router, cfg)
   mask = jnp.where(step % cfg.top_p_refresh == 0, new_mask, stacked["top_p_mask"])
-  return M.with_stacked_layer_params(params, dict(stacked, top_p_mask=mask), cfg)
+  return stack.with_stacked_layer_params(params, dict(stacked, top_p_mask=mask), cfg)

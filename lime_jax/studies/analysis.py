@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lime_jax.model import stack
 from lime_jax.model import transformer as M
 from lime_jax.config import ModelConfig
 
@@ -200,7 +201,7 @@ def collect_activations(params: dict[str, Any], cfg: ModelConfig, tokens_NxT: np
                         batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
   """Per-layer values [L, N, T, R*Hd] and hidden states [L, N, T, D], float32 numpy."""
   unrolled = cfg.replace(scan_layers=False)
-  params = M.convert_layout(params, cfg, unrolled) if cfg.scan_layers else params
+  params = stack.convert_layout(params, cfg, unrolled) if cfg.scan_layers else params
 
   @jax.jit
   def forward(p, tokens_BxT):

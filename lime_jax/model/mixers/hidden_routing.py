@@ -1,5 +1,4 @@
-"""LIMe hidden-state routing (the paper's v1, `router: hidden-static | hidden-dynamic`): the math
-and a pull-form layer stack with a hand-written VJP.
+"""LIMe hidden-state routing (the paper's v1, `router: hidden-static | hidden-dynamic`).
 
 States S_0 = the embeddings, S_j = the residual stream entering layer j. Layer l >= 1 reads
 S_0..S_l, each through one extra RMSNorm (one per reader layer), mixes them per query head h with
@@ -13,32 +12,27 @@ mixing: that is exactly "RMSNorm(S_j) with reader l's norm" for every j. Static 
 logits [H, L] per layer (init N(0, 1) * 0.1); dynamic ones a bias-free map [D, H, L] of the
 layer's normed input to per-token logits. Layer 0 is a plain (MHA) baseline layer.
 
-Memory. Push form (core routing.py) would need an accumulator slot per (reader, head): H times
-the states, [L, H, B, T, D]. Pushing projected K/V instead is out, since each reader has its own
+Memory. Push form (push.py) would need an accumulator slot per (reader, head): H times the
+states, [L, H, B, T, D]. Pushing projected K/V instead is out, since each reader has its own
 projections (a source would run every later reader's projection: L^2 / 2 of them). And dynamic
-weights depend on the reader's input, so cannot be pushed at all. Both routers therefore use the
-spec's pull form (section 5, design 2) in `pull_stack`: the forward scan carries the buffer of
-unit states [L, B, T, D] and saves only each layer's input and the final buffer; the backward
-scan recomputes layer l from its input and the final buffer, carrying one buffer-sized
-cotangent. Slots j > l of the final buffer hold later states, but reader l gives them weight
-exactly zero, so the recomputed layer equals the forward one. Memory is linear in depth; the
-price is one extra forward per layer in the backward (like full remat).
-The scans are split into segments (`scan_segments`) whose buffer holds only slots < the segment's
-end, which cuts the masked mixing work as the core's segments do.
+weights depend on the reader's input, so cannot be pushed at all. Both routers therefore carry
+the buffer of unit states [L, B, T, D] and train with the pull form (pull.py, `pulls = True`):
+memory linear in depth for one extra forward per layer in the backward.
 
 All routing math runs in float32 whatever the compute dtype.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable
-
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
 
-from lime_jax.model import kv_routing as routing
+from lime_jax.model import push
+from lime_jax.model.layers import dtype_of, logical, normal_init, rms_normalize
+from lime_jax.model.mixers import kv_routing as routing
+from lime_jax.model.mixers.base import Mixer
 
 
 def num_router_params(L: int, D: int, H: int, router: str, window: int | None = None,
@@ -80,12 +74,6 @@ def init_dynamic_router(rng: jax.Array, layer_idx, L: int, D: int, H: int,
   return jnp.where(live_L[None, None, :], w_DxHxL, 0.0)
 
 
-def unit_rms(x_BxTxD: jax.Array, eps: float) -> jax.Array:
-  """x / rms(x) in float32: RMSNorm without its scale."""
-  x32_BxTxD = x_BxTxD.astype(jnp.float32)
-  return x32_BxTxD * jax.lax.rsqrt(jnp.mean(jnp.square(x32_BxTxD), axis=-1, keepdims=True) + eps)
-
-
 def masked_softmax(logits_xN: jax.Array, keep_N: jax.Array) -> jax.Array:
   """Softmax over the kept sources (last axis), exactly zero with zero gradient elsewhere."""
   logits_xN = jnp.where(keep_N, logits_xN.astype(jnp.float32), -jnp.inf)
@@ -101,81 +89,6 @@ def mix(weights: jax.Array, buf_NxBxTxD: jax.Array, scale_D: jax.Array) -> jax.A
   return mixed_BxTxHxD * scale_D.astype(jnp.float32)[None, None, None, :]
 
 
-# --- the pull-form layer stack -------------------------------------------------------------------
-
-# layer_fn(params_l, x_BxTxD, buf_NxBxTxD, layer_idx, positions_BxT) -> (x_next, buf): one layer
-# that writes unit(x) into slot layer_idx of the buffer and reads slots 0..layer_idx.
-LayerFn = Callable[[Any, jax.Array, jax.Array, Any, jax.Array], tuple[jax.Array, jax.Array]]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def pull_stack(layer_fn: LayerFn, bounds: tuple[tuple[int, int], ...], unroll: int,
-               params_L: Any, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
-  """Runs the layers of `params_L` (leading layer axis) over segments `bounds`; returns the last
-  layer's output. Training memory: each layer's input and one buffer (see the module doc)."""
-  x_BxTxD, _, _ = _pull_forward(layer_fn, bounds, unroll, params_L, x_BxTxD, positions_BxT)
-  return x_BxTxD
-
-
-def _segment(tree: Any, start: int, stop: int) -> Any:
-  return jax.tree.map(lambda a: a[start:stop], tree)
-
-
-def _pull_forward(layer_fn, bounds, unroll, params_L, x_BxTxD, positions_BxT):
-  L = bounds[-1][1]
-  buf_LxBxTxD = jnp.zeros((L,) + x_BxTxD.shape, jnp.float32)
-  inputs = []
-  for start, stop in bounds:
-    def body(carry, layer):
-      x_BxTxD, buf_NxBxTxD = carry
-      params_l, l = layer
-      x_next, buf_NxBxTxD = layer_fn(params_l, x_BxTxD, buf_NxBxTxD, l, positions_BxT)
-      return (x_next, buf_NxBxTxD), x_BxTxD  # the layer's input: all the backward needs
-    # Slots >= stop are still empty and read by no layer of this segment.
-    (x_BxTxD, buf_NxBxTxD), inputs_SxBxTxD = jax.lax.scan(
-        body, (x_BxTxD, buf_LxBxTxD[:stop]),
-        (_segment(params_L, start, stop), jnp.arange(start, stop)),
-        unroll=min(unroll, stop - start))
-    buf_LxBxTxD = jnp.concatenate([buf_NxBxTxD, buf_LxBxTxD[stop:]])
-    inputs.append(inputs_SxBxTxD)
-  return x_BxTxD, buf_LxBxTxD, jnp.concatenate(inputs)
-
-
-def _pull_stack_fwd(layer_fn, bounds, unroll, params_L, x_BxTxD, positions_BxT):
-  x_out, buf_LxBxTxD, inputs_LxBxTxD = _pull_forward(layer_fn, bounds, unroll, params_L,
-                                                     x_BxTxD, positions_BxT)
-  return x_out, (params_L, inputs_LxBxTxD, buf_LxBxTxD, positions_BxT)
-
-
-def _pull_stack_bwd(layer_fn, bounds, unroll, residuals, dx_BxTxD):
-  params_L, inputs_LxBxTxD, buf_LxBxTxD, positions_BxT = residuals
-  dbuf_NxBxTxD = jnp.zeros_like(buf_LxBxTxD)
-  dparams = []
-  for start, stop in reversed(bounds):
-    final_NxBxTxD = buf_LxBxTxD[:stop]
-
-    def body(carry, layer):
-      dx_BxTxD, dbuf_NxBxTxD = carry
-      params_l, x_BxTxD, l = layer
-      # Recompute layer l against the final buffer: its slots > l have weight exactly zero.
-      _, vjp = jax.vjp(lambda p, x, b: layer_fn(p, x, b, l, positions_BxT),
-                       params_l, x_BxTxD, final_NxBxTxD)
-      dparams_l, dx_BxTxD, dbuf_NxBxTxD = vjp((dx_BxTxD, dbuf_NxBxTxD))
-      return (dx_BxTxD, dbuf_NxBxTxD), dparams_l
-
-    # Slots >= stop were written and zeroed by later segments; only [:stop] is still live.
-    (dx_BxTxD, dbuf_NxBxTxD), dparams_S = jax.lax.scan(
-        body, (dx_BxTxD, dbuf_NxBxTxD[:stop]),
-        (_segment(params_L, start, stop), inputs_LxBxTxD[start:stop], jnp.arange(start, stop)),
-        reverse=True, unroll=min(unroll, stop - start))
-    dparams.insert(0, dparams_S)
-  dparams_L = jax.tree.map(lambda *parts: jnp.concatenate(parts), *dparams)
-  return dparams_L, dx_BxTxD, None
-
-
-pull_stack.defvjp(_pull_stack_fwd, _pull_stack_bwd)
-
-
 def weight_view(logits_LxHxL: np.ndarray, L: int, window: int | None = None,
                 dilation: int | None = None, keep_LxHxL: np.ndarray | None = None) -> np.ndarray:
   """Static routers as mixing weights [L_reader, H, L_src] (softmax over live, kept sources);
@@ -185,3 +98,104 @@ def weight_view(logits_LxHxL: np.ndarray, L: int, window: int | None = None,
   if keep_LxHxL is not None:
     keep = keep & keep_LxHxL
   return np.asarray(masked_softmax(jnp.asarray(logits_LxHxL), jnp.asarray(keep)))
+
+
+class _Scale(nn.Module):
+  """A norm's scale [D] alone (the normalization is done once per state, in the buffer)."""
+
+  D: int
+  param_dtype: str
+
+  @nn.compact
+  def __call__(self) -> jax.Array:
+    return self.param("scale", logical(nn.initializers.ones, "norm"), (self.D,),
+                      dtype_of(self.param_dtype))
+
+
+class HiddenRouting(Mixer):
+  """`router: hidden-static | hidden-dynamic`. Carry: the buffer of unit-normed states
+  [L, B, T, D] (float32); layer l writes unit(S_l) into slot l and reads slots 0..l.
+
+  Per-layer parameters: source_norm (the extra norm's scale), router (static logits [H, L] or
+  dynamic map [D, H, L]), kv_proj [D, H, 2, Hd] (per query head: R = H) and, with top-p pruning,
+  a frozen top_p_mask [H, L] (top_p.py).
+  """
+
+  pulls = True
+  exportable = False
+
+  @property
+  def static(self) -> bool:
+    return self.cfg.router == "hidden-static"
+
+  def start(self, stack: nn.Module, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    del stack
+    return x_BxTxD, jnp.zeros((self.cfg.L,) + x_BxTxD.shape, jnp.float32)
+
+  def pull_segments(self) -> list[tuple[int, int]]:
+    """The pull form's scan segments (the nn.scan path has one: the routers are per reader)."""
+    return push.segment_bounds(self.cfg.L, self.cfg.scan_segments)
+
+  def kv(self, block: nn.Module, x_BxTxD: jax.Array, h_BxTxD: jax.Array, buf_NxBxTxD: jax.Array,
+         layer_idx) -> tuple[jax.Array, jax.Array]:
+    cfg = self.cfg
+    buf_NxBxTxD = jax.lax.dynamic_update_index_in_dim(
+        buf_NxBxTxD, rms_normalize(x_BxTxD, cfg.norm_eps), layer_idx, 0)
+    read_NxBxTxD = buf_NxBxTxD
+    if isinstance(layer_idx, int):  # unrolled: read only the written slots, the spec's work
+      read_NxBxTxD = buf_NxBxTxD[:layer_idx + 1]
+    N = read_NxBxTxD.shape[0]
+    window, dilation = cfg.router_window, cfg.router_dilation
+    keep_N = source_mask(layer_idx, N, window, dilation)
+    scale_D = _Scale(cfg.D, cfg.param_dtype, name="source_norm")()
+    if self.static:
+      logits_HxL = block.param("router", logical(
+          lambda rng: init_static_logits(rng, layer_idx, cfg.L, cfg.H, window, dilation),
+          None, "sources"))
+      keep_HxN = keep_N[None, :]
+      if cfg.top_p is not None:  # frozen (optimizer group "frozen"), refreshed by top_p.py
+        mask_HxL = block.param("top_p_mask", logical(nn.initializers.ones, None, "sources"),
+                               (cfg.H, cfg.L), jnp.float32)
+        keep_HxN = keep_HxN & (jax.lax.stop_gradient(mask_HxL[:, :N]) > 0.5)
+      weights = masked_softmax(logits_HxL[:, :N], keep_HxN)
+    else:
+      router_DxHxL = block.param("router", logical(
+          lambda rng: init_dynamic_router(rng, layer_idx, cfg.L, cfg.D, cfg.H, window, dilation),
+          "embed", None, "sources"))
+      logits_BxTxHxN = jnp.einsum("btd,dhj->bthj", h_BxTxD.astype(jnp.float32),
+                                  router_DxHxL[:, :, :N].astype(jnp.float32))
+      weights = masked_softmax(logits_BxTxHxN, keep_N[None, None, None, :])
+    # Layer 0 is a plain baseline layer: every head reads the attention norm's output.
+    own_BxTxHxD = jnp.broadcast_to(h_BxTxD.astype(jnp.float32)[:, :, None, :],
+                                   h_BxTxD.shape[:2] + (cfg.H, cfg.D))
+    if isinstance(layer_idx, int) and layer_idx == 0:
+      mixed_BxTxHxD = own_BxTxHxD
+    else:
+      mixed_BxTxHxD = jnp.where(layer_idx == 0, own_BxTxHxD, mix(weights, read_NxBxTxD, scale_D))
+    cdt = dtype_of(cfg.compute_dtype)
+    kv_proj_DxHx2xHd = block.param("kv_proj", logical(normal_init, "embed", "kv_heads", None,
+                                                      "head_dim"), (cfg.D, cfg.H, 2, cfg.Hd),
+                                   dtype_of(cfg.param_dtype))
+    kv_BxTxHx2xHd = jnp.einsum("bthd,dhck->bthck", mixed_BxTxHxD.astype(cdt),
+                               kv_proj_DxHx2xHd.astype(cdt))
+    return kv_BxTxHx2xHd, buf_NxBxTxD
+
+  def extra_params(self) -> int:
+    cfg = self.cfg
+    return num_router_params(cfg.L, cfg.D, cfg.H, cfg.router, cfg.router_window,
+                             cfg.router_dilation)
+
+  def extra_macs_per_token(self) -> int:
+    """Per live (reader >= 1, source) pair: the per-head mix H D, and for dynamic routers the
+    logits D H too. Their per-head K/V projections (2 H D Hd per layer) are the baseline's kv
+    projection with R = H, counted with the layer's parameters."""
+    cfg = self.cfg
+    pairs = num_live_pairs(cfg.L, cfg.router_window, cfg.router_dilation)
+    return (1 if self.static else 2) * cfg.H * cfg.D * pairs
+
+  def recompute_flops_per_token(self, forward_flops_per_token: int) -> int:
+    """The pull-form backward re-runs every layer once. The re-run needs only what the layer's
+    VJP reads, not the layer's output (the forward saved every layer's input), so the MLP's down
+    projection is dead code there and XLA drops it; neither is the unembedding re-run."""
+    cfg = self.cfg
+    return forward_flops_per_token - 2 * cfg.D * cfg.V - 2 * cfg.L * cfg.F * cfg.D

@@ -1,0 +1,122 @@
+"""The interface every cross-layer method implements, and the plain residual stream (the Llama
+baseline) that is its default.
+
+The layer stack (stack.py) and the block (block.py) are written once; a method changes them only
+through these hooks, in this order:
+
+    stream, carry = start(stack, x)            once per forward, before layer 0
+    per layer l (block.py):
+      x, mix = enter(block, stream, 2l, ...)    a sub-layer's input from the stream
+      kv, carry = kv(block, x, h, carry, l)     the layer's raw keys/values (h = attn_norm(x))
+      stream = leave(stream, attn_out, mix)     the stream after the sub-layer
+      (the same enter/leave around the MLP, sub-layer 2l+1)
+      stream, carry = after_layer(block, stream, carry, l)
+    carry = after_segment(carry, start, stop)   between nn.scan segments
+    x = finish(stream)                          after the last layer
+
+`block` and `stack` are the calling Flax modules: a hook creates its parameters and sub-modules
+in their scope, so parameter paths name the layer (`segment_0/block/router`), not the method.
+The carry is whatever the method threads through the scan (None for the baseline); decoding
+starts a fresh carry for the new tokens in every call, as all methods here mix per position,
+and the KV cache (layers.KVCache) is the same for every method. Methods also state their
+parameter and FLOP counts (flops.py sums them) and how training keeps memory linear in depth.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from lime_jax.config import ModelConfig
+from lime_jax.model.layers import dtype_of, logical, normal_init
+from lime_jax.model.push import segment_bounds
+
+
+class Mixer:
+  """The plain pre-norm residual stream: every hook is the identity (`router: none`)."""
+
+  # Whether training runs the whole-stack pull VJP (pull.py) instead of nn.scan's autodiff:
+  # for a carried buffer that every layer reads, which autodiff would save once per layer.
+  pulls: bool = False
+  # Whether `lime-jax export` can write the model in the reference code's format.
+  exportable: bool = True
+
+  def __init__(self, cfg: ModelConfig):
+    self.cfg = cfg
+
+  # --- the stack ---------------------------------------------------------------------------
+
+  def segments(self) -> list[tuple[int, int]]:
+    """[start, stop) layer ranges, one nn.scan each; one unless the carry shrinks per segment."""
+    return [(0, self.cfg.L)]
+
+  def start(self, stack: nn.Module, x_BxTxD: jax.Array) -> tuple[Any, Any]:
+    """(stream, carry) entering layer 0 from the embeddings."""
+    del stack
+    return x_BxTxD, None
+
+  def after_segment(self, carry: Any, start: int, stop: int) -> Any:
+    """The carry after layers start..stop-1 ran (a segment may drop slots no one reads)."""
+    del start, stop
+    return carry
+
+  def finish(self, stream: Any) -> jax.Array:
+    """The stack's output [B, T, D] from the final stream."""
+    return stream
+
+  def stream_axes(self) -> tuple[str | None, ...]:
+    """Logical axis names of the stream between layers (for sharding constraints)."""
+    return ("batch", "length", "act_embed")
+
+  # --- a layer -----------------------------------------------------------------------------
+
+  def enter(self, block: nn.Module, stream: Any, sublayer_idx, name: str) -> tuple[jax.Array, Any]:
+    """A sub-layer's input x [B, T, D] and what `leave` needs; `name` is for its parameters."""
+    del block, sublayer_idx, name
+    return stream, None
+
+  def leave(self, stream: Any, out_BxTxD: jax.Array, mix: Any) -> Any:
+    """The stream after a sub-layer with output `out`: the residual add."""
+    del mix
+    return stream + out_BxTxD
+
+  def kv(self, block: nn.Module, x_BxTxD: jax.Array, h_BxTxD: jax.Array, carry: Any,
+         layer_idx) -> tuple[jax.Array, Any]:
+    """The layer's keys and values [B, T, R, 2, Hd] (before RoPE) from its normed input h."""
+    del x_BxTxD
+    return project_kv(block, self.cfg, h_BxTxD, normal_init), carry
+
+  def after_layer(self, block: nn.Module, stream: Any, carry: Any, layer_idx) -> tuple[Any, Any]:
+    """The stream and carry after the layer's MLP."""
+    del block, layer_idx
+    return stream, carry
+
+  # --- accounting (flops.py) ---------------------------------------------------------------
+
+  def extra_params(self) -> int:
+    """Parameters the method adds to the baseline's."""
+    return 0
+
+  def extra_macs_per_token(self) -> int:
+    """Forward multiply-adds per token the method adds (the model FLOPs MFU counts)."""
+    return 0
+
+  def executed_push_macs_per_token(self) -> int:
+    """Multiply-adds per token that the method's push accumulator (push.py) executes, masked
+    slots under nn.scan included; 0 for a method without one."""
+    return 0
+
+  def recompute_flops_per_token(self, forward_flops_per_token: int) -> int:
+    """FLOPs a training step spends re-running forwards (a pull-form backward); 0 otherwise."""
+    del forward_flops_per_token
+    return 0
+
+
+def project_kv(block: nn.Module, cfg: ModelConfig, h_BxTxD: jax.Array, init) -> jax.Array:
+  """The standard kv projection of the normed input: a `kv_proj` [D, R, 2, Hd] in `block`."""
+  kv_proj_DxRx2xHd = block.param("kv_proj", logical(init, "embed", "kv_heads", None, "head_dim"),
+                                 (cfg.D, cfg.R, 2, cfg.Hd), dtype_of(cfg.param_dtype))
+  return jnp.einsum("btd,drck->btrck", h_BxTxD, kv_proj_DxRx2xHd.astype(dtype_of(cfg.compute_dtype)))

@@ -1,0 +1,209 @@
+"""LIMe key/value routing (the paper's v2, `router: kv-static`) in push form.
+
+The spec's router W_l [R, l+1, R] belongs to reader layer l. Under `nn.scan` each layer only
+sees its own parameter slice, so we store the same numbers indexed by *source* layer:
+
+    push_l[i, r, s] = W_i[r, l, s]      shape [L, R, R] for every layer l
+
+Layer l adds its raw kv, mixed by push_l, into one accumulator slot per reader layer i (the
+push primitive of push.py), then reads its own slot: training memory stays linear in depth.
+Entries with reader i < l are masked to exactly zero, so every layer has one shape; the
+layer-0 self entry is the fixed identity (layer 0 does no routing), not a parameter.
+
+All routing math runs in float32 whatever the compute dtype.
+
+Sparse routing (`router_window`, `router_dilation`; see `live`, shared with the hidden routers):
+dead (reader, source) pairs are masked like future sources, exactly zero with zero gradient, and
+not counted as parameters. Under `nn.scan` the masked mix is still computed (the traced layer
+index cannot slice), so the scanned path saves parameters, not FLOPs; the unrolled path touches
+only live reader slots.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+
+from lime_jax.model import push
+from lime_jax.model.layers import constrain, logical
+from lime_jax.model.mixers.base import Mixer, project_kv
+
+ACC_AXES = ("readers", "kv_heads", "batch", "length", None, "head_dim")
+
+
+def live(reader, source, window: int | None = None, dilation: int | None = None):
+  """Whether reader layer i reads source layer j (NumPy or jnp arrays, broadcasting).
+
+  Dense: every j <= i. With `window` k: j == 0, or the last k layers i-k+1 .. i (itself
+  included, so k = 1 is itself plus the embedding-side layer 0). With `dilation` d: j == 0 or
+  (i - j) % d == 0 (itself included). Both: the union. Layer 0 is always read, as the paper's
+  ablations kept it.
+  """
+  ok = source <= reader
+  if window is None and dilation is None:
+    return ok
+  sparse = source == 0
+  if window is not None:
+    sparse = sparse | (reader - source < window)
+  if dilation is not None:
+    sparse = sparse | ((reader - source) % dilation == 0)
+  return ok & sparse
+
+
+def live_mask(L: int, window: int | None = None, dilation: int | None = None) -> np.ndarray:
+  """Boolean [L_src, L_reader]: True where reader i reads source j (its own heads included)."""
+  source_Lx1, reader_1xL = np.arange(L)[:, None], np.arange(L)[None, :]
+  return np.asarray(live(reader_1xL, source_Lx1, window, dilation))
+
+
+def learnable_mask(L: int, window: int | None = None, dilation: int | None = None) -> np.ndarray:
+  """Boolean [L_src, L_reader]: True where push weight (source j, reader i) is a parameter."""
+  mask_LxL = live_mask(L, window, dilation)
+  mask_LxL[0, 0] = False  # layer 0 reads only itself, through the fixed identity
+  return mask_LxL
+
+
+def num_router_params(L: int, R: int, window: int | None = None,
+                      dilation: int | None = None) -> int:
+  """Learnable router entries: the spec's R^2 (L(L+1)/2 - 1) when dense, live pairs otherwise."""
+  if window is None and dilation is None:
+    return R * R * (L * (L + 1) // 2 - 1)
+  return R * R * int(learnable_mask(L, window, dilation).sum())
+
+
+def init_push_weights(rng: jax.Array, layer_idx, L: int, R: int, window: int | None = None,
+                      dilation: int | None = None) -> jax.Array:
+  """push_l [L, R, R]: live readers i > l ~ U(-a_i, a_i), a_i = sqrt(3 / (n_i R)); i == l: I_R.
+
+  n_i is the number of sources reader i reads (i + 1 when dense), so a sparse reader's routed
+  kv starts with the same variance as a dense one's. Dead entries are zero.
+  """
+  reader_L = jnp.arange(L)
+  n_live_L = jnp.asarray(live_mask(L, window, dilation).sum(axis=0))
+  bound_L = jnp.sqrt(3.0 / (n_live_L * R))
+  uniform_LxRxR = jax.random.uniform(rng, (L, R, R), jnp.float32, -1.0, 1.0) * bound_L[:, None, None]
+  eye_RxR = jnp.eye(R, dtype=jnp.float32)
+  is_self_L = (reader_L == layer_idx)[:, None, None]
+  is_later_L = ((reader_L > layer_idx) & live(reader_L, layer_idx, window, dilation))[:, None, None]
+  return jnp.where(is_self_L, eye_RxR, jnp.where(is_later_L, uniform_LxRxR, 0.0))
+
+
+def effective_push_weights(push_LxRxR: jax.Array, layer_idx, window: int | None = None,
+                           dilation: int | None = None) -> jax.Array:
+  """Masks the stored weights of source layer l: zero for readers i < l and dead pairs,
+  identity at (0, 0)."""
+  L, R, _ = push_LxRxR.shape
+  reader_L = jnp.arange(L)
+  is_layer0_self_L = (reader_L == 0) & (layer_idx == 0)
+  learnable_L = live(reader_L, layer_idx, window, dilation) & ~is_layer0_self_L
+  fixed_LxRxR = jnp.where(is_layer0_self_L[:, None, None], jnp.eye(R, dtype=jnp.float32), 0.0)
+  return push_LxRxR.astype(jnp.float32) * learnable_L[:, None, None] + fixed_LxRxR
+
+
+def push_and_read(acc_IxRxBxTx2xHd: jax.Array, push_LxRxR: jax.Array, kv_BxTxRx2xHd: jax.Array,
+                  layer_idx, first_reader: int = 0, window: int | None = None,
+                  dilation: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """Adds layer l's kv into every live reader slot; returns (accumulator, routed kv of layer l).
+
+  The accumulator holds slots for readers `first_reader .. L-1` (earlier readers are done).
+  With a Python-int layer index (the unrolled path) only the live readers i >= l are touched,
+  the spec's exact routing work; under `nn.scan` every slot of the segment's accumulator.
+  """
+  weights_IxRxR = effective_push_weights(push_LxRxR, layer_idx, window, dilation)[first_reader:]
+  kv32_RxBxTx2xHd = jnp.transpose(kv_BxTxRx2xHd.astype(jnp.float32), (2, 0, 1, 3, 4))
+  live_slots = None
+  if isinstance(layer_idx, int):
+    L = push_LxRxR.shape[0]
+    live_slots = np.flatnonzero(live(np.arange(L), layer_idx, window, dilation)) - first_reader
+  acc_IxRxBxTx2xHd, routed_RxBxTx2xHd = push.push_and_read(
+      acc_IxRxBxTx2xHd, weights_IxRxR, kv32_RxBxTx2xHd, layer_idx - first_reader, live_slots)
+  return acc_IxRxBxTx2xHd, jnp.transpose(routed_RxBxTx2xHd, (1, 2, 0, 3, 4))
+
+
+def router_view(push_LsrcxLxRxR: jax.Array, window: int | None = None,
+                dilation: int | None = None) -> jax.Array:
+  """The spec's routers of all layers as one masked array W [L_reader, R, L_src, R].
+
+  W[i, r, j, s] is the weight reader layer i gives to head s of source layer j (zero for j > i).
+  Takes the push weights stacked over source layers, [L_src, L_reader, R, R].
+  """
+  L = push_LsrcxLxRxR.shape[0]
+  effective_LsrcxLxRxR = jax.vmap(lambda push_w, l: effective_push_weights(push_w, l, window, dilation))(
+      push_LsrcxLxRxR, jnp.arange(L))
+  return jnp.transpose(effective_LsrcxLxRxR, (1, 2, 0, 3))
+
+
+def _symmetric_uniform(bound: float):
+  def init(rng, shape, dtype=jnp.float32):
+    return jax.random.uniform(rng, shape, jnp.float32, -bound, bound).astype(dtype)
+  return init
+
+
+class KvRouting(Mixer):
+  """`router: kv-static`. Carry: the float32 accumulator acc [I, R, B, T, 2, Hd], one slot per
+  reader layer I still to run (a segment's readers and later ones)."""
+
+  exportable = True
+
+  def segments(self) -> list[tuple[int, int]]:
+    return push.segment_bounds(self.cfg.L, self.cfg.scan_segments)
+
+  def start(self, stack: nn.Module, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    cfg = self.cfg
+    B, T, _ = x_BxTxD.shape
+    acc_LxRxBxTx2xHd = jnp.zeros((cfg.L, cfg.R, B, T, 2, cfg.Hd), jnp.float32)
+    return x_BxTxD, constrain(acc_LxRxBxTx2xHd, *ACC_AXES)
+
+  def after_segment(self, acc_IxRxBxTx2xHd: jax.Array, start: int, stop: int) -> jax.Array:
+    return acc_IxRxBxTx2xHd[stop - start:]  # readers start..stop-1 have read their slots
+
+  def kv(self, block: nn.Module, x_BxTxD: jax.Array, h_BxTxD: jax.Array,
+         acc_IxRxBxTx2xHd: jax.Array, layer_idx) -> tuple[jax.Array, jax.Array]:
+    cfg = self.cfg
+    # The reference code's kaiming-uniform default for the raw kv projection (spec section 2).
+    kv_BxTxRx2xHd = project_kv(block, cfg, h_BxTxD, _symmetric_uniform(1.0 / cfg.D ** 0.5))
+    push_LxRxR = block.param("router", logical(
+        lambda rng: init_push_weights(rng, layer_idx, cfg.L, cfg.R, cfg.router_window,
+                                      cfg.router_dilation), "readers", None, None))
+    if cfg.top_p is not None:  # frozen 0/1 mask (optimizer group "frozen"), see top_p.py
+      mask_LxRxR = block.param("top_p_mask", logical(nn.initializers.ones, "readers", None, None),
+                               (cfg.L, cfg.R, cfg.R), jnp.float32)
+      push_LxRxR = push_LxRxR * jax.lax.stop_gradient(mask_LxRxR)
+    # The push mixes over source heads: gather this layer's kv over `tensor` once (sharding.py).
+    kv_BxTxRx2xHd = constrain(kv_BxTxRx2xHd, "batch", "length", None, None, "head_dim")
+    acc_IxRxBxTx2xHd, kv32_BxTxRx2xHd = push_and_read(
+        acc_IxRxBxTx2xHd, push_LxRxR, kv_BxTxRx2xHd, layer_idx, block.first_reader,
+        cfg.router_window, cfg.router_dilation)
+    acc_IxRxBxTx2xHd = constrain(acc_IxRxBxTx2xHd, *ACC_AXES)
+    return kv32_BxTxRx2xHd.astype(h_BxTxD.dtype), acc_IxRxBxTx2xHd
+
+  def extra_params(self) -> int:
+    cfg = self.cfg
+    return num_router_params(cfg.L, cfg.R, cfg.router_window, cfg.router_dilation)
+
+  def extra_macs_per_token(self) -> int:
+    """The spec's 2 Hd R^2 (L(L+1)/2 - 1) (live pairs only when sparse)."""
+    return 2 * self.cfg.Hd * self.extra_params()
+
+  def executed_push_macs_per_token(self) -> int:
+    """Under nn.scan layer l updates every slot of its segment's accumulator (readers
+    start..L-1), masked ones included: sparse routing saves parameters there, not FLOPs.
+    Unrolled, a layer touches only its live slots."""
+    cfg = self.cfg
+    per_slot = 2 * cfg.Hd * cfg.R * cfg.R
+    if not cfg.scan_layers:
+      return per_slot * int(live_mask(cfg.L, cfg.router_window, cfg.router_dilation).sum())
+    return per_slot * sum((stop - start) * (cfg.L - start) for start, stop in self.segments())
+
+
+def router_weights_of(stacked: dict[str, Any], cfg) -> jax.Array:
+  """All routers as one masked W [L_reader, R, L_src, R] (spec notation) from the per-layer
+  parameters stacked over layers (stack.stacked_layer_params)."""
+  push_LsrcxLxRxR = stacked["router"]
+  if "top_p_mask" in stacked:  # top-p pruned entries are zero, as the model uses them
+    push_LsrcxLxRxR = push_LsrcxLxRxR * stacked["top_p_mask"]
+  return router_view(push_LsrcxLxRxR, cfg.router_window, cfg.router_dilation)
