@@ -6,7 +6,7 @@ import json
 import pytest
 
 from lime_jax.model import flops as flops_lib
-from lime_jax.parallel import plan
+from lime_jax.train import plan
 from lime_jax.cli.main import main
 from lime_jax.train.experiment import load_experiment
 

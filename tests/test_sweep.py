@@ -109,7 +109,7 @@ def test_skipped_by_the_fit_check_with_its_reason(tmp_path, monkeypatch):
     fits = exp_cfg.model.L < 4
     return fits, "" if fits else f"needs {exp_cfg.model.L * 100} GiB per device, has {hbm_gib}"
 
-  fake = types.ModuleType("lime_jax.parallel.plan")
+  fake = types.ModuleType("lime_jax.train.plan")
   fake.check_fit = check_fit  # the interface lime_jax/plan.py provides
   fake.ensure_cpu_devices = lambda n: calls.append(("devices", n))
   monkeypatch.setattr(sweep, "plan", fake)

@@ -10,7 +10,7 @@ import json
 import os
 
 from lime_jax.config import require_positive_int
-from lime_jax.parallel import plan as plan_lib
+from lime_jax.train import plan as plan_lib
 from lime_jax.train.experiment import load_experiment
 
 

@@ -56,7 +56,7 @@ from lime_jax.config import ROUTERS, build_dataclass, require_positive_int
 from lime_jax.data import sources
 from lime_jax.errors import one_line
 from lime_jax.model import flops as flops_lib
-from lime_jax.parallel import plan
+from lime_jax.train import plan
 from lime_jax.train import checkpoint as ckpt
 from lime_jax.train import loop as train_lib
 from lime_jax.train.experiment import ExperimentConfig, load_experiment, read_yaml, read_yaml_file

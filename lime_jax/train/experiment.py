@@ -47,6 +47,7 @@ import yaml
 
 from lime_jax.config import ModelConfig, build_dataclass
 from lime_jax.errors import one_line
+from lime_jax.data import sources
 from lime_jax.data.text import DataConfig
 from lime_jax.train.optimizer import OptimConfig
 from lime_jax.parallel.sharding import MeshConfig
@@ -138,11 +139,11 @@ class ExperimentConfig:
   @property
   def seq_len(self) -> int:
     """T of the training batches: the task's when training on a task, else the data's."""
-    return self.task.seq_len if self.task is not None else self.data.seq_len
+    return sources.batch_format(self.data, self.task).seq_len
 
   @property
   def batch_size(self) -> int:
-    return self.task.batch_size if self.task is not None else self.data.batch_size
+    return sources.batch_format(self.data, self.task).batch_size
 
   @property
   def tokens_per_step(self) -> int:

@@ -25,8 +25,8 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 
+from lime_jax.data import sources
 from lime_jax.errors import one_line
 from lime_jax.model import flops as flops_lib
 from lime_jax.parallel import sharding as sharding_lib
@@ -102,13 +102,9 @@ class Plan:
 
 
 def _abstract_batch(cfg: ExperimentConfig, layout: sharding_lib.Layout) -> dict[str, Any]:
-  sharding = layout.batch_sharding(cfg.batch_size)
-  shape = (cfg.batch_size, cfg.seq_len)
-  batch = {"inputs": jax.ShapeDtypeStruct(shape, np.int32, sharding=sharding),
-           "targets": jax.ShapeDtypeStruct(shape, np.int32, sharding=sharding)}
-  if cfg.task is not None:  # task batches carry answer-only loss weights
-    batch["weights"] = jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding)
-  return batch
+  # Task batches carry answer-only loss weights; the format knows, no data is built.
+  return sources.batch_format(cfg.data, cfg.task).abstract_batch(
+      layout.batch_sharding(cfg.batch_size))
 
 
 def compile_step(cfg: ExperimentConfig, num_devices: int) -> Plan:
@@ -118,7 +114,7 @@ def compile_step(cfg: ExperimentConfig, num_devices: int) -> Plan:
   cfg.mesh.resolve(num_devices)  # the mesh must use exactly these devices
   layout = sharding_lib.Layout.from_config(cfg.mesh, devices)
   sharding_lib.check_batch(cfg.batch_size, layout,
-                           "task.batch_size" if cfg.task is not None else "data.batch_size")
+                           sources.batch_format(cfg.data, cfg.task).batch_size_field)
   start = time.perf_counter()
   init, step, _ = train_lib.jitted_fns(cfg.model, cfg.optim, cfg.run.seed, layout)
   compiled = step.lower(train_lib.abstract_state(init), _abstract_batch(cfg, layout)).compile()
