@@ -15,7 +15,8 @@ from lime_jax.train import step as step_lib
 from lime_jax.train import loop as train_lib
 from lime_jax.train.experiment import load_experiment
 from lime_jax.train.metrics import read_metrics
-from lime_jax.parallel.sharding import Layout, MeshConfig
+from lime_jax.parallel.mesh_config import MeshConfig
+from lime_jax.parallel.sharding import Layout
 
 # R = H = 4 so that tensor=4 splits kv heads; V = 264 (>= the byte tokenizer's 258) divides by 8.
 TINY = ["model.D=32", "model.L=2", "model.H=4", "model.F=64", "model.T=16", "model.V=264",

@@ -8,7 +8,7 @@ A YAML file has up to five top-level sections, each optional:
   optim: {lr: 3.0e-3, warmup_steps: 50, ...}       # OptimConfig
   run:   {out_dir: runs/x, steps: 600, ...}        # RunConfig
   task:  {name: mqar, difficulty: 4, ...}          # tasks.TaskConfig; replaces data when present
-  mesh:  {data: -1, fsdp: 1, tensor: 1, rules: ...}  # sharding.MeshConfig; default: one device
+  mesh:  {data: -1, fsdp: 1, tensor: 1, rules: ...}  # parallel/mesh_config.MeshConfig; default: one device
 
 With a `task` section the run trains on that synthetic task (answer-only loss) and evaluates on
 its test split; the `data` section is then unused except for its tokenizer, which must be
@@ -50,7 +50,7 @@ from lime_jax.errors import one_line
 from lime_jax.data import sources
 from lime_jax.data.text import DataConfig
 from lime_jax.train.optimizer import OptimConfig
-from lime_jax.parallel.sharding import MeshConfig
+from lime_jax.parallel.mesh_config import MeshConfig
 from lime_jax.data.tasks import TaskConfig
 
 SECTIONS = ("model", "data", "optim", "run", "task", "mesh")

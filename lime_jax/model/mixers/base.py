@@ -32,7 +32,6 @@ import flax.linen as nn
 
 from lime_jax.config import ModelConfig
 from lime_jax.model.layers import dtype_of, logical, normal_init
-from lime_jax.model.push import segment_bounds
 
 
 class Mixer:
