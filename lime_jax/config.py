@@ -19,9 +19,28 @@ CONNECTIONS = ("none", "hyper-static", "hyper-dynamic", "denseformer")  # cross-
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+class ConfigSection:
+  """replace / to_dict / from_dict for a frozen config dataclass; `section` names it in errors."""
+
+  section = ""
+
+  def replace(self, **changes: Any):
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any], where: str | None = None):
+    """Builds a config from a mapping; unknown keys and wrong types raise ValueError."""
+    return build_dataclass(cls, values, where or cls.section)
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(ConfigSection):
   """A decoder-only Llama-style model, optionally with LIMe key/value routing."""
+
+  section = "model"
 
   V: int = 256  # vocabulary size
   D: int = 256  # model width
@@ -126,22 +145,17 @@ class ModelConfig:
   def is_lime(self) -> bool:
     return self.router != "none"
 
-  def replace(self, **changes: Any) -> "ModelConfig":
-    return dataclasses.replace(self, **changes)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, values: Mapping[str, Any], where: str = "model") -> "ModelConfig":
-    """Builds a config from a mapping; unknown keys and wrong types raise ValueError."""
-    return build_dataclass(cls, values, where)
-
 
 def require_positive_int(field: str, value: Any) -> None:
   """The one positive-integer check for every config and argument; `field` names it in errors."""
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
     raise ValueError(f"{field}: must be a positive integer, got {value!r}")
+
+
+def require_seed(field: str, value: Any) -> None:
+  """A seed must be an integer in [0, 2**32) (NumPy's and grain's range)."""
+  if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+    raise ValueError(f"{field}: must be an integer in [0, 2**32), got {value!r}")
 
 
 def _require_positive_int(name: str, value: Any) -> None:

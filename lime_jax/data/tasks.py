@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lime_jax.config import build_dataclass, require_positive_int
+from lime_jax.config import ConfigSection, require_positive_int, require_seed
 from lime_jax.data import pipeline
 from lime_jax.data.tokenizers import ByteTokenizer
 
@@ -270,7 +270,9 @@ def chance(name: str, difficulty: int) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class TaskConfig:
+class TaskConfig(ConfigSection):
+  section = "task"
+
   name: str = "arithmetic"
   difficulty: int | None = None  # None: the task's default_difficulty
   seq_len: int = 256  # T: BOS + prompt + answer + EOS must fit in T + 1 tokens
@@ -288,19 +290,7 @@ class TaskConfig:
     _check_difficulty(task, self.difficulty)
     for name in ("seq_len", "num_train", "num_test", "batch_size"):
       _require_positive_int(name, getattr(self, name))
-    if (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-        or not 0 <= self.seed < 2**32):
-      raise ValueError(f"task.seed: must be an integer in [0, 2**32), got {self.seed!r}")
-
-  def replace(self, **changes: Any) -> "TaskConfig":
-    return dataclasses.replace(self, **changes)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, values: Mapping[str, Any], where: str = "task") -> "TaskConfig":
-    return build_dataclass(cls, values, where)
+    require_seed("task.seed", self.seed)
 
 
 def _require_positive_int(name: str, value: Any) -> None:

@@ -27,12 +27,12 @@ import glob
 import json
 import os
 import re
-from typing import Any, Mapping
+from typing import Any
 
 import grain
 import numpy as np
 
-from lime_jax.config import build_dataclass, require_positive_int
+from lime_jax.config import ConfigSection, require_positive_int, require_seed
 from lime_jax.data import pipeline
 from lime_jax.data.tokenizers import Tokenizer
 
@@ -42,7 +42,9 @@ _SPLIT_STREAM = 0x5EED  # keeps the split's randomness apart from grain's shuffl
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
+class DataConfig(ConfigSection):
+  section = "data"
+
   source: str = "embedded"
   path: str | None = None  # file, directory or (fineweb) HF dataset id; unused by "embedded"
   text_field: str = "text"  # JSONL key / Parquet column
@@ -73,21 +75,9 @@ class DataConfig:
     if (isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float))
         or not 0 <= self.val_fraction < 1):
       raise ValueError(f"data.val_fraction: must be in [0, 1), got {self.val_fraction!r}")
-    if (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-        or not 0 <= self.seed < 2**32):
-      raise ValueError(f"data.seed: must be an integer in [0, 2**32), got {self.seed!r}")
+    require_seed("data.seed", self.seed)
     if self.fineweb_name is not None and self.source != "fineweb":
       raise ValueError(f"data.fineweb_name: only used by source 'fineweb', got {self.source!r}")
-
-  def replace(self, **changes: Any) -> "DataConfig":
-    return dataclasses.replace(self, **changes)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, values: Mapping[str, Any], where: str = "data") -> "DataConfig":
-    return build_dataclass(cls, values, where)
 
 
 def _require_positive_int(name: str, value: Any) -> None:
