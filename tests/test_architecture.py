@@ -216,3 +216,36 @@ def test_readme_layout_section_matches_the_tree():
   result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "readme_layout.py"),
                            "--check"], cwd=REPO, capture_output=True, text=True, check=False)
   assert result.returncode == 0, result.stdout + result.stderr
+
+
+def function_level_imports(root: str = REPO) -> list[str]:
+  """`file:line` of every import of a lime_jax module inside a function or method body."""
+  found = []
+  for module, path in sorted(find_modules(root).items()):
+    with open(path) as f:
+      tree = ast.parse(f.read(), path)
+    for func in ast.walk(tree):
+      if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        continue
+      for node in ast.walk(func):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else
+                 [PACKAGE] if isinstance(node, ast.ImportFrom) else [])
+        if any(n == PACKAGE or n.startswith(PACKAGE + ".") for n in names):
+          found.append(f"{os.path.relpath(path, root)}:{node.lineno} ({module})")
+  return found
+
+
+def test_no_function_level_imports_inside_the_package():
+  """Imports sit at the top of the module: one inside a function only hides a dependency (and
+  is how import cycles used to be dodged here)."""
+  assert function_level_imports() == []
+
+
+def test_the_function_level_import_check_can_fail(tmp_path):
+  package = tmp_path / PACKAGE
+  package.mkdir()
+  (package / "__init__.py").write_text("")
+  (package / "a.py").write_text("def f():\n  from lime_jax import b\n  return b\n")
+  (package / "b.py").write_text("import os\n")
+  assert function_level_imports(str(tmp_path)) == ["lime_jax/a.py:2 (lime_jax.a)"]

@@ -46,12 +46,13 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from lime_jax.config import ModelConfig, build_dataclass
-from lime_jax.errors import one_line
 from lime_jax.data import sources
-from lime_jax.data.text import DataConfig
-from lime_jax.train.optimizer import OptimConfig
-from lime_jax.parallel.mesh_config import MeshConfig
 from lime_jax.data.tasks import TaskConfig
+from lime_jax.data.text import DataConfig
+from lime_jax.data.tokenizers import load_tokenizer
+from lime_jax.errors import one_line
+from lime_jax.parallel.mesh_config import MeshConfig
+from lime_jax.train.optimizer import OptimConfig
 
 SECTIONS = ("model", "data", "optim", "run", "task", "mesh")
 # Sections that may differ when a run is resumed: a checkpoint restores onto any mesh.
@@ -173,7 +174,6 @@ def _build(values: Mapping[str, Any], vocab_size: int | None) -> ExperimentConfi
   model_values = sections["model"]
   if "V" not in model_values:
     if vocab_size is None:
-      from lime_jax.data.tokenizers import load_tokenizer  # pylint: disable=g-import-not-at-top
       vocab_size = load_tokenizer(data.tokenizer).vocab_size
     model_values["V"] = vocab_size
   model = _model_from_dict(model_values)
