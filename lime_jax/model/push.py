@@ -34,10 +34,22 @@ def push_and_read(acc_IxRxP: jax.Array, weights_IxRxS: jax.Array, payload_SxP: j
   """
   if isinstance(slot, int):
     slots = static_slots(np.asarray(live_slots))
-    mixed_IxRxP = jnp.einsum("irs,s...->ir...", weights_IxRxS[slots], payload_SxP)
+    mixed_IxRxP = jnp.einsum(_mix_spec(payload_SxP), weights_IxRxS[slots], payload_SxP)
     acc_IxRxP = acc_IxRxP.at[slots].add(mixed_IxRxP)
     return acc_IxRxP, acc_IxRxP[slot]
   return _push_read(acc_IxRxP, weights_IxRxS, payload_SxP, slot)
+
+
+def _payload_axes(payload_SxP: jax.Array) -> str:
+  """Einsum letters for the payload's trailing axes: those of kv [B, T, 2, Hd] (`...` would
+  reorder the dot's contracting dimensions, which einsum sorts by letter, and with them the
+  layouts XLA picks; these keep kv routing's compiled program as measured)."""
+  return "btcdefgh"[:payload_SxP.ndim - 1]
+
+
+def _mix_spec(payload_SxP: jax.Array) -> str:
+  p = _payload_axes(payload_SxP)
+  return f"irs,s{p}->ir{p}"
 
 
 def static_slots(slots_I: np.ndarray):
@@ -62,7 +74,7 @@ def segment_bounds(L: int, num_segments: int) -> list[tuple[int, int]]:
 @jax.custom_vjp
 def _push_read(acc_IxRxP, weights_IxRxS, payload_SxP, slot):
   """acc + weights (x) payload, and slot `slot` of the result; traced-index form for nn.scan."""
-  acc_IxRxP = acc_IxRxP + jnp.einsum("irs,s...->ir...", weights_IxRxS, payload_SxP)
+  acc_IxRxP = acc_IxRxP + jnp.einsum(_mix_spec(payload_SxP), weights_IxRxS, payload_SxP)
   return acc_IxRxP, jax.lax.dynamic_index_in_dim(acc_IxRxP, slot, 0, keepdims=False)
 
 
@@ -78,8 +90,9 @@ def _push_read_bwd(residuals, cotangents):
   dacc_IxRxP, dread_RxP = cotangents
   slot_RxP = jax.lax.dynamic_index_in_dim(dacc_IxRxP, slot, 0, keepdims=False)
   dacc_IxRxP = jax.lax.dynamic_update_index_in_dim(dacc_IxRxP, slot_RxP + dread_RxP, slot, 0)
-  dweights_IxRxS = jnp.einsum("ir...,s...->irs", dacc_IxRxP, payload_SxP)
-  dpayload_SxP = jnp.einsum("irs,ir...->s...", weights_IxRxS, dacc_IxRxP)
+  p = _payload_axes(payload_SxP)
+  dweights_IxRxS = jnp.einsum(f"ir{p},s{p}->irs", dacc_IxRxP, payload_SxP)
+  dpayload_SxP = jnp.einsum(f"irs,ir{p}->s{p}", weights_IxRxS, dacc_IxRxP)
   return dacc_IxRxP, dweights_IxRxS, dpayload_SxP, None
 
 
