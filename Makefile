@@ -2,6 +2,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The tests also compile for TPU topologies: libtpu (the tpu extra, ~700 MB) for them only.
+TPU_STAMP := $(VENV)/.installed-tpu
 
 .PHONY: install test train bench clean
 
@@ -13,7 +15,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-test: install
+$(TPU_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,tpu]'
+	touch $(TPU_STAMP)
+
+test: $(TPU_STAMP)
 	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -n 2 --dist loadfile -q
 
 # The embedded default job: LIMe vs baseline on the embedded corpus (CPU, ~5 min), then a plot.

@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from lime_jax.parallel import topology
 from lime_jax.studies.bench import (bench_decode, bench_point, format_tables, ratio_rows,
-                                    variant_config)
+                                    topology_point, topology_table, variant_config)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="also time greedy cached decoding (--length/2 prompt tokens, then"
                            " --decode-tokens new ones) and report the KV cache's bytes")
   parser.add_argument("--decode-tokens", type=int, default=64)
+  parser.add_argument("--topology", default=None,
+                      help="a TPU slice (e.g. v5p:2x2x1): compile each point with the TPU"
+                           " compiler (fsdp over the slice, --batch is global) instead of running"
+                           " it on the CPU; needs libtpu: pip install 'lime_jax[tpu]'")
   parser.add_argument("--json", default=None, help="write the records to this JSON file")
 
 
@@ -45,6 +50,7 @@ def _parse_ints(text: str, flag: str) -> list[int]:
 def run(args: argparse.Namespace) -> int:
   depths = _parse_ints(args.depths, "--depths")
   routers = [r.strip() for r in args.routers.split(",") if r.strip()]
+  tpu = topology.tpu_slice(args.topology) if args.topology is not None else None
   records = []
   for depth in depths:
     for router in routers:
@@ -53,6 +59,14 @@ def run(args: argparse.Namespace) -> int:
                              R=args.kv_heads, F=args.mlp, T=args.length, remat_policy=args.remat)
       except ValueError as err:
         raise SystemExit(f"lime-jax bench: {err}")
+      if tpu is not None:
+        record = dict(topology_point(cfg, tpu, args.batch), router=router)
+        print(f"router={router:9s} depth={depth:4d} {tpu.name}: HBM"
+              f" {record['per_device_bytes'] / 2**30:.3f} GiB, compiler step"
+              f" {record['compiler_step_s']:.4g} s, roofline {record['roofline_step_s']:.4g} s"
+              f" (compiled in {record['compile_s']:.1f} s)", flush=True)
+        records.append(record)
+        continue
       record = dict(bench_point(cfg, args.batch, args.steps), router=router)  # the variant's label
       if args.decode:
         record.update(bench_decode(cfg, args.batch, args.length // 2, args.decode_tokens))
@@ -62,9 +76,11 @@ def run(args: argparse.Namespace) -> int:
             f" flops={record['flops'] / 1e9:9.2f} G compile={record['compile_s']:6.2f} s"
             f" step={record['step_s']:7.3f} s", flush=True)
       records.append(dict(record, _cfg=cfg))
-  rows = ratio_rows(records, args.batch)
   print()
-  print(format_tables(records, rows))
+  if tpu is not None:
+    print(topology_table(records))
+  else:
+    print(format_tables(records, ratio_rows(records, args.batch)))
   if args.json:
     with open(args.json, "w") as f:
       json.dump([{k: v for k, v in r.items() if not k.startswith("_")} for r in records], f,

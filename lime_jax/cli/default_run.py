@@ -17,6 +17,7 @@ import sys
 from typing import Any, Sequence
 
 from lime_jax.cli.quiet import quiet_libraries
+from lime_jax.parallel.backends import avoid_absent_tpu
 from lime_jax.errors import one_line
 from lime_jax.studies.plots import plot_val_loss_vs_flops
 from lime_jax.train.experiment import load_experiment
@@ -49,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("overrides", nargs="*", help="section.key=value, applied to both runs")
   args = parser.parse_args(argv)
 
+  avoid_absent_tpu()
   quiet_libraries()
   try:
     configs = [(name, run_config(name, router, args.out_dir, args.overrides))

@@ -16,6 +16,7 @@ from lime_jax.cli import eval as eval_
 from lime_jax.cli import train
 from lime_jax.cli.quiet import quiet_libraries
 from lime_jax.errors import one_line
+from lime_jax.parallel.backends import avoid_absent_tpu
 from lime_jax.train.loop import NonFiniteLossError
 
 # name, module, help; each module's add_arguments(parser) and run(args).
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  avoid_absent_tpu()  # before any command queries a device
   args = build_parser().parse_args(argv)
   quiet_libraries()
   try:

@@ -1,6 +1,9 @@
 """`lime-jax plan`: compile the sharded step for N devices; memory per device, FLOPs, fit.
 
-Exit code 0 when the step fits the accelerator's memory, 1 when it does not, 2 on bad input.
+`--topology v5p:2x2x1` compiles with the TPU compiler for that slice instead of fake CPU devices
+(libtpu needed, no TPU): per-device HBM, XLA FLOPs and bytes with every layer counted, the
+compiler's step estimate and the roofline. Exit code 0 when the step fits the accelerator's
+memory, 1 when it does not, 2 on bad input.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import json
 import os
 
 from lime_jax.config import require_positive_int
+from lime_jax.parallel import topology
 from lime_jax.train import plan as plan_lib
 from lime_jax.train.experiment import load_experiment
 
@@ -22,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="memory per device in GiB (default: the accelerator's)")
   parser.add_argument("--accelerator", default="v5e", choices=sorted(plan_lib.ACCELERATORS),
                       help="the accelerator whose HBM and step time the verdict uses")
+  parser.add_argument("--topology", default=None,
+                      help="a TPU slice, e.g. v5p:2x2x1, v4:2x2x1, v5e:2x2, v6e:2x2: compile with"
+                           " the TPU compiler (needs libtpu: pip install 'lime_jax[tpu]')")
   parser.add_argument("--json", default=None, help="also write the plan as JSON here")
   parser.add_argument("overrides", nargs="*", help="e.g. mesh.fsdp=-1 data.batch_size=256")
 
@@ -35,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     # assignment (memory_analysis) happens before them.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_backend_optimization_level=0").strip()
+  if args.topology is not None:
+    return _run_topology(args)
   plan_lib.ensure_cpu_devices(args.devices)  # before anything else starts JAX
   cfg = load_experiment(args.config, args.overrides)
   hbm = args.hbm_gib if args.hbm_gib is not None else plan_lib.hbm_gib(args.accelerator)
@@ -58,4 +67,32 @@ def run(args: argparse.Namespace) -> int:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump({**plan.to_dict(), "hbm_gib": hbm, "fits": fits,
                  "accelerator": args.accelerator}, f, indent=2)
+  return 0 if fits else 1
+
+
+def _run_topology(args: argparse.Namespace) -> int:
+  tpu = topology.tpu_slice(args.topology)
+  cfg = load_experiment(args.config, args.overrides)
+  hbm = args.hbm_gib if args.hbm_gib is not None else tpu.device_hbm_bytes / plan_lib.GIB
+  plan = plan_lib.topology_plan(cfg, tpu)
+  fits, line = plan_lib.fit_line(plan, hbm)
+  print(f"{tpu.name}: {len(tpu.devices)} x {tpu.devices[0].device_kind}, mesh"
+        f" {plan_lib.mesh_text(plan)}; compiled (scanned + unrolled) in {plan.compile_s:.1f} s")
+  print(f"HBM per device (TPU compiler, scanned step): {plan.per_device_bytes / plan_lib.GIB:.3f}"
+        f" GiB = {plan_lib.breakdown(plan)}")
+  print(f"per device, every layer counted (unrolled step): XLA FLOPs {plan.xla_flops:.4g},"
+        f" bytes accessed {plan.xla_bytes:.4g}")
+  print(f"step estimate: TPU compiler {plan.compiler_step_s:.4g} s; roofline"
+        f" {plan.roofline_step_s:.4g} s (peak {tpu.device_peak_flops / 1e12:.0f} TFLOP/s,"
+        f" HBM {tpu.device_hbm_bytes_per_s / 1e9:.0f} GB/s per device)")
+  print(line)
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump({"router": cfg.model.router, "connections": cfg.model.connections,
+                 "topology": tpu.name, "devices": len(tpu.devices),
+                 "per_device_bytes": plan.per_device_bytes, "xla_flops": plan.xla_flops,
+                 "xla_bytes": plan.xla_bytes, "compiler_step_s": plan.compiler_step_s,
+                 "roofline_step_s": plan.roofline_step_s, "fits": fits, "hbm_gib": hbm,
+                 **{k: v for k, v in plan.to_dict().items() if k != "step_time_s"}},
+                f, indent=2)
   return 0 if fits else 1

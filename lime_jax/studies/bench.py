@@ -9,6 +9,11 @@ update) are compiled at one fixed shape. Reported per point:
 - compile_s: lowering + compiling the scanned step;
 - step_s: median wall time of `--steps` executed steps after one warm-up.
 Ratios LIMe/baseline come from the same run, so a noisy shared machine affects both alike.
+
+With a TPU topology (`topology_point`), the sharded step (fsdp over the slice) is compiled by
+the TPU compiler instead and nothing runs: per-device HBM of the scanned step, and XLA FLOPs,
+bytes accessed, the compiler's step estimate and the roofline of the unrolled step
+(train/plan.py `topology_plan`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ from lime_jax.inference import decode
 from lime_jax.model import flops
 from lime_jax.config import CONNECTIONS, ModelConfig
 from lime_jax.model.transformer import init_params
+from lime_jax.parallel.topology import Slice
+from lime_jax.train import plan
+from lime_jax.train.experiment import ExperimentConfig
 from lime_jax.train.optimizer import OptimConfig, make_optimizer
 from lime_jax.train.step import init_train_state, train_step
 
@@ -71,6 +79,43 @@ def bench_point(cfg: ModelConfig, batch: int, steps: int, seed: int = 0,
   return {"router": cfg.router, "depth": cfg.L, "width": cfg.D, "temp_bytes": temp_bytes,
           "flops": step_flops, "compile_s": compile_s,
           "step_s": statistics.median(times) if times else float("nan")}
+
+
+TOPOLOGY_KEYS = ("per_device_bytes", "xla_flops", "xla_bytes", "compiler_step_s",
+                 "roofline_step_s")
+
+
+def topology_point(cfg: ModelConfig, tpu: Slice, batch: int) -> dict[str, Any]:
+  """The step at `cfg` with a global batch of `batch` x cfg.T, fsdp over `tpu`'s devices,
+  compiled by the TPU compiler (see the module doc)."""
+  exp_cfg = ExperimentConfig.from_dict({
+      "model": cfg.to_dict(), "data": {"seq_len": cfg.T, "batch_size": batch},
+      "mesh": {"data": 1, "fsdp": -1, "tensor": 1}})
+  result = plan.topology_plan(exp_cfg, tpu)
+  return {"router": cfg.router, "depth": cfg.L, "width": cfg.D, "topology": tpu.name,
+          "devices": len(tpu.devices), "compile_s": result.compile_s,
+          **{key: getattr(result, key) for key in TOPOLOGY_KEYS}}
+
+
+def topology_table(records: list[dict[str, Any]]) -> str:
+  """Per point, and each variant over the baseline (`none`) at the same depth."""
+  lines = ["| router | depth | HBM GiB/device | XLA TFLOPs/device | GB accessed/device |"
+           " compiler step s | roofline s |", "|---|---:|---:|---:|---:|---:|---:|"]
+  for r in records:
+    lines.append(f"| {r['router']} | {r['depth']} | {r['per_device_bytes'] / 2**30:.2f} |"
+                 f" {r['xla_flops'] / 1e12:.3f} | {r['xla_bytes'] / 1e9:.1f} |"
+                 f" {r['compiler_step_s']:.4g} | {r['roofline_step_s']:.4g} |")
+  base = {r["depth"]: r for r in records if r["router"] == "none"}
+  lines += ["", "| router | depth | HBM ratio | FLOPs ratio | bytes ratio | compiler step ratio |"
+            " roofline ratio |", "|---|---:|---:|---:|---:|---:|---:|"]
+  for r in records:
+    b = base.get(r["depth"])
+    if r["router"] == "none" or b is None:
+      continue
+    ratios = [r[k] / b[k] for k in TOPOLOGY_KEYS]
+    lines.append(f"| {r['router']} | {r['depth']} | " + " | ".join(f"{x:.3f}" for x in ratios)
+                 + " |")
+  return "\n".join(lines)
 
 
 def bench_decode(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int,

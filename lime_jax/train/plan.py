@@ -1,8 +1,19 @@
 """Will this config fit, and how long will a step take, before anything runs (`lime-jax plan`).
 
 The sharded train step (the same jitted function `train.py` runs) is lowered and compiled ahead
-of time for N devices of the config's mesh; fake CPU devices stand in for the accelerators
-(`--devices N` creates them when JAX has not started yet). Reported per device:
+of time for N devices of the config's mesh: fake CPU devices stand in for the accelerators
+(`--devices N` creates them when JAX has not started yet), or the devices of a real TPU topology
+(`--topology v5p:2x2x1`, parallel/topology.py), compiled by the TPU compiler on any machine.
+
+With a topology, `topology_plan` compiles twice: the scanned program (what training runs) for
+the memory, and the same step with the layers unrolled for the cost, because XLA's
+`cost_analysis()` counts a while-loop (scan) body once. The unrolled step's `flops`,
+`bytes accessed` and `optimal_seconds` (the compiler's step estimate) are per device with every
+layer counted; the roofline is max(flops / peak, bytes / HBM bandwidth) with the chip's
+published figures. For the hidden routers the unrolled step is plain autodiff, not the pull
+form (which re-runs each layer in the backward), so its cost leaves that recomputation out.
+
+CPU plans report per device:
 
 - memory of one micro-batch step, from the compiled `memory_analysis()`: arguments (this device's shards of the state
   and batch) + outputs + temporaries - aliased bytes (the donated state's buffers are reused
@@ -30,6 +41,7 @@ from lime_jax.data import sources
 from lime_jax.errors import one_line
 from lime_jax.model import flops as flops_lib
 from lime_jax.parallel import sharding as sharding_lib
+from lime_jax.parallel.topology import Slice
 from lime_jax.train import loop as train_lib
 from lime_jax.train import metrics as metrics_lib
 from lime_jax.train.experiment import ExperimentConfig
@@ -86,6 +98,12 @@ class Plan:
   temp_bytes: int
   flops_per_step: int  # whole step, all devices, from flops.py
   compile_s: float
+  # TPU topology plans only: the TPU compiler's cost of the unrolled step, per device.
+  topology: str | None = None
+  xla_flops: float | None = None
+  xla_bytes: float | None = None
+  compiler_step_s: float | None = None  # cost_analysis()["optimal_seconds"]
+  roofline_step_s: float | None = None
 
   @property
   def per_device_bytes(self) -> int:
@@ -107,21 +125,44 @@ def _abstract_batch(cfg: ExperimentConfig, layout: sharding_lib.Layout) -> dict[
       layout.batch_sharding(cfg.batch_size))
 
 
-def compile_step(cfg: ExperimentConfig, num_devices: int) -> Plan:
-  """Compiles the sharded train step for `num_devices` CPU devices; ValueError if the mesh,
-  batch or a parameter cannot be split that way."""
-  devices = ensure_cpu_devices(num_devices)
-  cfg.mesh.resolve(num_devices)  # the mesh must use exactly these devices
+def _compile(cfg: ExperimentConfig, devices) -> tuple[Any, sharding_lib.Layout, float]:
+  """(compiled train step, layout, seconds) on `devices`; ValueError if the mesh, batch or a
+  parameter cannot be split over them."""
+  cfg.mesh.resolve(len(devices))  # the mesh must use exactly these devices
   layout = sharding_lib.Layout.from_config(cfg.mesh, devices)
   sharding_lib.check_batch(cfg.batch_size, layout,
                            sources.batch_format(cfg.data, cfg.task).batch_size_field)
   start = time.perf_counter()
   init, step, _ = train_lib.jitted_fns(cfg.model, cfg.optim, cfg.run.seed, layout)
   compiled = step.lower(train_lib.abstract_state(init), _abstract_batch(cfg, layout)).compile()
-  compile_s = time.perf_counter() - start
+  return compiled, layout, time.perf_counter() - start
+
+
+def compile_step(cfg: ExperimentConfig, num_devices: int) -> Plan:
+  """Compiles the sharded train step for `num_devices` CPU devices; ValueError if the mesh,
+  batch or a parameter cannot be split that way."""
+  return _plan(cfg, *_compile(cfg, ensure_cpu_devices(num_devices)))
+
+
+def topology_plan(cfg: ExperimentConfig, tpu: Slice) -> Plan:
+  """The step compiled by the TPU compiler for `tpu`'s devices: memory of the scanned program,
+  cost (every layer) of the unrolled one; see the module doc."""
+  compiled, layout, compile_s = _compile(cfg, list(tpu.devices))
+  plan = _plan(cfg, compiled, layout, compile_s)
+  unrolled = cfg.replace(model=cfg.model.replace(scan_layers=False))
+  cost_compiled, _, cost_s = _compile(unrolled, list(tpu.devices))
+  cost = cost_compiled.cost_analysis()
+  xla_flops, xla_bytes = float(cost["flops"]), float(cost["bytes accessed"])
+  return dataclasses.replace(
+      plan, compile_s=compile_s + cost_s, topology=tpu.name, xla_flops=xla_flops,
+      xla_bytes=xla_bytes, compiler_step_s=float(cost["optimal_seconds"]),
+      roofline_step_s=tpu.roofline_s(xla_flops, xla_bytes))
+
+
+def _plan(cfg: ExperimentConfig, compiled, layout: sharding_lib.Layout, compile_s: float) -> Plan:
   memory = compiled.memory_analysis()
   flops = flops_lib.train_flops_per_token(cfg.model, cfg.seq_len) * cfg.tokens_per_step
-  return Plan(num_devices=num_devices, mesh=dict(layout.mesh.shape),
+  return Plan(num_devices=layout.mesh.size, mesh=dict(layout.mesh.shape),
               argument_bytes=int(memory.argument_size_in_bytes),
               output_bytes=int(memory.output_size_in_bytes),
               alias_bytes=int(memory.alias_size_in_bytes),
