@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lime_jax.model import flops
+from lime_jax.inference import decode
+from lime_jax.model import flops, mixers
 from lime_jax.model import transformer as M
 from lime_jax.model import stack
 from lime_jax.model.mixers import kv_routing as routing
@@ -16,8 +17,9 @@ from lime_jax.train.loss import mean_loss
 
 CFG = ModelConfig(V=64, D=32, L=6, H=4, R=2, F=64, T=8, scan_segments=2)
 # (window, dilation): the union; its live slots are contiguous for some sources, a scatter for
-# others, so both unrolled update forms run.
-SPARSE = [(2, 3)]
+# others, so both unrolled update forms run. A window alone: the scanned ring (k = 1, 2, 4 of
+# L = 6, so readers beyond layer 0's window read it from the carry).
+SPARSE = [(2, 3), (1, None), (2, None), (4, None)]
 
 
 def _reference_live(L, window, dilation):
@@ -109,3 +111,60 @@ def test_sparse_fields_need_a_lime_router():
     CFG.replace(router="none", router_window=2)
   with pytest.raises(ValueError, match="ModelConfig.router_dilation: must be a positive"):
     CFG.replace(router_dilation=0)
+
+
+@pytest.mark.parametrize("window", [2, 3])
+def test_windowed_ring_decodes_as_the_full_forward(window):
+  """The scanned ring (module doc of kv_routing.py) under a cache: prefill plus one-token steps
+  give the logits of one full forward."""
+  cfg = CFG.replace(router_window=window)
+  assert mixers.build(cfg).ring
+  params = _random_router_params(cfg)
+  tokens_BxT = jax.random.randint(jax.random.key(3), (2, CFG.T), 0, CFG.V)
+  full_BxTxV = M.Transformer(cfg).apply({"params": params}, tokens_BxT)
+  cache = decode.init_cache(cfg, 2, CFG.T)
+  logits_BxTxV, cache = decode.prefill(params, cfg, tokens_BxT[:, :5], cache, all_logits=True)
+  steps = [logits_BxTxV]
+  for t in range(5, CFG.T):
+    logits_BxV, cache = decode.decode_step(params, cfg, tokens_BxT[:, t:t + 1], cache)
+    steps.append(logits_BxV[:, None])
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full_BxTxV, rtol=1e-4, atol=1e-5)
+
+
+def test_windowed_ring_work_and_memory_are_linear_in_depth():
+  """The ring's executed routing MACs are L (k + 1) slots, and the scanned step's compiled temp
+  memory at 2L layers stays within the linear criterion of test_bench.py."""
+  cfg = ModelConfig(V=64, D=64, L=8, H=4, R=4, F=128, T=64, router_window=2)
+  per_slot = 2 * cfg.Hd * cfg.R * cfg.R
+  assert flops.executed_push_macs_per_token(cfg) == per_slot * cfg.L * 3
+  assert flops.executed_push_macs_per_token(cfg.replace(scan_layers=False)) == \
+      per_slot * int(routing.live_mask(cfg.L, 2).sum())
+
+  def temp_bytes(c):
+    params = jax.eval_shape(lambda: M.init_params(c, jax.random.key(0)))
+    tokens = jax.ShapeDtypeStruct((2, c.T + 1), jnp.int32)
+    compiled = jax.jit(jax.grad(_loss), static_argnums=1).lower(params, c, tokens).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  # 16 -> 32 layers (at 8 the default scan_segments split every layer into its own scan).
+  assert temp_bytes(cfg.replace(L=32)) < 2.1 * temp_bytes(cfg.replace(L=16))
+
+
+def test_windowed_ring_executes_what_flops_counts():
+  """XLA's count of the routing work (the scan unrolled so every layer counts, as bench.py
+  does) matches flops.executed_push_macs_per_token for the ring: L (k + 1) slots, not L^2."""
+  base = ModelConfig(V=64, D=64, L=16, H=4, R=4, F=128, T=64, scan_segments=1)
+
+  def step_flops(c):
+    c = c.replace(scan_unroll=c.L)
+    params = jax.eval_shape(lambda: M.init_params(c, jax.random.key(0)))
+    tokens = jax.ShapeDtypeStruct((2, c.T + 1), jnp.int32)
+    lowered = jax.jit(jax.value_and_grad(_loss), static_argnums=1).lower(params, c, tokens)
+    return lowered.cost_analysis()["flops"]
+
+  baseline = step_flops(base.replace(router="none"))
+  ring, dense = base.replace(router_window=2), base
+  for cfg in (ring, dense):
+    formula = 3 * 2 * flops.executed_push_macs_per_token(cfg) * 2 * cfg.T
+    assert 0.8 < (step_flops(cfg) - baseline) / formula < 1.25
+  assert flops.executed_push_macs_per_token(ring) < flops.executed_push_macs_per_token(dense) / 4

@@ -14,14 +14,17 @@ All routing math runs in float32 whatever the compute dtype.
 
 Sparse routing (`router_window`, `router_dilation`; see `live`, shared with the hidden routers):
 dead (reader, source) pairs are masked like future sources, exactly zero with zero gradient, and
-not counted as parameters. Under `nn.scan` the masked mix is still computed (the traced layer
-index cannot slice), so the scanned path saves parameters, not FLOPs; the unrolled path touches
-only live reader slots.
+not counted as parameters. The unrolled path touches only live reader slots. Under `nn.scan` a
+window alone (no dilation) runs a ring of k = router_window slots instead of one slot per
+reader: source l pushes into the slots of readers l..l+k-1 (slot i mod k), reader l reads and
+clears slot l mod k, and layer 0's kv and weights ride in the carry for the readers beyond its
+window. Routing then costs O(L k) slot updates, not O(L^2), and the carry is k + 1 slots. With a
+dilation the scanned path keeps the full accumulator, where the masked mix is still computed.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -143,23 +146,45 @@ def _symmetric_uniform(bound: float):
   return init
 
 
+class Ring(NamedTuple):
+  """The windowed carry under nn.scan (see the module doc)."""
+
+  acc_KxRxBxTx2xHd: jax.Array  # slot i mod k accumulates reader i's window
+  first_LxRxR: jax.Array  # layer 0's effective push weights, for readers i >= k
+  first_RxBxTx2xHd: jax.Array  # layer 0's raw kv (float32)
+
+
 class KvRouting(Mixer):
   """`router: kv-static`. Carry: the float32 accumulator acc [I, R, B, T, 2, Hd], one slot per
-  reader layer I still to run (a segment's readers and later ones)."""
+  reader layer I still to run (a segment's readers and later ones); a `Ring` for a window."""
 
   exportable = True
+
+  @property
+  def ring(self) -> bool:
+    """Whether the scanned stack runs the windowed ring (module doc)."""
+    cfg = self.cfg
+    return (cfg.scan_layers and cfg.router_window is not None and cfg.router_dilation is None
+            and cfg.router_window < cfg.L)
 
   def segments(self) -> list[tuple[int, int]]:
     return push.segment_bounds(self.cfg.L, self.cfg.scan_segments)
 
-  def start(self, stack: nn.Module, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def start(self, stack: nn.Module, x_BxTxD: jax.Array):
     cfg = self.cfg
     B, T, _ = x_BxTxD.shape
+    if self.ring:
+      slot_RxBxTx2xHd = jnp.zeros((cfg.R, B, T, 2, cfg.Hd), jnp.float32)
+      acc_KxRxBxTx2xHd = jnp.zeros((cfg.router_window,) + slot_RxBxTx2xHd.shape, jnp.float32)
+      return x_BxTxD, Ring(constrain(acc_KxRxBxTx2xHd, *ACC_AXES),
+                           jnp.zeros((cfg.L, cfg.R, cfg.R), jnp.float32), slot_RxBxTx2xHd)
     acc_LxRxBxTx2xHd = jnp.zeros((cfg.L, cfg.R, B, T, 2, cfg.Hd), jnp.float32)
     return x_BxTxD, constrain(acc_LxRxBxTx2xHd, *ACC_AXES)
 
-  def after_segment(self, acc_IxRxBxTx2xHd: jax.Array, start: int, stop: int) -> jax.Array:
-    return acc_IxRxBxTx2xHd[stop - start:]  # readers start..stop-1 have read their slots
+  def after_segment(self, carry, start: int, stop: int):
+    if self.ring:
+      return carry  # the ring spans all segments
+    return carry[stop - start:]  # readers start..stop-1 have read their slots
 
   def kv(self, block: nn.Module, x_BxTxD: jax.Array, h_BxTxD: jax.Array,
          acc_IxRxBxTx2xHd: jax.Array, layer_idx) -> tuple[jax.Array, jax.Array]:
@@ -175,11 +200,40 @@ class KvRouting(Mixer):
       push_LxRxR = push_LxRxR * jax.lax.stop_gradient(mask_LxRxR)
     # The push mixes over source heads: gather this layer's kv over `tensor` once (sharding.py).
     kv_BxTxRx2xHd = constrain(kv_BxTxRx2xHd, "batch", "length", None, None, "head_dim")
+    if self.ring:
+      kv32_BxTxRx2xHd, ring = self._ring_push_and_read(acc_IxRxBxTx2xHd, push_LxRxR,
+                                                       kv_BxTxRx2xHd, layer_idx)
+      return kv32_BxTxRx2xHd.astype(h_BxTxD.dtype), ring
     acc_IxRxBxTx2xHd, kv32_BxTxRx2xHd = push_and_read(
         acc_IxRxBxTx2xHd, push_LxRxR, kv_BxTxRx2xHd, layer_idx, block.first_reader,
         cfg.router_window, cfg.router_dilation)
     acc_IxRxBxTx2xHd = constrain(acc_IxRxBxTx2xHd, *ACC_AXES)
     return kv32_BxTxRx2xHd.astype(h_BxTxD.dtype), acc_IxRxBxTx2xHd
+
+  def _ring_push_and_read(self, ring: Ring, push_LxRxR: jax.Array, kv_BxTxRx2xHd: jax.Array,
+                          layer_idx) -> tuple[jax.Array, Ring]:
+    """Layer l (traced) pushes into the k ring slots of readers l..l+k-1 and reads its own."""
+    cfg = self.cfg
+    L, k = cfg.L, cfg.router_window
+    weights_LxRxR = effective_push_weights(push_LxRxR, layer_idx, k)
+    reader_K = layer_idx + (jnp.arange(k) - layer_idx) % k  # the reader of each ring slot
+    weights_KxRxR = jnp.where((reader_K < L)[:, None, None],
+                              weights_LxRxR[jnp.minimum(reader_K, L - 1)], 0.0)
+    kv32_RxBxTx2xHd = jnp.transpose(kv_BxTxRx2xHd.astype(jnp.float32), (2, 0, 1, 3, 4))
+    slot = layer_idx % k
+    acc_KxRxBxTx2xHd, routed_RxBxTx2xHd = push.push_and_read(
+        ring.acc_KxRxBxTx2xHd, weights_KxRxR, kv32_RxBxTx2xHd, slot)
+    acc_KxRxBxTx2xHd = jax.lax.dynamic_update_index_in_dim(  # free for reader l + k
+        acc_KxRxBxTx2xHd, jnp.zeros_like(routed_RxBxTx2xHd), slot, 0)
+    is_first = layer_idx == 0
+    first_LxRxR = jnp.where(is_first, weights_LxRxR, ring.first_LxRxR)
+    first_RxBxTx2xHd = jnp.where(is_first, kv32_RxBxTx2xHd, ring.first_RxBxTx2xHd)
+    # Layer 0 lies outside the window of readers l >= k: they read it from the carry.
+    first_RxR = jax.lax.dynamic_index_in_dim(first_LxRxR, layer_idx, 0, keepdims=False)
+    from_first_RxBxTx2xHd = jnp.einsum("rs,sbtcd->rbtcd", first_RxR, first_RxBxTx2xHd)
+    routed_RxBxTx2xHd = routed_RxBxTx2xHd + jnp.where(layer_idx >= k, from_first_RxBxTx2xHd, 0.0)
+    ring = Ring(constrain(acc_KxRxBxTx2xHd, *ACC_AXES), first_LxRxR, first_RxBxTx2xHd)
+    return jnp.transpose(routed_RxBxTx2xHd, (1, 2, 0, 3, 4)), ring
 
   def extra_params(self) -> int:
     cfg = self.cfg
@@ -192,9 +246,12 @@ class KvRouting(Mixer):
   def executed_push_macs_per_token(self) -> int:
     """Under nn.scan layer l updates every slot of its segment's accumulator (readers
     start..L-1), masked ones included: sparse routing saves parameters there, not FLOPs.
-    Unrolled, a layer touches only its live slots."""
+    Unrolled, a layer touches only its live slots. The windowed ring: k slots per layer, plus
+    the mix of layer 0's kv that every layer computes (used from layer k on)."""
     cfg = self.cfg
     per_slot = 2 * cfg.Hd * cfg.R * cfg.R
+    if self.ring:
+      return per_slot * cfg.L * (cfg.router_window + 1)
     if not cfg.scan_layers:
       return per_slot * int(live_mask(cfg.L, cfg.router_window, cfg.router_dilation).sum())
     return per_slot * sum((stop - start) * (cfg.L - start) for start, stop in self.segments())
