@@ -15,6 +15,9 @@ HIDDEN_ROUTERS = ("hidden-static", "hidden-dynamic")  # the paper's v1; see hidd
 TOP_P_ROUTERS = ("kv-static", "hidden-static")  # the static routers top-p prunes (top_p.py)
 REMAT_POLICIES = ("none", "full", "dots", "save_proj")
 ATTENTION_IMPLS = ("einsum", "dot_product")  # layers.causal_attention
+# kv routing's training data movement (model/mixers/kv_routing.py): the float32 push accumulator,
+# or the pull over a compute-dtype buffer of raw kv with a read-only backward (model/kv_pull.py).
+ROUTING_IMPLS = ("push", "pull")
 CONNECTIONS = ("none", "hyper-static", "hyper-dynamic", "denseformer")  # cross-layer baselines
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -73,6 +76,7 @@ class ModelConfig(ConfigSection):
   # top_p_refresh steps.
   top_p: float | None = None
   top_p_refresh: int = 100
+  routing_impl: str = "push"  # kv-static training under nn.scan: push or pull (ROUTING_IMPLS)
   # Cross-layer baselines (connections.py), each with router "none".
   connections: str = "none"
   hc_expansion: int = 4  # hyper-connections: n copies of the residual stream
@@ -122,6 +126,9 @@ class ModelConfig(ConfigSection):
       raise ValueError(f"ModelConfig.R: router={self.router!r} builds K/V per query head, so it"
                        f" needs R = H (got R={self.R}, H={self.H}); GQA does not apply")
     _require_positive_int("top_p_refresh", self.top_p_refresh)
+    if self.routing_impl not in ROUTING_IMPLS:
+      raise ValueError(f"ModelConfig.routing_impl: unknown {self.routing_impl!r}; choose from"
+                       f" {ROUTING_IMPLS}")
     if self.top_p is not None:
       if self.router not in TOP_P_ROUTERS:
         raise ValueError(f"ModelConfig.top_p: pruning needs router in {TOP_P_ROUTERS},"

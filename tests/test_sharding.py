@@ -26,7 +26,7 @@ TINY = ["model.D=32", "model.L=2", "model.H=4", "model.F=64", "model.T=16", "mod
 MESHES = {"data8": (8, 1, 1), "fsdp8": (1, 8, 1), "d2f2t2": (2, 2, 2), "d2t4": (2, 1, 4)}
 # Variants: a router name, or a model key=value (the cross-layer baselines).
 VARIANTS = ["none", "hidden-static", "hidden-dynamic", "connections=denseformer",
-            "connections=hyper-dynamic"]
+            "connections=hyper-dynamic", "kv-static:routing_impl=pull"]
 CASES = [("kv-static", m) for m in MESHES] + [(v, "d2f2t2") for v in VARIANTS]
 
 
@@ -36,8 +36,9 @@ def _layout(mesh: str) -> Layout:
 
 @functools.lru_cache(maxsize=None)
 def _cfg(variant: str):
-  overrides = ["model.router=none", f"model.{variant}"] if "=" in variant else [
-      f"model.router={variant}"]
+  router, _, extra = variant.partition(":")  # router[:key=value], or a baseline's key=value
+  overrides = ["model.router=none", f"model.{router}"] if "=" in router else [
+      f"model.router={router}"] + ([f"model.{extra}"] if extra else [])
   return load_experiment(None, [*TINY, *overrides])
 
 

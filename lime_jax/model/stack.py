@@ -2,8 +2,9 @@
 
 Layers run under `nn.scan` (one compiled body whatever the depth; one scan per segment of the
 method's `segments()`) or unrolled (`scan_layers: false`, a cross-check that also does only the
-live work of sparse methods). Training of a method with `pulls = True` runs the whole-stack
-pull VJP (pull.py) over the scanned parameters instead. Decoding threads a `KVCache` in the carry,
+live work of sparse methods). Training of a method with `pulls = True` runs its whole-stack
+VJP (`mixer.pull`: pull.py, kv_pull.py) over the scanned parameters instead. Decoding threads
+a `KVCache` in the carry,
 so its layout [L, B, S, R, Hd] is one whatever the scan layout and each layer updates its slots
 in place (see inference/decode.py).
 
@@ -25,7 +26,6 @@ from lime_jax.config import ModelConfig
 from lime_jax.model import mixers
 from lime_jax.model.block import Block
 from lime_jax.model.layers import KVCache
-from lime_jax.model.pull import pull_stack
 
 
 class _ScanBody(nn.Module):
@@ -67,9 +67,11 @@ class LayerStack(nn.Module):
     # The pull form needs plain training: no init, decoding or sown analysis intermediates.
     if mixer.pulls and not (self.naive or cache is not None or self.is_initializing()
                             or self.is_mutable_collection("intermediates")):
-      params_L = nn.unbox(self.variables["params"]["segment_0"]["block"])
-      stream = pull_stack(functools.partial(_apply_block, cfg), tuple(mixer.pull_segments()),
-                          cfg.scan_unroll, params_L, stream, carry, positions_BxT)
+      params = nn.unbox(self.variables["params"])
+      params_L = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[
+          params[f"segment_{b}"]["block"] for b in range(len(mixer.segments()))])
+      stream = mixer.pull(functools.partial(_apply_block, cfg), params_L, stream, carry,
+                          positions_BxT)
       return mixer.finish(stream), None
     for b, (start, stop) in enumerate(mixer.segments()):
       segment = nn.scan(

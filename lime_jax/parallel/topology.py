@@ -92,6 +92,8 @@ def tpu_slice(name: str) -> Slice:
   # compile-only topology, so its stderr is shown only when the lookup fails.
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  # Compile-only: several processes (a sweep's, parallel tests) may load libtpu at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   with _stderr_kept_on_error() as kept:
     try:
       devices = topologies.get_topology_desc(platform="tpu", topology_name=name).devices

@@ -6,12 +6,12 @@ of time for N devices of the config's mesh: fake CPU devices stand in for the ac
 (`--topology v5p:2x2x1`, parallel/topology.py), compiled by the TPU compiler on any machine.
 
 With a topology, `topology_plan` compiles twice: the scanned program (what training runs) for
-the memory, and the same step with the layers unrolled for the cost, because XLA's
+the memory, and the same program with every scan iteration unrolled (`scan_unroll: L`: the
+same segments, push or pull forms and masked work) for the cost, because XLA's
 `cost_analysis()` counts a while-loop (scan) body once. The unrolled step's `flops`,
 `bytes accessed` and `optimal_seconds` (the compiler's step estimate) are per device with every
 layer counted; the roofline is max(flops / peak, bytes / HBM bandwidth) with the chip's
-published figures. For the hidden routers the unrolled step is plain autodiff, not the pull
-form (which re-runs each layer in the backward), so its cost leaves that recomputation out.
+published figures.
 
 CPU plans report per device:
 
@@ -149,7 +149,9 @@ def topology_plan(cfg: ExperimentConfig, tpu: Slice) -> Plan:
   cost (every layer) of the unrolled one; see the module doc."""
   compiled, layout, compile_s = _compile(cfg, list(tpu.devices))
   plan = _plan(cfg, compiled, layout, compile_s)
-  unrolled = cfg.replace(model=cfg.model.replace(scan_layers=False))
+  # The same program with every scan iteration unrolled (segments, pull forms and masked work
+  # as training runs them), so that cost_analysis counts every layer.
+  unrolled = cfg.replace(model=cfg.model.replace(scan_unroll=cfg.model.L))
   cost_compiled, _, cost_s = _compile(unrolled, list(tpu.devices))
   cost = cost_compiled.cost_analysis()
   xla_flops, xla_bytes = float(cost["flops"]), float(cost["bytes accessed"])

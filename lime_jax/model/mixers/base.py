@@ -31,14 +31,15 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from lime_jax.config import ModelConfig
+from lime_jax.model import pull as pull_lib
 from lime_jax.model.layers import dtype_of, logical, normal_init
 
 
 class Mixer:
   """The plain pre-norm residual stream: every hook is the identity (`router: none`)."""
 
-  # Whether training runs the whole-stack pull VJP (pull.py) instead of nn.scan's autodiff:
-  # for a carried buffer that every layer reads, which autodiff would save once per layer.
+  # Whether training runs a whole-stack VJP (`pull`) instead of nn.scan's autodiff: for a
+  # carried buffer that every layer reads, which autodiff would save once per layer.
   pulls: bool = False
   # Whether `lime-jax export` can write the model in the reference code's format.
   exportable: bool = True
@@ -61,6 +62,17 @@ class Mixer:
     """The carry after layers start..stop-1 ran (a segment may drop slots no one reads)."""
     del start, stop
     return carry
+
+  def pull(self, layer_fn, params_L: Any, stream: Any, carry: Any, positions_BxT: jax.Array):
+    """Training's forward for `pulls` methods: the generic pull form (pull.py), which re-runs
+    each layer in the backward. layer_fn(params_l, stream, carry, l, positions) -> (stream, carry)
+    is one layer; params_L the scanned parameters stacked over layers."""
+    return pull_lib.pull_stack(layer_fn, tuple(self.pull_segments()), self.cfg.scan_unroll,
+                               params_L, stream, carry, positions_BxT)
+
+  def pull_segments(self) -> list[tuple[int, int]]:
+    """The pull form's scan segments."""
+    return self.segments()
 
   def finish(self, stream: Any) -> jax.Array:
     """The stack's output [B, T, D] from the final stream."""

@@ -133,7 +133,7 @@ class HiddenRouting(Mixer):
     return x_BxTxD, jnp.zeros((self.cfg.L,) + x_BxTxD.shape, jnp.float32)
 
   def pull_segments(self) -> list[tuple[int, int]]:
-    """The pull form's scan segments (the nn.scan path has one: the routers are per reader)."""
+    """The pull form's segments (the nn.scan path has one: the routers are per reader layer)."""
     return push.segment_bounds(self.cfg.L, self.cfg.scan_segments)
 
   def kv(self, block: nn.Module, x_BxTxD: jax.Array, h_BxTxD: jax.Array, buf_NxBxTxD: jax.Array,

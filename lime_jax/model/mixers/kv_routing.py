@@ -24,6 +24,7 @@ dilation the scanned path keeps the full accumulator, where the masked mix is st
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-from lime_jax.model import push
+from lime_jax.model import kv_pull, push
 from lime_jax.model.layers import constrain, logical
 from lime_jax.model.mixers.base import Mixer, project_kv
 
@@ -154,11 +155,47 @@ class Ring(NamedTuple):
   first_RxBxTx2xHd: jax.Array  # layer 0's raw kv (float32)
 
 
+class Pulled(NamedTuple):
+  """The carry of one layer under the pull form (kv_pull.py): its sources' routed kv."""
+
+  partial_BxTxRx2xHd: jax.Array  # sum over sources j < l, float32
+
+
+def _pulled_layer(layer_fn, params_l, x_BxTxD, partial_BxTxRx2xHd, layer_idx, positions_BxT):
+  return layer_fn(params_l, x_BxTxD, Pulled(partial_BxTxRx2xHd), layer_idx, positions_BxT)
+
+
+def strict_reader_weights(cfg, params_L: dict[str, Any]) -> jax.Array:
+  """W [L_reader, R, L_src, R] of the stacked layer parameters, entries with j >= i zero: what
+  the pull form mixes from the buffer (each layer adds its own kv's term itself)."""
+  push_LsrcxLxRxR = params_L["router"]
+  if "top_p_mask" in params_L:  # frozen: no gradient through the mask
+    push_LsrcxLxRxR = push_LsrcxLxRxR * jax.lax.stop_gradient(params_L["top_p_mask"])
+  W_LxRxLxR = router_view(push_LsrcxLxRxR, cfg.router_window, cfg.router_dilation)
+  earlier_LxL = jnp.arange(cfg.L)[None, :] < jnp.arange(cfg.L)[:, None]  # [reader, source]
+  return W_LxRxLxR * earlier_LxL[:, None, :, None]
+
+
 class KvRouting(Mixer):
   """`router: kv-static`. Carry: the float32 accumulator acc [I, R, B, T, 2, Hd], one slot per
-  reader layer I still to run (a segment's readers and later ones); a `Ring` for a window."""
+  reader layer I still to run (a segment's readers and later ones); a `Ring` for a window; under
+  training with `routing_impl: pull`, the `Pulled` routed kv of one layer (kv_pull.py)."""
 
   exportable = True
+
+  @property
+  def pulls(self) -> bool:
+    return self.cfg.routing_impl == "pull"
+
+  def pull(self, layer_fn, params_L, x_BxTxD: jax.Array, carry, positions_BxT: jax.Array):
+    del carry  # the pull form keeps its own buffers
+    cfg = self.cfg
+    B, T, _ = x_BxTxD.shape
+    kv_shape = (cfg.L, B, T, cfg.R, 2, cfg.Hd, cfg.compute_dtype)
+    return kv_pull.pull_stack(functools.partial(_pulled_layer, layer_fn),
+                              functools.partial(strict_reader_weights, cfg),
+                              tuple(self.segments()), kv_shape, cfg.scan_unroll, params_L,
+                              x_BxTxD, positions_BxT)
 
   @property
   def ring(self) -> bool:
@@ -200,6 +237,13 @@ class KvRouting(Mixer):
       push_LxRxR = push_LxRxR * jax.lax.stop_gradient(mask_LxRxR)
     # The push mixes over source heads: gather this layer's kv over `tensor` once (sharding.py).
     kv_BxTxRx2xHd = constrain(kv_BxTxRx2xHd, "batch", "length", None, None, "head_dim")
+    if isinstance(acc_IxRxBxTx2xHd, Pulled):  # the pull form: add this layer's own term
+      own_RxR = jax.lax.dynamic_index_in_dim(effective_push_weights(
+          push_LxRxR, layer_idx, cfg.router_window, cfg.router_dilation), layer_idx, 0,
+          keepdims=False)
+      routed_BxTxRx2xHd = acc_IxRxBxTx2xHd.partial_BxTxRx2xHd + jnp.einsum(
+          "rs,btscd->btrcd", own_RxR, kv_BxTxRx2xHd.astype(jnp.float32))
+      return routed_BxTxRx2xHd.astype(h_BxTxD.dtype), kv_BxTxRx2xHd
     if self.ring:
       kv32_BxTxRx2xHd, ring = self._ring_push_and_read(acc_IxRxBxTx2xHd, push_LxRxR,
                                                        kv_BxTxRx2xHd, layer_idx)
@@ -247,9 +291,13 @@ class KvRouting(Mixer):
     """Under nn.scan layer l updates every slot of its segment's accumulator (readers
     start..L-1), masked ones included: sparse routing saves parameters there, not FLOPs.
     Unrolled, a layer touches only its live slots. The windowed ring: k slots per layer, plus
-    the mix of layer 0's kv that every layer computes (used from layer k on)."""
+    the mix of layer 0's kv that every layer computes (used from layer k on). The pull form
+    (training with routing_impl: pull): the forward's reads of the buffer's slots below each
+    segment's end (its backward reads as many again, plus the later readers' cotangents)."""
     cfg = self.cfg
     per_slot = 2 * cfg.Hd * cfg.R * cfg.R
+    if self.pulls and cfg.scan_layers:  # training's forward: each layer reads slots < its end
+      return per_slot * sum((stop - start) * stop for start, stop in self.segments())
     if self.ring:
       return per_slot * cfg.L * (cfg.router_window + 1)
     if not cfg.scan_layers:
