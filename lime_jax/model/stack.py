@@ -4,9 +4,8 @@ Layers run under `nn.scan` (one compiled body whatever the depth; one scan per s
 method's `segments()`) or unrolled (`scan_layers: false`, a cross-check that also does only the
 live work of sparse methods). Training of a method with `pulls = True` runs its whole-stack
 VJP (`mixer.pull`: pull.py, kv_pull.py) over the scanned parameters instead. Decoding threads
-a `KVCache` in the carry,
-so its layout [L, B, S, R, Hd] is one whatever the scan layout and each layer updates its slots
-in place (see inference/decode.py).
+a `KVCache` in the carry, so its layout [L, B, S, R, Hd] is one whatever the scan layout and
+each layer updates its slots in place (see inference/decode.py).
 
 Parameters: `segment_{b}/block/...` with a leading layer axis when scanned, `layer_{l}/...` when
 unrolled, and stack-level ones of the method (DenseFormer's embedding weights);
