@@ -29,6 +29,15 @@ def _random_router_params(cfg):
   return stack.with_stacked_layer_params(params, stacked, cfg)
 
 
+def _push_and_pull(cfg):
+  """(loss, grads) of the push and of the pull, on random routers and tokens."""
+  params = _random_router_params(cfg)
+  tokens_BxT = jax.random.randint(jax.random.key(1), (2, cfg.T + 1), 0, cfg.V)
+  value_and_grad = jax.jit(jax.value_and_grad(_loss), static_argnums=1)
+  return (value_and_grad(params, cfg, tokens_BxT),
+          value_and_grad(params, cfg.replace(routing_impl="pull"), tokens_BxT))
+
+
 @pytest.mark.parametrize("changes", [
     {}, {"R": 4}, {"top_p": 0.8}, {"router_window": 2, "router_dilation": 3},
     {"router_window": 2}, {"scan_segments": 1}, {"scan_segments": 6}, {"remat_policy": "full"},
@@ -36,12 +45,7 @@ def _random_router_params(cfg):
 def test_pull_equals_push(changes):
   """Loss and every gradient (routers, kv projections, the rest) as the push form computes
   them; the push is checked against the loop reference in test_model.py."""
-  cfg = CFG.replace(**changes)
-  params = _random_router_params(cfg)
-  tokens_BxT = jax.random.randint(jax.random.key(1), (2, cfg.T + 1), 0, cfg.V)
-  value_and_grad = jax.jit(jax.value_and_grad(_loss), static_argnums=1)
-  loss_push, grads_push = value_and_grad(params, cfg, tokens_BxT)
-  loss_pull, grads_pull = value_and_grad(params, cfg.replace(routing_impl="pull"), tokens_BxT)
+  (loss_push, grads_push), (loss_pull, grads_pull) = _push_and_pull(CFG.replace(**changes))
   np.testing.assert_allclose(loss_pull, loss_push, rtol=1e-6)
   chex.assert_trees_all_close(grads_pull, grads_push, rtol=1e-5, atol=1e-6)
 
@@ -49,11 +53,7 @@ def test_pull_equals_push(changes):
 def test_pull_in_bfloat16_stays_close_to_push():
   """bf16 compute: the buffer holds bf16 raw kv, the mix accumulates in float32 (as the push)."""
   cfg = CFG.replace(compute_dtype="bfloat16")
-  params = _random_router_params(cfg)
-  tokens_BxT = jax.random.randint(jax.random.key(1), (2, cfg.T + 1), 0, cfg.V)
-  value_and_grad = jax.jit(jax.value_and_grad(_loss), static_argnums=1)
-  loss_push, grads_push = value_and_grad(params, cfg, tokens_BxT)
-  loss_pull, grads_pull = value_and_grad(params, cfg.replace(routing_impl="pull"), tokens_BxT)
+  (loss_push, grads_push), (loss_pull, grads_pull) = _push_and_pull(cfg)
   np.testing.assert_allclose(loss_pull, loss_push, rtol=2e-3)
   router_push = stack.stacked_layer_params(grads_push, cfg)["router"]
   router_pull = stack.stacked_layer_params(grads_pull, cfg)["router"]
