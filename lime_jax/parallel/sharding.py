@@ -184,16 +184,6 @@ def state_shardings(abstract_state: Any, model_cfg: ModelConfig, layout: Layout)
   return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_state)
 
 
-def with_shardings(abstract: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs carrying the shardings (what orbax restores into)."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      abstract, shardings)
-
-
-# ---------------------------------------------------------------------------------------------
-# Batches.
-
-
 def place_local_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
   """This process's rows -> global arrays; every process passes its equal share, in order."""
   out = {}

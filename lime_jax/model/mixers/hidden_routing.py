@@ -27,7 +27,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
-import numpy as np
 
 from lime_jax.model import push
 from lime_jax.model.layers import dtype_of, logical, normal_init, rms_normalize
@@ -87,17 +86,6 @@ def mix(weights: jax.Array, buf_NxBxTxD: jax.Array, scale_D: jax.Array) -> jax.A
   else:
     mixed_BxTxHxD = jnp.einsum("bthj,jbtd->bthd", weights, buf_NxBxTxD)
   return mixed_BxTxHxD * scale_D.astype(jnp.float32)[None, None, None, :]
-
-
-def weight_view(logits_LxHxL: np.ndarray, L: int, window: int | None = None,
-                dilation: int | None = None, keep_LxHxL: np.ndarray | None = None) -> np.ndarray:
-  """Static routers as mixing weights [L_reader, H, L_src] (softmax over live, kept sources);
-  reader 0 reads only itself."""
-  live_LxL = routing.live_mask(L, window, dilation).T  # [reader, source]
-  keep = np.broadcast_to(live_LxL[:, None, :], logits_LxHxL.shape)
-  if keep_LxHxL is not None:
-    keep = keep & keep_LxHxL
-  return np.asarray(masked_softmax(jnp.asarray(logits_LxHxL), jnp.asarray(keep)))
 
 
 class _Scale(nn.Module):

@@ -168,10 +168,7 @@ def _pulled_layer(layer_fn, params_l, x_BxTxD, partial_BxTxRx2xHd, layer_idx, po
 def strict_reader_weights(cfg, params_L: dict[str, Any]) -> jax.Array:
   """W [L_reader, R, L_src, R] of the stacked layer parameters, entries with j >= i zero: what
   the pull form mixes from the buffer (each layer adds its own kv's term itself)."""
-  push_LsrcxLxRxR = params_L["router"]
-  if "top_p_mask" in params_L:  # frozen: no gradient through the mask
-    push_LsrcxLxRxR = push_LsrcxLxRxR * jax.lax.stop_gradient(params_L["top_p_mask"])
-  W_LxRxLxR = router_view(push_LsrcxLxRxR, cfg.router_window, cfg.router_dilation)
+  W_LxRxLxR = router_weights_of(params_L, cfg)
   earlier_LxL = jnp.arange(cfg.L)[None, :] < jnp.arange(cfg.L)[:, None]  # [reader, source]
   return W_LxRxLxR * earlier_LxL[:, None, :, None]
 
@@ -224,7 +221,8 @@ class KvRouting(Mixer):
     return carry[stop - start:]  # readers start..stop-1 have read their slots
 
   def kv(self, block: nn.Module, x_BxTxD: jax.Array, h_BxTxD: jax.Array,
-         acc_IxRxBxTx2xHd: jax.Array, layer_idx) -> tuple[jax.Array, jax.Array]:
+         carry, layer_idx) -> tuple[jax.Array, Any]:
+    """carry: the accumulator, a `Ring`, or (pull form) a `Pulled`; see the class doc."""
     cfg = self.cfg
     # The reference code's kaiming-uniform default for the raw kv projection (spec section 2).
     kv_BxTxRx2xHd = project_kv(block, cfg, h_BxTxD, _symmetric_uniform(1.0 / cfg.D ** 0.5))
@@ -237,19 +235,19 @@ class KvRouting(Mixer):
       push_LxRxR = push_LxRxR * jax.lax.stop_gradient(mask_LxRxR)
     # The push mixes over source heads: gather this layer's kv over `tensor` once (sharding.py).
     kv_BxTxRx2xHd = constrain(kv_BxTxRx2xHd, "batch", "length", None, None, "head_dim")
-    if isinstance(acc_IxRxBxTx2xHd, Pulled):  # the pull form: add this layer's own term
+    if isinstance(carry, Pulled):  # the pull form: add this layer's own term
       own_RxR = jax.lax.dynamic_index_in_dim(effective_push_weights(
           push_LxRxR, layer_idx, cfg.router_window, cfg.router_dilation), layer_idx, 0,
           keepdims=False)
-      routed_BxTxRx2xHd = acc_IxRxBxTx2xHd.partial_BxTxRx2xHd + jnp.einsum(
+      routed_BxTxRx2xHd = carry.partial_BxTxRx2xHd + jnp.einsum(
           "rs,btscd->btrcd", own_RxR, kv_BxTxRx2xHd.astype(jnp.float32))
       return routed_BxTxRx2xHd.astype(h_BxTxD.dtype), kv_BxTxRx2xHd
     if self.ring:
-      kv32_BxTxRx2xHd, ring = self._ring_push_and_read(acc_IxRxBxTx2xHd, push_LxRxR,
-                                                       kv_BxTxRx2xHd, layer_idx)
+      kv32_BxTxRx2xHd, ring = self._ring_push_and_read(carry, push_LxRxR, kv_BxTxRx2xHd,
+                                                       layer_idx)
       return kv32_BxTxRx2xHd.astype(h_BxTxD.dtype), ring
     acc_IxRxBxTx2xHd, kv32_BxTxRx2xHd = push_and_read(
-        acc_IxRxBxTx2xHd, push_LxRxR, kv_BxTxRx2xHd, layer_idx, block.first_reader,
+        carry, push_LxRxR, kv_BxTxRx2xHd, layer_idx, block.first_reader,
         cfg.router_window, cfg.router_dilation)
     acc_IxRxBxTx2xHd = constrain(acc_IxRxBxTx2xHd, *ACC_AXES)
     return kv32_BxTxRx2xHd.astype(h_BxTxD.dtype), acc_IxRxBxTx2xHd
@@ -309,6 +307,6 @@ def router_weights_of(stacked: dict[str, Any], cfg) -> jax.Array:
   """All routers as one masked W [L_reader, R, L_src, R] (spec notation) from the per-layer
   parameters stacked over layers (stack.stacked_layer_params)."""
   push_LsrcxLxRxR = stacked["router"]
-  if "top_p_mask" in stacked:  # top-p pruned entries are zero, as the model uses them
-    push_LsrcxLxRxR = push_LsrcxLxRxR * stacked["top_p_mask"]
+  if "top_p_mask" in stacked:  # top-p pruned entries are zero, as the model uses them (frozen)
+    push_LsrcxLxRxR = push_LsrcxLxRxR * jax.lax.stop_gradient(stacked["top_p_mask"])
   return router_view(push_LsrcxLxRxR, cfg.router_window, cfg.router_dilation)
