@@ -18,7 +18,8 @@ ATTENTION_IMPLS = ("einsum", "dot_product")  # layers.causal_attention
 # kv routing's training data movement (model/mixers/kv_routing.py): the float32 push accumulator,
 # or the pull over a compute-dtype buffer of raw kv with a read-only backward (model/kv_pull.py).
 ROUTING_IMPLS = ("push", "pull")
-CONNECTIONS = ("none", "hyper-static", "hyper-dynamic", "denseformer")  # cross-layer baselines
+CONNECTIONS = ("none", "hyper-static", "hyper-dynamic", "denseformer", "attn-res",
+               "block-attn-res")  # cross-layer baselines
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -82,6 +83,9 @@ class ModelConfig(ConfigSection):
   hc_expansion: int = 4  # hyper-connections: n copies of the residual stream
   denseformer_dilation: int = 1  # DenseFormer: reader i weights X_j only if (i+1-j) % dilation == 0
   denseformer_period: int = 1  # DenseFormer: a weighted average after every period-th block only
+  # Block Attention Residuals: the 2L sub-layers are grouped into this many blocks of equal size
+  # (the paper's N, about 8); `attn-res` is the full form, one block per sub-layer.
+  attn_res_blocks: int = 8
 
   def __post_init__(self):
     for name in ("V", "D", "L", "H", "F", "T", "scan_segments", "scan_unroll"):
@@ -135,8 +139,11 @@ class ModelConfig(ConfigSection):
                          f" got router={self.router!r}")
       if not 0 < self.top_p <= 1:
         raise ValueError(f"ModelConfig.top_p: must be in (0, 1], got {self.top_p}")
-    for name in ("hc_expansion", "denseformer_dilation", "denseformer_period"):
+    for name in ("hc_expansion", "denseformer_dilation", "denseformer_period", "attn_res_blocks"):
       _require_positive_int(name, getattr(self, name))
+    if self.connections == "block-attn-res" and (2 * self.L) % self.attn_res_blocks:
+      raise ValueError(f"ModelConfig.attn_res_blocks: the 2L = {2 * self.L} sub-layers must split"
+                       f" into {self.attn_res_blocks} blocks of equal size")
     if self.connections not in CONNECTIONS:
       raise ValueError(f"ModelConfig.connections: unknown connections {self.connections!r};"
                        f" choose from {CONNECTIONS}")

@@ -21,7 +21,7 @@ def test_registry_names_agree_with_the_config():
 @pytest.mark.parametrize("name", sorted(set(ROUTERS) | set(CONNECTIONS)))
 def test_build_picks_the_method_of_the_config(name):
   field = "router" if name in ROUTERS else "connections"
-  cfg = TINY.replace(**{field: name})
+  cfg = TINY.replace(**{field: name}, attn_res_blocks=2)  # 2 blocks of the 2L = 6 sub-layers
   mixer = mixers.build(cfg)
   assert type(mixer) is mixers.MIXERS[name]
   assert mixers.method_name(cfg) == name

@@ -32,7 +32,7 @@ class Block(nn.Module):
                cache: KVCache | None = None):
     cfg = self.cfg
     mixer = mixers.build(cfg)
-    x_BxTxD, mix = mixer.enter(self, stream, 2 * layer_idx, "hc_attn")
+    x_BxTxD, mix = mixer.enter(self, stream, carry, 2 * layer_idx, "attn")
     h_BxTxD = RMSNorm(cfg, name="attn_norm")(x_BxTxD)
     kv_BxTxRx2xHd, carry = mixer.kv(self, x_BxTxD, h_BxTxD, carry, layer_idx)
     # Analysis hooks (studies/analysis.py); no-ops unless "intermediates" is mutable.
@@ -43,11 +43,11 @@ class Block(nn.Module):
     else:  # decoding takes no gradients, so no remat
       attn_BxTxD, cache = Attention(cfg, name="attn")(
           h_BxTxD, kv_BxTxRx2xHd, positions_BxT, positions_BxT, cache, layer_idx)
-    stream = mixer.leave(stream, attn_BxTxD, mix)
-    x_BxTxD, mix = mixer.enter(self, stream, 2 * layer_idx + 1, "hc_mlp")
+    stream, carry = mixer.leave(stream, carry, attn_BxTxD, mix)
+    x_BxTxD, mix = mixer.enter(self, stream, carry, 2 * layer_idx + 1, "mlp")
     mlp = maybe_remat(Mlp, cfg)(cfg, name="mlp")
-    stream = mixer.leave(stream, mlp(RMSNorm(cfg, name="mlp_norm")(x_BxTxD)), mix)
+    stream, carry = mixer.leave(stream, carry, mlp(RMSNorm(cfg, name="mlp_norm")(x_BxTxD)), mix)
     stream, carry = mixer.after_layer(self, stream, carry, layer_idx)
     stream = constrain(stream, *mixer.stream_axes())
-    self.sow("intermediates", "hidden", mixer.finish(stream))
+    self.sow("intermediates", "hidden", mixer.hidden(stream))
     return stream, carry, cache

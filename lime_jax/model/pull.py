@@ -8,7 +8,9 @@ final buffer; the backward scan recomputes layer l from its input against the fi
 (slots > l hold later states, which layer l ignores, so the recomputed layer equals the forward
 one) and carries one buffer-sized cotangent. Memory is linear in depth; the price is one extra
 forward per layer in the backward (like full remat). Scans are split into segments whose buffer
-holds only slots < the segment's end, which cuts the masked work as push.py's segments do.
+holds only the slots the segment's layers touch, which cuts the masked work as push.py's
+segments do. A method may write several slots per layer (Attention Residuals: one per
+sub-layer), so each segment states how many leading slots it touches.
 """
 
 from __future__ import annotations
@@ -20,19 +22,21 @@ import jax
 import jax.numpy as jnp
 
 # layer_fn(params_l, x_BxTxD, buf_NxP, layer_idx, positions_BxT) -> (x_next, buf): one layer
-# that writes slot layer_idx of the buffer and reads slots 0..layer_idx.
+# that reads only slots written before it (or by itself) and writes its own slots.
 LayerFn = Callable[[Any, jax.Array, jax.Array, Any, jax.Array], tuple[jax.Array, jax.Array]]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def pull_stack(layer_fn: LayerFn, bounds: tuple[tuple[int, int], ...], unroll: int,
+def pull_stack(layer_fn: LayerFn, bounds: tuple[tuple[int, int, int], ...], unroll: int,
                params_L: Any, x_BxTxD: jax.Array, buf_LxP: jax.Array,
-               positions_BxT: jax.Array) -> jax.Array:
-  """Runs the layers of `params_L` (leading layer axis) over segments `bounds`, starting from the
-  empty buffer `buf_LxP`; returns the last layer's output (the buffer gets no gradient)."""
-  x_BxTxD, _, _ = _pull_forward(layer_fn, bounds, unroll, params_L, x_BxTxD, buf_LxP,
-                                positions_BxT)
-  return x_BxTxD
+               positions_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Runs the layers of `params_L` (leading layer axis) over segments `bounds` ((start, stop,
+  slots): layers start..stop-1 touch the buffer's first `slots` slots), starting from the
+  buffer `buf_LxP` (empty, or holding sources such as the embeddings); returns the last layer's
+  output and the final buffer."""
+  x_BxTxD, buf_LxP, _ = _pull_forward(layer_fn, bounds, unroll, params_L, x_BxTxD, buf_LxP,
+                                      positions_BxT)
+  return x_BxTxD, buf_LxP
 
 
 def _segment(tree: Any, start: int, stop: int) -> Any:
@@ -41,18 +45,18 @@ def _segment(tree: Any, start: int, stop: int) -> Any:
 
 def _pull_forward(layer_fn, bounds, unroll, params_L, x_BxTxD, buf_LxP, positions_BxT):
   inputs = []
-  for start, stop in bounds:
+  for start, stop, slots in bounds:
     def body(carry, layer):
       x_BxTxD, buf_NxP = carry
       params_l, l = layer
       x_next, buf_NxP = layer_fn(params_l, x_BxTxD, buf_NxP, l, positions_BxT)
       return (x_next, buf_NxP), x_BxTxD  # the layer's input: all the backward needs
-    # Slots >= stop are still empty and read by no layer of this segment.
+    # Slots >= `slots` are still empty and touched by no layer of this segment.
     (x_BxTxD, buf_NxP), inputs_SxBxTxD = jax.lax.scan(
-        body, (x_BxTxD, buf_LxP[:stop]),
+        body, (x_BxTxD, buf_LxP[:slots]),
         (_segment(params_L, start, stop), jnp.arange(start, stop)),
         unroll=min(unroll, stop - start))
-    buf_LxP = jnp.concatenate([buf_NxP, buf_LxP[stop:]])
+    buf_LxP = jnp.concatenate([buf_NxP, buf_LxP[slots:]])
     inputs.append(inputs_SxBxTxD)
   return x_BxTxD, buf_LxP, jnp.concatenate(inputs)
 
@@ -60,15 +64,15 @@ def _pull_forward(layer_fn, bounds, unroll, params_L, x_BxTxD, buf_LxP, position
 def _pull_stack_fwd(layer_fn, bounds, unroll, params_L, x_BxTxD, buf_LxP, positions_BxT):
   x_out, buf_LxP, inputs_LxBxTxD = _pull_forward(layer_fn, bounds, unroll, params_L, x_BxTxD,
                                                  buf_LxP, positions_BxT)
-  return x_out, (params_L, inputs_LxBxTxD, buf_LxP, positions_BxT)
+  return (x_out, buf_LxP), (params_L, inputs_LxBxTxD, buf_LxP, positions_BxT)
 
 
-def _pull_stack_bwd(layer_fn, bounds, unroll, residuals, dx_BxTxD):
+def _pull_stack_bwd(layer_fn, bounds, unroll, residuals, cotangents):
   params_L, inputs_LxBxTxD, buf_LxP, positions_BxT = residuals
-  dbuf_NxP = jnp.zeros_like(buf_LxP)
+  dx_BxTxD, dbuf_LxP = cotangents  # dbuf: zeros unless the caller reads the final buffer
   dparams = []
-  for start, stop in reversed(bounds):
-    final_NxP = buf_LxP[:stop]
+  for start, stop, slots in reversed(bounds):
+    final_NxP = buf_LxP[:slots]
 
     def body(carry, layer):
       dx_BxTxD, dbuf_NxP = carry
@@ -79,14 +83,19 @@ def _pull_stack_bwd(layer_fn, bounds, unroll, residuals, dx_BxTxD):
       dparams_l, dx_BxTxD, dbuf_NxP = vjp((dx_BxTxD, dbuf_NxP))
       return (dx_BxTxD, dbuf_NxP), dparams_l
 
-    # Slots >= stop were written and zeroed by later segments; only [:stop] is still live.
-    (dx_BxTxD, dbuf_NxP), dparams_S = jax.lax.scan(
-        body, (dx_BxTxD, dbuf_NxP[:stop]),
+    # Slots >= `slots` were written by later segments, whose VJPs moved their cotangents to
+    # what those layers wrote; the initial buffer gets none, so they are dropped here.
+    (dx_BxTxD, dbuf_LxP), dparams_S = jax.lax.scan(
+        body, (dx_BxTxD, dbuf_LxP[:slots]),
         (_segment(params_L, start, stop), inputs_LxBxTxD[start:stop], jnp.arange(start, stop)),
         reverse=True, unroll=min(unroll, stop - start))
     dparams.insert(0, dparams_S)
   dparams_L = jax.tree.map(lambda *parts: jnp.concatenate(parts), *dparams)
-  return dparams_L, dx_BxTxD, None, None
+  # What is left is the initial buffer's cotangent (slots no layer wrote over).
+  dbuf_LxP = jnp.concatenate(
+      [dbuf_LxP, jnp.zeros((buf_LxP.shape[0] - dbuf_LxP.shape[0],) + buf_LxP.shape[1:],
+                           dbuf_LxP.dtype)])
+  return dparams_L, dx_BxTxD, dbuf_LxP, None
 
 
 pull_stack.defvjp(_pull_stack_fwd, _pull_stack_bwd)

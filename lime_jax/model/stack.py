@@ -62,16 +62,16 @@ class LayerStack(nn.Module):
     if not cfg.scan_layers:
       for l in range(cfg.L):
         stream, carry, cache = Block(cfg, name=f"layer_{l}")(stream, carry, l, positions_BxT, cache)
-      return mixer.finish(stream), cache
+      return mixer.finish(self, stream, carry), cache
     # The pull form needs plain training: no init, decoding or sown analysis intermediates.
     if mixer.pulls and not (self.naive or cache is not None or self.is_initializing()
                             or self.is_mutable_collection("intermediates")):
       params = nn.unbox(self.variables["params"])
       params_L = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[
           params[f"segment_{b}"]["block"] for b in range(len(mixer.segments()))])
-      stream = mixer.pull(functools.partial(_apply_block, cfg), params_L, stream, carry,
-                          positions_BxT)
-      return mixer.finish(stream), None
+      stream, carry = mixer.pull(functools.partial(_apply_block, cfg), params_L, stream, carry,
+                                 positions_BxT)
+      return mixer.finish(self, stream, carry), None
     for b, (start, stop) in enumerate(mixer.segments()):
       segment = nn.scan(
           _ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
@@ -81,7 +81,7 @@ class LayerStack(nn.Module):
       (stream, carry, cache), _ = segment((stream, carry, cache), jnp.arange(start, stop),
                                           positions_BxT)
       carry = mixer.after_segment(carry, start, stop)
-    return mixer.finish(stream), cache
+    return mixer.finish(self, stream, carry), cache
 
 
 def stacked_layer_params(params: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:

@@ -8,6 +8,7 @@ tests/model/test_mixers.py checks that this registry and those names agree.
 from __future__ import annotations
 
 from lime_jax.config import ModelConfig
+from lime_jax.model.mixers.attn_res import AttentionResiduals
 from lime_jax.model.mixers.base import Mixer
 from lime_jax.model.mixers.denseformer import DenseFormer
 from lime_jax.model.mixers.hidden_routing import HiddenRouting
@@ -22,6 +23,8 @@ MIXERS: dict[str, type[Mixer]] = {
     "hyper-static": HyperConnections,
     "hyper-dynamic": HyperConnections,
     "denseformer": DenseFormer,
+    "attn-res": AttentionResiduals,
+    "block-attn-res": AttentionResiduals,
 }
 
 

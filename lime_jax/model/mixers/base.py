@@ -6,13 +6,13 @@ through these hooks, in this order:
 
     stream, carry = start(stack, x)            once per forward, before layer 0
     per layer l (block.py):
-      x, mix = enter(block, stream, 2l, ...)    a sub-layer's input from the stream
+      x, mix = enter(block, stream, carry, 2l, "attn")   a sub-layer's input from the stream
       kv, carry = kv(block, x, h, carry, l)     the layer's raw keys/values (h = attn_norm(x))
-      stream = leave(stream, attn_out, mix)     the stream after the sub-layer
-      (the same enter/leave around the MLP, sub-layer 2l+1)
+      stream, carry = leave(stream, carry, attn_out, mix)   the state after the sub-layer
+      (the same enter/leave around the MLP, sub-layer 2l+1, "mlp")
       stream, carry = after_layer(block, stream, carry, l)
     carry = after_segment(carry, start, stop)   between nn.scan segments
-    x = finish(stream)                          after the last layer
+    x = finish(stack, stream, carry)            after the last layer
 
 `block` and `stack` are the calling Flax modules: a hook creates its parameters and sub-modules
 in their scope, so parameter paths name the layer (`segment_0/block/router`), not the method.
@@ -63,19 +63,32 @@ class Mixer:
     del start, stop
     return carry
 
-  def pull(self, layer_fn, params_L: Any, stream: Any, carry: Any, positions_BxT: jax.Array):
+  def pull(self, layer_fn, params_L: Any, stream: Any, carry: Any,
+           positions_BxT: jax.Array) -> tuple[Any, Any]:
     """Training's forward for `pulls` methods: the generic pull form (pull.py), which re-runs
     each layer in the backward. layer_fn(params_l, stream, carry, l, positions) -> (stream, carry)
-    is one layer; params_L the scanned parameters stacked over layers."""
-    return pull_lib.pull_stack(layer_fn, tuple(self.pull_segments()), self.cfg.scan_unroll,
-                               params_L, stream, carry, positions_BxT)
+    is one layer; params_L the scanned parameters stacked over layers. Returns the final
+    (stream, carry)."""
+    bounds = tuple((start, stop, self.pull_slots(stop)) for start, stop in self.pull_segments())
+    return pull_lib.pull_stack(layer_fn, bounds, self.cfg.scan_unroll, params_L, stream, carry,
+                               positions_BxT)
 
   def pull_segments(self) -> list[tuple[int, int]]:
     """The pull form's scan segments."""
     return self.segments()
 
-  def finish(self, stream: Any) -> jax.Array:
-    """The stack's output [B, T, D] from the final stream."""
+  def pull_slots(self, stop: int) -> int:
+    """How many leading buffer slots layers before `stop` touch (one slot per layer here)."""
+    return stop
+
+  def finish(self, stack: nn.Module, stream: Any, carry: Any) -> jax.Array:
+    """The stack's output [B, T, D] from the final stream and carry (a method may create its
+    output parameters in `stack`)."""
+    del stack, carry
+    return self.hidden(stream)
+
+  def hidden(self, stream: Any) -> jax.Array:
+    """The hidden state [B, T, D] a stream stands for (the analysis hooks sow it per layer)."""
     return stream
 
   def stream_axes(self) -> tuple[str | None, ...]:
@@ -84,15 +97,17 @@ class Mixer:
 
   # --- a layer -----------------------------------------------------------------------------
 
-  def enter(self, block: nn.Module, stream: Any, sublayer_idx, name: str) -> tuple[jax.Array, Any]:
-    """A sub-layer's input x [B, T, D] and what `leave` needs; `name` is for its parameters."""
-    del block, sublayer_idx, name
+  def enter(self, block: nn.Module, stream: Any, carry: Any, sublayer_idx,
+            name: str) -> tuple[jax.Array, Any]:
+    """A sub-layer's input x [B, T, D] and what `leave` needs; `name` ("attn" or "mlp") is for
+    its parameters, which the method prefixes with its own name."""
+    del block, carry, sublayer_idx, name
     return stream, None
 
-  def leave(self, stream: Any, out_BxTxD: jax.Array, mix: Any) -> Any:
-    """The stream after a sub-layer with output `out`: the residual add."""
+  def leave(self, stream: Any, carry: Any, out_BxTxD: jax.Array, mix: Any) -> tuple[Any, Any]:
+    """The stream and carry after a sub-layer with output `out`: the residual add."""
     del mix
-    return stream + out_BxTxD
+    return stream + out_BxTxD, carry
 
   def kv(self, block: nn.Module, x_BxTxD: jax.Array, h_BxTxD: jax.Array, carry: Any,
          layer_idx) -> tuple[jax.Array, Any]:

@@ -88,22 +88,22 @@ class HyperConnections(Mixer):
     del stack
     return jnp.broadcast_to(x_BxTxD, (self.cfg.hc_expansion,) + x_BxTxD.shape), None
 
-  def finish(self, H_NxBxTxD: jax.Array) -> jax.Array:
+  def hidden(self, H_NxBxTxD: jax.Array) -> jax.Array:
     """The sum of the copies, as the paper does."""
     return H_NxBxTxD.astype(jnp.float32).sum(axis=0).astype(H_NxBxTxD.dtype)
 
   def stream_axes(self) -> tuple[str | None, ...]:
     return (None,) + super().stream_axes()
 
-  def enter(self, block: nn.Module, H_NxBxTxD: jax.Array, sublayer_idx, name: str):
-    del block  # the connection becomes the calling block's child `name`
-    return HyperConnection(self.cfg, self.dynamic, name=name)(H_NxBxTxD, sublayer_idx)
+  def enter(self, block: nn.Module, H_NxBxTxD: jax.Array, carry: None, sublayer_idx, name: str):
+    del block, carry  # the connection becomes the calling block's child `hc_<name>`
+    return HyperConnection(self.cfg, self.dynamic, name=f"hc_{name}")(H_NxBxTxD, sublayer_idx)
 
-  def leave(self, H_NxBxTxD: jax.Array, out_BxTxD: jax.Array, mix) -> jax.Array:
+  def leave(self, H_NxBxTxD: jax.Array, carry: None, out_BxTxD: jax.Array, mix):
     beta_BxTxN, residual_NxBxTxD = mix
     H32_NxBxTxD = residual_NxBxTxD + jnp.einsum("btn,btd->nbtd", beta_BxTxN,
                                                 out_BxTxD.astype(jnp.float32))
-    return H32_NxBxTxD.astype(H_NxBxTxD.dtype)
+    return H32_NxBxTxD.astype(H_NxBxTxD.dtype), carry
 
   def extra_params(self) -> int:
     """Static: A [n, n+1] and B [n] per sub-layer; dynamic adds W_A [D, n+1], W_B [D] and two

@@ -189,10 +189,11 @@ class KvRouting(Mixer):
     cfg = self.cfg
     B, T, _ = x_BxTxD.shape
     kv_shape = (cfg.L, B, T, cfg.R, 2, cfg.Hd, cfg.compute_dtype)
-    return kv_pull.pull_stack(functools.partial(_pulled_layer, layer_fn),
-                              functools.partial(strict_reader_weights, cfg),
-                              tuple(self.segments()), kv_shape, cfg.scan_unroll, params_L,
-                              x_BxTxD, positions_BxT)
+    x_BxTxD = kv_pull.pull_stack(functools.partial(_pulled_layer, layer_fn),
+                                 functools.partial(strict_reader_weights, cfg),
+                                 tuple(self.segments()), kv_shape, cfg.scan_unroll, params_L,
+                                 x_BxTxD, positions_BxT)
+    return x_BxTxD, None
 
   @property
   def ring(self) -> bool:
