@@ -38,6 +38,15 @@ def _rows(path):
     return {row["point"]: row for row in csv.DictReader(f)}
 
 
+def test_grid_takes_connections_as_methods(tmp_path):
+  """A baseline's connections name in `routers` selects it with router none; a router's name
+  clears any connections of the base."""
+  cfg = sweep.load_sweep(_write(tmp_path, "{routers: [none, kv-static, attn-res], depths: [2]}"))
+  methods = {p.name: (p.cfg.model.router, p.cfg.model.connections) for p in sweep.expand(cfg)}
+  assert methods == {"none_L2_D32_s0": ("none", "none"), "kv-static_L2_D32_s0": ("kv-static", "none"),
+                     "attn-res_L2_D32_s0": ("none", "attn-res")}
+
+
 def test_fixed_width_grid(tmp_path):
   cfg = sweep.load_sweep(_write(
       tmp_path, "{routers: [none, kv-static], depths: [2, 4], widths: [32, 64], head_size: 16,"
@@ -89,7 +98,7 @@ def test_bad_sweep_configs_are_one_line_errors(tmp_path, capsys):
     assert "\n" not in err and err.startswith("lime-jax sweep: "), err
     return err
 
-  assert "grid.routers: unknown router 'dense'" in error("{routers: [dense]}")
+  assert "grid.routers: unknown method 'dense'" in error("{routers: [dense]}")
   assert "not both" in error("{widths: [32], param_budget: 1000}")
   assert "grid: unknown key(s) ['depth']" in error("{depth: [2]}")
   assert "sweep: unknown key(s) ['hbm']" in error("{depths: [2]}", hbm="80")

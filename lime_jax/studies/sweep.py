@@ -10,7 +10,7 @@ A sweep YAML (every key but `base` and `grid` optional):
     text: []
     mqar: [task.name=mqar, task.difficulty=4, task.seq_len=64]
   grid:
-    routers: [none, kv-static]
+    routers: [none, kv-static]    # cross-layer methods: routers or connections (attn-res, mhc...)
     depths: [32, 64, 128]
     widths: [256]                 # fixed width; or, instead:
     param_budget: 25165824        # fixed budget: width derived from depth (see below)
@@ -52,7 +52,7 @@ import sys
 import time
 from typing import Any, Mapping, Sequence
 
-from lime_jax.config import ROUTERS, build_dataclass, require_positive_int
+from lime_jax.config import CONNECTIONS, ROUTERS, build_dataclass, require_positive_int
 from lime_jax.data import sources
 from lime_jax.errors import one_line
 from lime_jax.model import flops as flops_lib
@@ -86,8 +86,9 @@ class GridConfig:
   def __post_init__(self):
     _require_list("grid.routers", self.routers)
     for router in self.routers:
-      if router not in ROUTERS:
-        raise ValueError(f"grid.routers: unknown router {router!r}; choose from {ROUTERS}")
+      if router not in ROUTERS and router not in CONNECTIONS:
+        raise ValueError(f"grid.routers: unknown method {router!r}; choose from"
+                         f" {ROUTERS + CONNECTIONS[1:]}")
     for name in ("depths", "widths", "seeds"):
       values = getattr(self, name)
       if values is None:
@@ -191,6 +192,13 @@ class Point:
   cfg: ExperimentConfig
 
 
+def method_overrides(method: str) -> tuple[str, ...]:
+  """The model overrides that select a cross-layer method by name: a router, or a baseline's
+  connections (with router none)."""
+  if method in CONNECTIONS and method != "none":
+    return ("model.router=none", f"model.connections={method}")
+  return (f"model.router={method}", "model.connections=none")
+
 def _shape_overrides(base: ExperimentConfig, D: int, head_size: int, ffn_mult: int) -> list[str]:
   group = base.model.H // base.model.R  # query heads per kv head, kept from the base
   if D % (head_size * group):
@@ -246,7 +254,7 @@ def expand(cfg: SweepConfig) -> list[Point]:
         for router in grid.routers:
           for seed in grid.seeds:
             name = "_".join(p for p in (variant, router, f"L{L}", f"D{D}", f"s{seed}") if p)
-            overrides = (*cfg.overrides, *variant_overrides, f"model.router={router}",
+            overrides = (*cfg.overrides, *variant_overrides, *method_overrides(router),
                          f"model.L={L}", *shape, *(f"{key}={seed}" for key in cfg.seed_keys),
                          f"run.out_dir={os.path.join(cfg.out_dir, name)}")
             try:
