@@ -10,6 +10,7 @@ from __future__ import annotations
 from lime_jax.config import ModelConfig
 from lime_jax.model.mixers.base import Mixer
 from lime_jax.model.mixers.denseformer import DenseFormer
+from lime_jax.model.mixers.depth_attention import DepthAttention
 from lime_jax.model.mixers.hidden_routing import HiddenRouting
 from lime_jax.model.mixers.hyper import HyperConnections
 from lime_jax.model.mixers.kv_routing import KvRouting
@@ -22,6 +23,7 @@ MIXERS: dict[str, type[Mixer]] = {
     "hyper-static": HyperConnections,
     "hyper-dynamic": HyperConnections,
     "denseformer": DenseFormer,
+    "depth-attention": DepthAttention,
 }
 
 
