@@ -53,7 +53,8 @@ def test_every_config_file_validates():
       want = next(v for k, v in baseline.items() if path.endswith(k))
       assert (cfg.model.router, cfg.model.connections) == ("none", want), path
       continue
-    hidden = [r for r in ("hidden-static", "hidden-dynamic") if r.replace("-", "_") in path]
+    hidden = [r for r in ("hidden-static", "hidden-dynamic", "depth-attention")
+              if r.replace("-", "_") in path]
     want_router = "none" if path.endswith("_none.yaml") else (hidden or ["kv-static"])[0]
     assert cfg.model.router == want_router, path
 
