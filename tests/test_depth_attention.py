@@ -198,6 +198,19 @@ def test_cache_holds_the_mixed_values():
     assert (gap > 1e-3) == differs, (l, gap)
 
 
+@pytest.mark.parametrize("policy", ["full", "dots", "save_proj"])
+def test_remat_gives_equal_gradients(policy):
+  """Attention is rematerialized with the raw-kv buffer as an input: same gradients, scanned
+  (pull form) and unrolled."""
+  for cfg in (GQA, GQA.replace(scan_layers=False)):
+    params = stack.convert_layout(_params(GQA), GQA, cfg)
+    tokens_BxT = _tokens(cfg, T=cfg.T + 1)
+    grad = jax.jit(jax.grad(model_checks.next_token_loss), static_argnums=1)
+    chex.assert_trees_all_close(grad(params, cfg, tokens_BxT),
+                                grad(params, cfg.replace(remat_policy=policy), tokens_BxT),
+                                rtol=1e-5, atol=1e-7)
+
+
 def test_bfloat16_compute_is_finite_and_close():
   cfg = GQA
   params = _params(cfg)
