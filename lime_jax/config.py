@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-ROUTERS = ("none", "kv-static", "hidden-static", "hidden-dynamic")
+ROUTERS = ("none", "kv-static", "hidden-static", "hidden-dynamic", "depth-attention")
+# Routers that are not LIMe (`is_lime` false): none, and the kv-level methods compared with it.
+NON_LIME_ROUTERS = ("none", "depth-attention")
 HIDDEN_ROUTERS = ("hidden-static", "hidden-dynamic")  # the paper's v1; see hidden_routing.py
 TOP_P_ROUTERS = ("kv-static", "hidden-static")  # the static routers top-p prunes (top_p.py)
 REMAT_POLICIES = ("none", "full", "dots", "save_proj")
@@ -125,7 +127,8 @@ class ModelConfig(ConfigSection):
       if getattr(self, name) is not None:
         _require_positive_int(name, getattr(self, name))
         if not self.is_lime:
-          raise ValueError(f"ModelConfig.{name}: sparse routing needs a LIMe router, got router='none'")
+          raise ValueError(f"ModelConfig.{name}: sparse routing needs a LIMe router, got"
+                           f" router={self.router!r}")
     if self.router in HIDDEN_ROUTERS and self.R != self.H:
       raise ValueError(f"ModelConfig.R: router={self.router!r} builds K/V per query head, so it"
                        f" needs R = H (got R={self.R}, H={self.H}); GQA does not apply")
@@ -147,7 +150,7 @@ class ModelConfig(ConfigSection):
     if self.connections not in CONNECTIONS:
       raise ValueError(f"ModelConfig.connections: unknown connections {self.connections!r};"
                        f" choose from {CONNECTIONS}")
-    if self.connections != "none" and self.is_lime:
+    if self.connections != "none" and self.router != "none":
       raise ValueError(f"ModelConfig.connections: {self.connections!r} is a baseline and does not"
                        f" combine with router={self.router!r}; set router: none")
     if not self.rope_theta > 0:
@@ -157,7 +160,7 @@ class ModelConfig(ConfigSection):
 
   @property
   def is_lime(self) -> bool:
-    return self.router != "none"
+    return self.router not in NON_LIME_ROUTERS
 
 
 def require_positive_int(field: str, value: Any) -> None:

@@ -37,12 +37,16 @@ class Block(nn.Module):
     kv_BxTxRx2xHd, carry = mixer.kv(self, x_BxTxD, h_BxTxD, carry, layer_idx)
     # Analysis hooks (studies/analysis.py); no-ops unless "intermediates" is mutable.
     self.sow("intermediates", "values", kv_BxTxRx2xHd[:, :, :, 1])
+    # Depth-Attention mixes the kv by the layer's query: inside Attention, given the carry.
+    mixes_by_query = mixer.query_mix is not None
     if cache is None:
-      attention = maybe_remat(Attention, cfg)(cfg, name="attn")
-      attn_BxTxD, _ = attention(h_BxTxD, kv_BxTxRx2xHd, positions_BxT, positions_BxT)
+      attention = maybe_remat(Attention, cfg)(cfg, mixer.query_mix, name="attn")
+      attn_BxTxD, _ = attention(h_BxTxD, kv_BxTxRx2xHd, positions_BxT, positions_BxT,
+                                *((None, layer_idx, carry) if mixes_by_query else ()))
     else:  # decoding takes no gradients, so no remat
-      attn_BxTxD, cache = Attention(cfg, name="attn")(
-          h_BxTxD, kv_BxTxRx2xHd, positions_BxT, positions_BxT, cache, layer_idx)
+      attn_BxTxD, cache = Attention(cfg, mixer.query_mix, name="attn")(
+          h_BxTxD, kv_BxTxRx2xHd, positions_BxT, positions_BxT, cache, layer_idx,
+          carry if mixes_by_query else None)
     stream, carry = mixer.leave(stream, carry, attn_BxTxD, mix)
     x_BxTxD, mix = mixer.enter(self, stream, carry, 2 * layer_idx + 1, "mlp")
     mlp = maybe_remat(Mlp, cfg)(cfg, name="mlp")

@@ -3,7 +3,7 @@ sub-block rematerialization, and the key/value cache that attention appends to w
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -166,11 +166,14 @@ class Attention(nn.Module):
   """
 
   cfg: ModelConfig
+  # (q before RoPE, kv, mix_input, layer_idx) -> the kv to attend over: a method that mixes the
+  # kv by the layer's query (mixers/depth_attention.py); None: the kv as given.
+  query_mix: Callable | None = None
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, kv_BxSxRx2xHd: jax.Array, q_positions_BxT: jax.Array,
                k_positions_BxS: jax.Array, cache: KVCache | None = None,
-               layer_idx=None) -> tuple[jax.Array, KVCache | None]:
+               layer_idx=None, mix_input: Any = None) -> tuple[jax.Array, KVCache | None]:
     cfg = self.cfg
     pdt, cdt = dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype)
     q_proj_DxHxHd = self.param("q_proj", logical(normal_init, "embed", "heads", "head_dim"),
@@ -179,6 +182,8 @@ class Attention(nn.Module):
                                (cfg.H, cfg.Hd, cfg.D), pdt)
     q_BxTxHxHd = jnp.einsum("btd,dhk->bthk", x_BxTxD, q_proj_DxHxHd.astype(cdt))
     q_BxTxHxHd = checkpoint_name(q_BxTxHxHd, "q_proj")
+    if self.query_mix is not None:  # S is the new tokens here, T == S
+      kv_BxSxRx2xHd = self.query_mix(q_BxTxHxHd, kv_BxSxRx2xHd, mix_input, layer_idx)
     q_BxTxHxHd = apply_rope(q_BxTxHxHd, q_positions_BxT, cfg.rope_theta)
     k_BxSxRxHd = apply_rope(kv_BxSxRx2xHd[:, :, :, 0], k_positions_BxS, cfg.rope_theta)
     v_BxSxRxHd = kv_BxSxRx2xHd[:, :, :, 1]

@@ -11,6 +11,7 @@ from lime_jax.config import ModelConfig
 from lime_jax.model.mixers.attn_res import AttentionResiduals
 from lime_jax.model.mixers.base import Mixer
 from lime_jax.model.mixers.denseformer import DenseFormer
+from lime_jax.model.mixers.depth_attention import DepthAttention
 from lime_jax.model.mixers.hidden_routing import HiddenRouting
 from lime_jax.model.mixers.hyper import HyperConnections
 from lime_jax.model.mixers.kv_routing import KvRouting
@@ -25,6 +26,7 @@ MIXERS: dict[str, type[Mixer]] = {
     "denseformer": DenseFormer,
     "attn-res": AttentionResiduals,
     "block-attn-res": AttentionResiduals,
+    "depth-attention": DepthAttention,
 }
 
 

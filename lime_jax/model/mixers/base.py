@@ -8,6 +8,7 @@ through these hooks, in this order:
     per layer l (block.py):
       x, mix = enter(block, stream, carry, 2l, "attn")   a sub-layer's input from the stream
       kv, carry = kv(block, x, h, carry, l)     the layer's raw keys/values (h = attn_norm(x))
+      kv = query_mix(q, kv, carry, l)           inside attention, if the method mixes by query
       stream, carry = leave(stream, carry, attn_out, mix)   the state after the sub-layer
       (the same enter/leave around the MLP, sub-layer 2l+1, "mlp")
       stream, carry = after_layer(block, stream, carry, l)
@@ -43,6 +44,10 @@ class Mixer:
   pulls: bool = False
   # Whether `lime-jax export` can write the model in the reference code's format.
   exportable: bool = True
+  # For a method that mixes the kv by the layer's query (Depth-Attention): a function
+  # (q_BxTxHxHd before RoPE, kv_BxTxRx2xHd, carry, layer_idx) -> the kv attention reads, run
+  # inside Attention, which owns the query; `carry` is what `kv` returned. None otherwise.
+  query_mix = None
 
   def __init__(self, cfg: ModelConfig):
     self.cfg = cfg
