@@ -66,7 +66,7 @@ def test_bench_cli_writes_records(tmp_path, capsys):
   # XLA counts a loop body once; the bench unrolls the scan, so FLOPs grow with depth.
   assert by_key["none", 4]["flops"] > 1.3 * by_key["none", 2]["flops"]
   printed = capsys.readouterr().out
-  assert "LIMe/base temp mem" in printed
+  assert "method/base temp mem" in printed
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,11 +1,12 @@
 """`lime-jax bench`: memory, FLOPs, compile and step time of a train step vs depth, baseline vs
-LIMe (lime_jax/studies/bench.py says what each number is)."""
+LIMe and the other cross-layer methods (lime_jax/studies/bench.py says what each number is)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from lime_jax.config import CONNECTIONS, ROUTERS
 from lime_jax.parallel import topology
 from lime_jax.studies.bench import (bench_decode, bench_point, format_tables, ratio_rows,
                                     topology_point, topology_table, variant_config)
@@ -14,9 +15,9 @@ from lime_jax.studies.bench import (bench_decode, bench_point, format_tables, ra
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--depths", default="8,16,32,64,128", help="comma-separated layer counts")
   parser.add_argument("--routers", default="none,kv-static",
-                      help="comma-separated variants: a router or a cross-layer baseline"
-                           " (hyper-static, hyper-dynamic, denseformer), each optionally with"
-                           " :key=value model overrides, e.g. kv-static:router_window=4")
+                      help=f"comma-separated variants: a router ({', '.join(ROUTERS)}) or a"
+                           f" cross-layer baseline ({', '.join(CONNECTIONS[1:])}), each optionally"
+                           " with :key=value model overrides, e.g. kv-static:router_window=4")
   parser.add_argument("--width", type=int, default=256)
   parser.add_argument("--heads", type=int, default=4)
   parser.add_argument("--kv-heads", type=int, default=4)

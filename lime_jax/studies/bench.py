@@ -1,14 +1,15 @@
 """`lime-jax bench`: memory, FLOPs, compile and step time of a full training step vs depth.
 
-For each depth, the baseline (`none`) and LIMe (`kv-static`) train steps (loss, gradient, AdamW
-update) are compiled at one fixed shape. Reported per point:
+For each depth, the baseline (`none`) and each requested method's train step (loss, gradient,
+AdamW update; LIMe `kv-static` by default, or any router or cross-layer baseline) are compiled
+at one fixed shape. Reported per point:
 - temp_bytes: compiled `memory_analysis().temp_size_in_bytes` (deterministic);
 - flops: `cost_analysis()` of the same step lowered with the layer scan unrolled. XLA's
   cost analysis counts a while-loop body once, so the scanned program under-reports;
   unrolling the scan keeps the same operations and makes the count honest;
 - compile_s: lowering + compiling the scanned step;
 - step_s: median wall time of `--steps` executed steps after one warm-up.
-Ratios LIMe/baseline come from the same run, so a noisy shared machine affects both alike.
+Ratios method/baseline come from the same run, so a noisy shared machine affects both alike.
 
 With a TPU topology (`topology_point`), the sharded step (fsdp over the slice) is compiled by
 the TPU compiler instead and nothing runs: per-device HBM of the scanned step, and XLA FLOPs,
@@ -135,7 +136,8 @@ def bench_decode(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int,
 
 
 def ratio_rows(records: list[dict[str, Any]], batch: int) -> list[dict[str, Any]]:
-  """LIMe/baseline ratios per depth, and LIMe's FLOP overhead against the spec formula."""
+  """Method/baseline ratios per depth (LIMe or another cross-layer method), and the method's
+  FLOP overhead against flops.py's formula."""
   by_key = {(r["router"], r["depth"]): r for r in records}
   rows = []
   routers = [r for r in dict.fromkeys(r["router"] for r in records) if r != "none"]
@@ -168,8 +170,8 @@ def format_tables(records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> 
   for r in records:
     lines.append(f"| {r['router']} | {r['depth']} | {r['width']} | {r['temp_bytes'] / 2**20:.1f} |"
                  f" {r['flops'] / 1e9:.2f} | {r['compile_s']:.2f} | {r['step_s']:.3f} |")
-  lines += ["", "| router | depth | LIMe/base temp mem | LIMe/base step time | LIMe/base compile |"
-            " routing GFLOPs measured | spec formula | measured/formula |",
+  lines += ["", "| method | depth | method/base temp mem | method/base step time |"
+            " method/base compile | method GFLOPs measured | flops.py formula | measured/formula |",
             "|---|---:|---:|---:|---:|---:|---:|---:|"]
   for row in rows:
     lines.append(
@@ -182,7 +184,7 @@ def format_tables(records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> 
 
 def variant_config(variant: str, **base: Any) -> ModelConfig:
   """A `--routers` entry: `name[:key=value...]`, name a router (none, kv-static, ...) or a
-  cross-layer baseline (hyper-static, hyper-dynamic, denseformer; router none), with
+  cross-layer baseline (config.CONNECTIONS: hyper-*, denseformer, attn-res, ...; router none), with
   ModelConfig overrides, e.g. `kv-static:router_window=4`, `hyper-dynamic:hc_expansion=2`."""
   name, *overrides = variant.split(":")
   values = dict(base, router=name)
