@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-ROUTERS = ("none", "kv-static", "hidden-static", "hidden-dynamic")
+ROUTERS = ("none", "kv-static", "hidden-static", "hidden-dynamic", "value-residual")
+LIME_ROUTERS = ("kv-static", "hidden-static", "hidden-dynamic")  # the others are not LIMe
 HIDDEN_ROUTERS = ("hidden-static", "hidden-dynamic")  # the paper's v1; see hidden_routing.py
 TOP_P_ROUTERS = ("kv-static", "hidden-static")  # the static routers top-p prunes (top_p.py)
 REMAT_POLICIES = ("none", "full", "dots", "save_proj")
@@ -18,7 +19,8 @@ ATTENTION_IMPLS = ("einsum", "dot_product")  # layers.causal_attention
 # kv routing's training data movement (model/mixers/kv_routing.py): the float32 push accumulator,
 # or the pull over a compute-dtype buffer of raw kv with a read-only backward (model/kv_pull.py).
 ROUTING_IMPLS = ("push", "pull")
-CONNECTIONS = ("none", "hyper-static", "hyper-dynamic", "denseformer")  # cross-layer baselines
+CONNECTIONS = ("none", "hyper-static", "hyper-dynamic", "denseformer",
+               "mhc")  # cross-layer baselines
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -82,6 +84,7 @@ class ModelConfig(ConfigSection):
   hc_expansion: int = 4  # hyper-connections: n copies of the residual stream
   denseformer_dilation: int = 1  # DenseFormer: reader i weights X_j only if (i+1-j) % dilation == 0
   denseformer_period: int = 1  # DenseFormer: a weighted average after every period-th block only
+  sinkhorn_iterations: int = 20  # mHC: Sinkhorn-Knopp steps projecting H_res (mixers/mhc.py)
 
   def __post_init__(self):
     for name in ("V", "D", "L", "H", "F", "T", "scan_segments", "scan_unroll"):
@@ -121,7 +124,8 @@ class ModelConfig(ConfigSection):
       if getattr(self, name) is not None:
         _require_positive_int(name, getattr(self, name))
         if not self.is_lime:
-          raise ValueError(f"ModelConfig.{name}: sparse routing needs a LIMe router, got router='none'")
+          raise ValueError(f"ModelConfig.{name}: sparse routing needs a LIMe router,"
+                           f" got router={self.router!r}")
     if self.router in HIDDEN_ROUTERS and self.R != self.H:
       raise ValueError(f"ModelConfig.R: router={self.router!r} builds K/V per query head, so it"
                        f" needs R = H (got R={self.R}, H={self.H}); GQA does not apply")
@@ -135,12 +139,16 @@ class ModelConfig(ConfigSection):
                          f" got router={self.router!r}")
       if not 0 < self.top_p <= 1:
         raise ValueError(f"ModelConfig.top_p: must be in (0, 1], got {self.top_p}")
-    for name in ("hc_expansion", "denseformer_dilation", "denseformer_period"):
+    for name in ("hc_expansion", "denseformer_dilation", "denseformer_period",
+                 "sinkhorn_iterations"):
       _require_positive_int(name, getattr(self, name))
     if self.connections not in CONNECTIONS:
       raise ValueError(f"ModelConfig.connections: unknown connections {self.connections!r};"
                        f" choose from {CONNECTIONS}")
-    if self.connections != "none" and self.is_lime:
+    if self.connections == "mhc" and self.hc_expansion < 2:
+      raise ValueError(f"ModelConfig.hc_expansion: connections 'mhc' needs at least 2 copies of"
+                       f" the stream, got {self.hc_expansion}")
+    if self.connections != "none" and self.router != "none":
       raise ValueError(f"ModelConfig.connections: {self.connections!r} is a baseline and does not"
                        f" combine with router={self.router!r}; set router: none")
     if not self.rope_theta > 0:
@@ -150,7 +158,7 @@ class ModelConfig(ConfigSection):
 
   @property
   def is_lime(self) -> bool:
-    return self.router != "none"
+    return self.router in LIME_ROUTERS
 
 
 def require_positive_int(field: str, value: Any) -> None:

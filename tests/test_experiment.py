@@ -48,13 +48,15 @@ def test_every_config_file_validates():
     cfg = load_experiment(path)
     assert cfg.model.T >= cfg.data.seq_len
     assert cfg.optim.total_steps == cfg.run.steps
-    baseline = {"_hc.yaml": "hyper-dynamic", "_denseformer.yaml": "denseformer"}
+    baseline = {"_hc.yaml": "hyper-dynamic", "_denseformer.yaml": "denseformer",
+                "_mhc.yaml": "mhc"}
     if any(path.endswith(k) for k in baseline):  # cross-layer baselines: router none
       want = next(v for k, v in baseline.items() if path.endswith(k))
       assert (cfg.model.router, cfg.model.connections) == ("none", want), path
       continue
-    hidden = [r for r in ("hidden-static", "hidden-dynamic") if r.replace("-", "_") in path]
-    want_router = "none" if path.endswith("_none.yaml") else (hidden or ["kv-static"])[0]
+    named = [r for r in ("hidden-static", "hidden-dynamic", "value-residual")
+             if r.replace("-", "_") in path]
+    want_router = "none" if path.endswith("_none.yaml") else (named or ["kv-static"])[0]
     assert cfg.model.router == want_router, path
 
 

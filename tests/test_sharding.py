@@ -26,7 +26,8 @@ TINY = ["model.D=32", "model.L=2", "model.H=4", "model.F=64", "model.T=16", "mod
 MESHES = {"data8": (8, 1, 1), "fsdp8": (1, 8, 1), "d2f2t2": (2, 2, 2), "d2t4": (2, 1, 4)}
 # Variants: a router name, or a model key=value (the cross-layer baselines).
 VARIANTS = ["none", "hidden-static", "hidden-dynamic", "connections=denseformer",
-            "connections=hyper-dynamic", "kv-static:routing_impl=pull"]
+            "connections=hyper-dynamic", "kv-static:routing_impl=pull", "connections=mhc",
+            "value-residual"]
 CASES = [("kv-static", m) for m in MESHES] + [(v, "d2f2t2") for v in VARIANTS]
 
 

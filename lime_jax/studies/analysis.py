@@ -268,7 +268,9 @@ def analyze_model(params: dict[str, Any], cfg: ModelConfig, tokens_NxT: np.ndarr
 
 
 def _default_label(cfg: ModelConfig) -> str:
-  return "LIMe" if cfg.is_lime else "baseline"
+  if cfg.is_lime:
+    return "LIMe"
+  return "baseline" if cfg.router == "none" else cfg.router  # a non-LIMe router: its name
 
 
 def analyze(params: dict[str, Any], cfg: ModelConfig, tokenizer, texts: Sequence[str],

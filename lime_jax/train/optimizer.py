@@ -4,7 +4,7 @@ Groups (by parameter path):
 - `router`: lr `router_lr` (1e-2), no weight decay. Decaying routers caused NaNs for users of
   similar cross-layer methods (spec section 2).
 - `no_decay`: norms, embeddings and the baselines' mixing weights (DenseFormer `dwa`,
-  hyper-connections `hc_*`), main lr, no weight decay.
+  hyper-connections and mHC `hc_*`, value residual `value_lambda`), main lr, no weight decay.
 - `decay`: everything else, main lr, weight decay `weight_decay`.
 - `frozen`: top-p masks (top_p.py), state kept in the parameters; their update is zero.
 All share the warmup + cosine multiplier and the global-norm clip.
@@ -80,7 +80,7 @@ def param_group(path: tuple[Any, ...]) -> str:
     return "frozen"
   if leaf in ("embed", "unembed", "scale"):
     return "no_decay"
-  if leaf == "dwa" or leaf.startswith("hc_"):
+  if leaf in ("dwa", "value_lambda") or leaf.startswith("hc_"):
     # DenseFormer / hyper-connection mixing weights start at the identity; decay would pull
     # them towards zero, away from it. Main lr: the baselines as their papers train them.
     return "no_decay"

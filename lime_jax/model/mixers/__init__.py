@@ -13,6 +13,8 @@ from lime_jax.model.mixers.denseformer import DenseFormer
 from lime_jax.model.mixers.hidden_routing import HiddenRouting
 from lime_jax.model.mixers.hyper import HyperConnections
 from lime_jax.model.mixers.kv_routing import KvRouting
+from lime_jax.model.mixers.mhc import ManifoldHyperConnections
+from lime_jax.model.mixers.value_residual import ValueResidual
 
 MIXERS: dict[str, type[Mixer]] = {
     "none": Mixer,
@@ -22,6 +24,8 @@ MIXERS: dict[str, type[Mixer]] = {
     "hyper-static": HyperConnections,
     "hyper-dynamic": HyperConnections,
     "denseformer": DenseFormer,
+    "value-residual": ValueResidual,
+    "mhc": ManifoldHyperConnections,
 }
 
 
