@@ -4,7 +4,7 @@
 Hyper-Connections (hyper.py) with the residual mixing matrix kept doubly stochastic. The stream
 is n copies x [n, B, T, D] (n = `hc_expansion`, at least 2), all equal to the embeddings at the
 start; the stack's output is their sum (as hyper.py). Per sub-layer k (k = 2l attention,
-2l+1 MLP), per token, the paper's equations (its section 4):
+2l+1 MLP), per token, the paper's equations:
 
     x~      = x_flat / rms(x_flat)                  x_flat = vec(x) [n D]; see "norm" below
     H~_pre  = a_pre  (x~ phi_pre)  + b_pre          [n]
@@ -13,33 +13,38 @@ start; the stack's output is their sum (as hyper.py). Per sub-layer k (k = 2l at
     H_pre = sigmoid(H~_pre), H_post = 2 sigmoid(H~_post), H_res = SinkhornKnopp(exp(H~_res))
     x'_c  = sum_m H_res[c, m] x_m + H_post[c] F(sum_m H_pre[m] x_m)
 
+H_res acts as the paper writes it, H_res x (MaxText applies its transpose; with learned phi and
+b the two are the same family, up to which of row or column sums is exact).
+
 Sinkhorn-Knopp (the paper's M(t) = T_c(T_r(M(t-1))), M(0) = exp(H~_res), t_max =
 `sinkhorn_iterations`, default 20) runs in log space in float32: each step subtracts the
-row-wise, then the column-wise logsumexp. exp never overflows and no entry underflows to an
-exact zero, so the result never collapses onto a permutation with zero gradients. Columns sum to
-1 to float rounding after every step; rows converge (tests/test_mhc.py states the tolerance).
+row-wise, then the column-wise logsumexp. exp is taken only of the final logs (<= 0), so it
+never overflows, and at init and moderate logits no entry underflows to an exact zero (the
+collapse onto a permutation, with zero gradients, that users of linear-space Sinkhorn report).
+Columns sum to 1 to float rounding after every step; rows converge, slowest near a permutation
+(tests/test_mhc.py states the measured tolerances).
 
 Norm: the paper's RMSNorm over the flattened n D stream, without a learned scale (it would only
 rescale the rows of phi). Following the paper's own reordering, the stream is projected first and
-the per-token 1/rms applied to the [n^2 + 2n] result, so no normalized float32 copy of the stream
-is made.
+the per-token 1/rms applied to the [n^2 + 2n] result, so no normalized copy of the stream is
+made.
 
-Init: gating scalars a = 0.01 (the paper's gating-factor init); phi ~ N(0, 1/(n D)) (fan-in), so
-a x~ phi starts at about 0.01 and every parameter has a gradient; b_pre = -log(n - 1), so
-sigmoid = 1/n and the layer reads the mean of the copies; b_post = 0, so H_post = 1; b_res =
+Init: gating scalars a = 0.01 (small gating factors, as the paper starts them); phi ~ N(0, 1/(n D))
+(fan-in), so a x~ phi starts at about 0.01 and every parameter has a gradient; b_pre = -log(n - 1),
+so sigmoid = 1/n and the layer reads the mean of the copies; b_post = 0, so H_post = 1; b_res =
 log(d I + (1 - d)/(n - 1) (J - I)) with d = RES_INIT_DIAGONAL = 0.9, a doubly stochastic matrix
 near the identity (a fixed point of Sinkhorn-Knopp), not the exact identity, whose off-diagonal
 logits would be -inf. With phi = 0 every copy holds the baseline's hidden state, so the model
-equals the baseline up to the final RMSNorm's eps and float rounding (the n-fold sum at the end
-is removed by the final norm, as for hyper.py).
+equals the baseline up to the final RMSNorm's eps and float rounding (the n-fold sum at the end is
+removed by the final norm, as for hyper.py).
 
 Optimizer: every parameter is named hc_* and so is in the `no_decay` group (main lr): decay
 would pull the gates and biases away from their near-identity init; the paper does not single
 out phi, which we keep with them as hyper.py does its dynamic projections.
 
 Memory: the stream is n x D per layer boundary, linear in depth by construction; Sinkhorn's
-saved intermediates are [B, T, n, n] per step. Mixing math is float32; outputs return in the
-compute dtype.
+saved intermediates are [B, T, n, n] per step. Mixing math is float32 (in bf16 runs the maps
+read a float32 copy of the stream, as hyper.py's do); outputs return in the compute dtype.
 """
 
 from __future__ import annotations

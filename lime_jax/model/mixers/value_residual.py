@@ -7,9 +7,10 @@ Every layer's attention reads values that mix in the first layer's values (keys 
     layer 0:       v'_0 = v_0                                  (a plain layer)
     layer l >= 1:  v'_l = lambda_l,1 v_l + lambda_l,2 v_0      (per token, head and channel)
 
-with the paper's learnable variant (Learnable-ResFormer): two learnable scalars per layer,
-initialized at 0.5 each, the fixed ResFormer's U_n = A_n (V_n + V_1) / 2 that training starts
-from. With lambda = (1, 0) the model is the baseline (`router: none`) exactly.
+in the paper's learnable form (its lambda_1 V_n + lambda_2 V_1): two learnable scalars per layer.
+Both start at 0.5, our choice: the fixed ResFormer's U_n = A_n (V_n + V_1) / 2, so training
+starts from the paper's main model. With lambda = (1, 0) the model is the baseline
+(`router: none`) exactly.
 
 Parameters: `value_lambda` [2] = (lambda_l,1, lambda_l,2) in every layer, so every layer has one
 shape under nn.scan; layer 0's is not used (zero gradient) and not counted. It is in the optimizer's
