@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-ROUTERS = ("none", "kv-static", "hidden-static", "hidden-dynamic", "depth-attention")
-# Routers that are not LIMe (`is_lime` false): none, and the kv-level methods compared with it.
-NON_LIME_ROUTERS = ("none", "depth-attention")
+ROUTERS = ("none", "kv-static", "hidden-static", "hidden-dynamic", "depth-attention",
+           "value-residual")
+# LIMe's routers (`is_lime`); the others are none and the kv-level methods compared with it.
+LIME_ROUTERS = ("kv-static", "hidden-static", "hidden-dynamic")
 HIDDEN_ROUTERS = ("hidden-static", "hidden-dynamic")  # the paper's v1; see hidden_routing.py
 TOP_P_ROUTERS = ("kv-static", "hidden-static")  # the static routers top-p prunes (top_p.py)
 REMAT_POLICIES = ("none", "full", "dots", "save_proj")
@@ -21,7 +22,7 @@ ATTENTION_IMPLS = ("einsum", "dot_product")  # layers.causal_attention
 # or the pull over a compute-dtype buffer of raw kv with a read-only backward (model/kv_pull.py).
 ROUTING_IMPLS = ("push", "pull")
 CONNECTIONS = ("none", "hyper-static", "hyper-dynamic", "denseformer", "attn-res",
-               "block-attn-res")  # cross-layer baselines
+               "block-attn-res", "mhc")  # cross-layer baselines
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -88,6 +89,7 @@ class ModelConfig(ConfigSection):
   # Block Attention Residuals: the 2L sub-layers are grouped into this many blocks of equal size
   # (the paper's N, about 8); `attn-res` is the full form, one block per sub-layer.
   attn_res_blocks: int = 8
+  sinkhorn_iterations: int = 20  # mHC: Sinkhorn-Knopp steps projecting H_res (mixers/mhc.py)
 
   def __post_init__(self):
     for name in ("V", "D", "L", "H", "F", "T", "scan_segments", "scan_unroll"):
@@ -142,7 +144,8 @@ class ModelConfig(ConfigSection):
                          f" got router={self.router!r}")
       if not 0 < self.top_p <= 1:
         raise ValueError(f"ModelConfig.top_p: must be in (0, 1], got {self.top_p}")
-    for name in ("hc_expansion", "denseformer_dilation", "denseformer_period", "attn_res_blocks"):
+    for name in ("hc_expansion", "denseformer_dilation", "denseformer_period", "attn_res_blocks",
+                 "sinkhorn_iterations"):
       _require_positive_int(name, getattr(self, name))
     if self.connections == "block-attn-res" and (2 * self.L) % self.attn_res_blocks:
       raise ValueError(f"ModelConfig.attn_res_blocks: the 2L = {2 * self.L} sub-layers must split"
@@ -150,6 +153,9 @@ class ModelConfig(ConfigSection):
     if self.connections not in CONNECTIONS:
       raise ValueError(f"ModelConfig.connections: unknown connections {self.connections!r};"
                        f" choose from {CONNECTIONS}")
+    if self.connections == "mhc" and self.hc_expansion < 2:
+      raise ValueError(f"ModelConfig.hc_expansion: connections 'mhc' needs at least 2 copies of"
+                       f" the stream, got {self.hc_expansion}")
     if self.connections != "none" and self.router != "none":
       raise ValueError(f"ModelConfig.connections: {self.connections!r} is a baseline and does not"
                        f" combine with router={self.router!r}; set router: none")
@@ -160,7 +166,7 @@ class ModelConfig(ConfigSection):
 
   @property
   def is_lime(self) -> bool:
-    return self.router not in NON_LIME_ROUTERS
+    return self.router in LIME_ROUTERS
 
 
 def require_positive_int(field: str, value: Any) -> None:

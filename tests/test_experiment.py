@@ -50,14 +50,15 @@ def test_every_config_file_validates():
     assert cfg.optim.total_steps == cfg.run.steps
     # Cross-layer baselines by file suffix (router none), the longest suffix first.
     baseline = [("_hc.yaml", "hyper-dynamic"), ("_denseformer.yaml", "denseformer"),
-                ("_block_attn_res.yaml", "block-attn-res"), ("_attn_res.yaml", "attn-res")]
+                ("_mhc.yaml", "mhc"), ("_block_attn_res.yaml", "block-attn-res"),
+                ("_attn_res.yaml", "attn-res")]
     want = next((v for k, v in baseline if path.endswith(k)), None)
     if want is not None:
       assert (cfg.model.router, cfg.model.connections) == ("none", want), path
       continue
-    hidden = [r for r in ("hidden-static", "hidden-dynamic", "depth-attention")
-              if r.replace("-", "_") in path]
-    want_router = "none" if path.endswith("_none.yaml") else (hidden or ["kv-static"])[0]
+    named = [r for r in ("hidden-static", "hidden-dynamic", "depth-attention", "value-residual")
+             if r.replace("-", "_") in path]
+    want_router = "none" if path.endswith("_none.yaml") else (named or ["kv-static"])[0]
     assert cfg.model.router == want_router, path
 
 

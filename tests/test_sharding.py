@@ -27,7 +27,7 @@ MESHES = {"data8": (8, 1, 1), "fsdp8": (1, 8, 1), "d2f2t2": (2, 2, 2), "d2t4": (
 # Variants: a router name, or a model key=value (the cross-layer baselines).
 VARIANTS = ["none", "hidden-static", "hidden-dynamic", "connections=denseformer",
             "connections=hyper-dynamic", "kv-static:routing_impl=pull", "connections=attn-res",
-            "depth-attention"]
+            "depth-attention", "connections=mhc", "value-residual"]
 CASES = [("kv-static", m) for m in MESHES] + [(v, "d2f2t2") for v in VARIANTS]
 
 

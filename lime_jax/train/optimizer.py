@@ -4,8 +4,8 @@ Groups (by parameter path):
 - `router`: lr `router_lr` (1e-2), no weight decay. Decaying routers caused NaNs for users of
   similar cross-layer methods (spec section 2).
 - `no_decay`: norms, embeddings and the baselines' mixing weights (DenseFormer `dwa`,
-  hyper-connections `hc_*`, Attention Residuals' pseudo-queries and key norms `attn_res_*`),
-  main lr, no weight decay.
+  hyper-connections and mHC `hc_*`, Attention Residuals' pseudo-queries and key norms
+  `attn_res_*`, value residual `value_lambda`), main lr, no weight decay.
 - `decay`: everything else, main lr, weight decay `weight_decay`.
 - `frozen`: top-p masks (top_p.py), state kept in the parameters; their update is zero.
 All share the warmup + cosine multiplier and the global-norm clip.
@@ -81,7 +81,7 @@ def param_group(path: tuple[Any, ...]) -> str:
     return "frozen"
   if leaf in ("embed", "unembed", "scale"):
     return "no_decay"
-  if leaf == "dwa" or leaf.startswith(("hc_", "attn_res_")):
+  if leaf in ("dwa", "value_lambda") or leaf.startswith(("hc_", "attn_res_")):
     # DenseFormer / hyper-connection mixing weights start at the identity (AttnRes' queries at
     # the uniform average); decay would pull them towards zero, away from it. Main lr: the
     # baselines as their papers train them.

@@ -15,6 +15,8 @@ from lime_jax.model.mixers.depth_attention import DepthAttention
 from lime_jax.model.mixers.hidden_routing import HiddenRouting
 from lime_jax.model.mixers.hyper import HyperConnections
 from lime_jax.model.mixers.kv_routing import KvRouting
+from lime_jax.model.mixers.mhc import ManifoldHyperConnections
+from lime_jax.model.mixers.value_residual import ValueResidual
 
 MIXERS: dict[str, type[Mixer]] = {
     "none": Mixer,
@@ -27,6 +29,8 @@ MIXERS: dict[str, type[Mixer]] = {
     "attn-res": AttentionResiduals,
     "block-attn-res": AttentionResiduals,
     "depth-attention": DepthAttention,
+    "value-residual": ValueResidual,
+    "mhc": ManifoldHyperConnections,
 }
 
 
