@@ -156,6 +156,18 @@ def test_config_differences_ignore_bookkeeping():
   assert "model.D: 32 -> 64" in diffs and "run.seed: 0 -> 3" in diffs
 
 
+def test_a_field_added_after_a_checkpoint_resumes_at_its_default():
+  """A checkpoint saved before data.text_documents existed resumes; a non-default value not."""
+  current = load_experiment(None, TINY).to_dict()
+  saved = {**current, "data": {k: v for k, v in current["data"].items() if k != "text_documents"}}
+  assert config_differences(saved, current) == []
+  changed = {**current, "data": {**current["data"], "source": "text", "path": "x",
+                                 "text_documents": "line"}}
+  assert "data.text_documents: 'file' -> 'line'" in config_differences(saved, changed)
+  with_task = {**current, "task": {"name": "mqar"}}
+  assert "task.name: '<absent>' -> 'mqar'" in config_differences(current, with_task)
+
+
 # --- the CLI: one line on stderr, exit code 2, nothing written ----------------------------------
 
 

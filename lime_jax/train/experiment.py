@@ -320,16 +320,34 @@ def load_experiment(path: str | None, overrides: Sequence[str] = (), *,
   return ExperimentConfig.from_dict(values, vocab_size=vocab_size, where=where)
 
 
+_SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
+                  "run": RunConfig, "task": TaskConfig}
+
+
+def _field_default(section: str, key: str) -> Any:
+  """The default of a section's field; "<absent>" for a field without one (or no such field)."""
+  for field in dataclasses.fields(_SECTION_TYPES[section]):
+    if field.name == key and field.default is not dataclasses.MISSING:
+      return field.default
+  return "<absent>"
+
+
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-  """`section.key: saved -> current` for every field that must match to resume a run."""
+  """`section.key: saved -> current` for every field that must match to resume a run.
+
+  A field missing on one side counts as its default: a checkpoint saved before a field existed
+  resumes when the field keeps its default."""
   diffs = []
   for section in SECTIONS:
     if section in RESUMABLE_SECTIONS:
       continue
-    a, b = saved.get(section, {}), current.get(section, {})
+    a, b = saved.get(section) or {}, current.get(section) or {}
+    both = bool(a) and bool(b)  # an optional section (task) on one side only differs in full
     for key in sorted(set(a) | set(b)):
       if section == "run" and key in RESUMABLE_RUN_FIELDS:
         continue
-      if a.get(key, "<absent>") != b.get(key, "<absent>"):
-        diffs.append(f"{section}.{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+      default = _field_default(section, key) if both else "<absent>"
+      before, after = a.get(key, default), b.get(key, default)
+      if before != after:
+        diffs.append(f"{section}.{key}: {before!r} -> {after!r}")
   return diffs
