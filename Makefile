@@ -4,13 +4,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # The tests also compile for TPU topologies: libtpu (the tpu extra, ~700 MB) for them only.
 TPU_STAMP := $(VENV)/.installed-tpu
-# ...and run the optional integrations instead of skipping them (conftest.py fails a skip): the
-# transformers parity test (hf extra) on torch's CPU build, pinned and installed first so pip
-# never pulls a multi-GB CUDA build. `make install`/`make train` install none of this.
+# ...and run the optional integrations instead of skipping them (conftest.py fails a skip): W&B
+# offline (wandb extra), and the transformers parity test (hf extra) on torch's CPU build, pinned
+# and installed first so pip never pulls a multi-GB CUDA build. `make install`/`make train`
+# install none of this.
 TEST_STAMP := $(VENV)/.installed-test
 TORCH_CPU := torch==2.13.0+cpu
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
-TEST_EXTRAS := dev,tpu,hf
+TEST_EXTRAS := dev,tpu,hf,wandb
 
 .PHONY: install test train bench clean
 

@@ -123,6 +123,7 @@ def test_total_steps_follows_run_steps_unless_given():
     (["optim.lr=fast"], r"optim.lr: expected float"),
     (["run.resume=sometimes"], r"run.resume: must be one of"),
     (["run.steps=0"], r"run.steps: must be a positive integer"),
+    (["run.wandb_project=''"], r"run.wandb_project: must be a non-empty name or null"),
     (["train.steps=3"], r"unknown section 'train'"),
     (["steps=3"], r"expected section.key=value"),
     (["data.source=ftp"], r"data.source: unknown source 'ftp'"),

@@ -63,7 +63,7 @@ RESUME_MODES = ("auto", "always", "never")
 # Run fields that may change when a run is resumed; every other field must match the checkpoint.
 RESUMABLE_RUN_FIELDS = ("out_dir", "steps", "log_every", "eval_every", "checkpoint_every",
                         "keep_checkpoints", "resume", "progress", "peak_flops", "tensorboard",
-                        "async_checkpointing", "checkpoint_dir")
+                        "async_checkpointing", "checkpoint_dir", "wandb_project")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +83,7 @@ class RunConfig:
   tensorboard: bool = True
   async_checkpointing: bool = True
   checkpoint_dir: str | None = None  # default <out_dir>/checkpoints; may be a bucket URL (gs://)
+  wandb_project: str | None = None  # also log to this Weights & Biases project (train/metrics.py)
 
   def __post_init__(self):
     for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
@@ -95,6 +96,10 @@ class RunConfig:
       raise ValueError(f"run.seed: must be a non-negative integer, got {self.seed!r}")
     if self.resume not in RESUME_MODES:
       raise ValueError(f"run.resume: must be one of {RESUME_MODES}, got {self.resume!r}")
+    if self.wandb_project is not None and (not isinstance(self.wandb_project, str)
+                                           or not self.wandb_project):
+      raise ValueError(f"run.wandb_project: must be a non-empty name or null, got"
+                       f" {self.wandb_project!r}")
     if self.peak_flops is not None and not self.peak_flops > 0:
       raise ValueError(f"run.peak_flops: must be > 0 or null, got {self.peak_flops!r}")
 

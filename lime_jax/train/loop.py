@@ -18,6 +18,8 @@ micro-batches through optax.MultiSteps.
 - Non-finite loss or gradient norm stops the run with `NonFiniteLossError` naming the step;
   in-flight checkpoint writes finish first, so the last good checkpoint stays restorable.
   Parameters are checked finite before each save, so a saved checkpoint is never poisoned.
+- Process 0 logs every record to metrics.jsonl, TensorBoard and, with `run.wandb_project`, W&B
+  (with the resolved config; `WANDB_MODE=offline` is honoured).
 - The host fetches step n's metrics only after step n+1 is dispatched (metrics.DeferredFetch);
   it waits for the device only at evaluation, checkpoint and final steps.
 - Sharded on the config's mesh (`mesh` section, sharding.py; default one device): the state is
@@ -191,6 +193,8 @@ class Trainer:
                              sources.batch_format(cfg.data, cfg.task).batch_size_field)
     self._batch_sharding = self.layout.batch_sharding(cfg.batch_size)
     self.is_main = jax.process_index() == 0
+    if run.wandb_project is not None and self.is_main:
+      metrics_lib.import_wandb()  # a missing package stops the run before anything is written
     self._init, self._step_fn, self._eval_fn = jitted_fns(cfg.model, cfg.optim, run.seed,
                                                           self.layout)
     try:
@@ -255,7 +259,9 @@ class Trainer:
       print(f"resuming {run.out_dir} from step {self.start}", file=sys.stderr)
 
     self.writer = (metrics_lib.MetricsWriter(run.out_dir, resume_step=start,
-                                             tensorboard=run.tensorboard)
+                                             tensorboard=run.tensorboard,
+                                             wandb_project=run.wandb_project,
+                                             config=cfg.to_dict())
                    if self.is_main else _Silent())
     self.checkpointer = ckpt.Checkpointer(self.ckpt_dir, keep=run.keep_checkpoints,
                                           async_save=run.async_checkpointing)
