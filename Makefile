@@ -5,13 +5,13 @@ STAMP := $(VENV)/.installed
 # The tests also compile for TPU topologies: libtpu (the tpu extra, ~700 MB) for them only.
 TPU_STAMP := $(VENV)/.installed-tpu
 # ...and run the optional integrations instead of skipping them (conftest.py fails a skip): W&B
-# offline (wandb extra), and the transformers parity test (hf extra) on torch's CPU build, pinned
-# and installed first so pip never pulls a multi-GB CUDA build. `make install`/`make train`
-# install none of this.
+# offline (wandb extra), lm-evaluation-harness on a local task (lm_eval extra), and the
+# transformers parity test (hf extra) on torch's CPU build, pinned and installed first so pip
+# never pulls a multi-GB CUDA build. `make install`/`make train` install none of this.
 TEST_STAMP := $(VENV)/.installed-test
 TORCH_CPU := torch==2.13.0+cpu
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
-TEST_EXTRAS := dev,tpu,hf,wandb
+TEST_EXTRAS := dev,tpu,hf,wandb,lm_eval
 
 .PHONY: install test train bench clean
 

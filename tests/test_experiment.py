@@ -13,10 +13,12 @@ from lime_jax.data.tokenizers import BYTE_VOCAB
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
-# Every experiment file, setups included; sweeps are read by load_sweep instead.
+# Every experiment file, setups included; sweeps are read by load_sweep, lm_eval task sets by
+# evaluation/harness.read_task_set instead.
 EXPERIMENT_FILES = sorted(set(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"),
                                         recursive=True))
-                          - set(glob.glob(os.path.join(REPO, "configs", "sweeps", "*.yaml"))))
+                          - set(glob.glob(os.path.join(REPO, "configs", "sweeps", "*.yaml")))
+                          - set(glob.glob(os.path.join(REPO, "configs", "lm_eval", "*.yaml"))))
 SWEEP_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "sweeps", "*.yaml")))
 TINY = ["model.D=32", "model.L=2", "model.H=2", "model.F=64", "model.T=32", "data.seq_len=32",
         "data.batch_size=4", "run.steps=2", "run.progress=false"]

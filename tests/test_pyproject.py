@@ -45,7 +45,7 @@ def test_make_test_installs_the_integrations_on_torchs_cpu_build():
   makefile = _makefile()
   assert re.search(r"^TORCH_CPU := torch==2\.13\.0\+cpu$", makefile, re.M)
   extras = re.search(r"^TEST_EXTRAS := (\S+)$", makefile, re.M).group(1).split(",")
-  assert {"dev", "tpu", "hf", "wandb"} <= set(extras)
+  assert {"dev", "tpu", "hf", "wandb", "lm_eval"} <= set(extras)
   assert set(extras) <= set(_pyproject()["project"]["optional-dependencies"])
   stamp = re.search(r"^\$\(TEST_STAMP\):.*?(?=^\S)", makefile, re.S | re.M).group(0)
   # torch first, alone: the extras' plain "torch" is then already satisfied by the CPU build.
