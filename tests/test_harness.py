@@ -51,13 +51,21 @@ metric_list:
 
 @pytest.fixture(scope="module")
 def offline(tmp_path_factory):
-  """The harness and Hugging Face datasets never reach the network; caches stay in tmp."""
+  """The harness and Hugging Face datasets never reach the network; caches stay in tmp. The
+  libraries read the environment when first imported (maybe earlier in this process, e.g. by
+  transformers), so their offline switches are set on the modules too."""
   pytest.importorskip("lm_eval")
   home = tmp_path_factory.mktemp("hf_home")
   patch = pytest.MonkeyPatch()
   for key, value in {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(home),
                      "HF_DATASETS_CACHE": str(home / "datasets")}.items():
     patch.setenv(key, value)
+  datasets_config = pytest.importorskip("datasets.config")
+  hub_constants = pytest.importorskip("huggingface_hub.constants")
+  patch.setattr(datasets_config, "HF_HUB_OFFLINE", True)
+  patch.setattr(datasets_config, "HF_DATASETS_OFFLINE", True)
+  patch.setattr(datasets_config, "HF_DATASETS_CACHE", home / "datasets")
+  patch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
   yield
   patch.undo()
 
@@ -163,6 +171,20 @@ def test_cli_prints_the_table_and_writes_results(run_dir, task_dir, tmp_path, ca
   saved = json.loads(out.read_text())
   assert saved["tasks"] == [TASK] and saved["num_fewshot"] == 0
   assert 0 <= saved["results"][TASK]["acc,none"] <= 1
+
+
+def test_task_data_out_of_reach_is_a_one_line_error(run_dir, task_dir, tmp_path, capsys):
+  """A task whose data is on the Hub, offline: one line naming the task and the way out."""
+  hub_task = (tmp_path / "hub_task.yaml")
+  hub_task.write_text(TASK_YAML.format(task="hub_task", dir=task_dir).replace(
+      "dataset_path: json", "dataset_path: nobody/no_such_dataset"))
+  with pytest.raises(SystemExit) as exc:
+    main(["lm-eval", "--checkpoint", run_dir, "--tasks", "hub_task", "--include-path",
+          str(tmp_path), "--only-include-path"])
+  assert exc.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("lime-jax lm-eval: --tasks: cannot fetch the data of hub_task: ")
+  assert "\n" not in err and "--include-path" in err
 
 
 def test_task_sets_and_bad_flags(tmp_path, capsys):

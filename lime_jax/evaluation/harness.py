@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from lime_jax.errors import one_line
 from lime_jax.evaluation.scoring import Scorer
 
 MODEL_NAME = "lime_jax"
@@ -119,10 +120,16 @@ def evaluate(checkpoint: str, tasks: Sequence[str], *, num_fewshot: int | None =
     raise ValueError(f"--tasks: unknown harness task(s) {unknown}"
                      + (f" (also searched {include_path})" if include_path else ""))
   model = lm_class()(checkpoint, tokenizer=tokenizer, batch_size=batch_size)
-  return evaluator.simple_evaluate(
-      model=model, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-      task_manager=manager, log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,
-      fewshot_random_seed=seed)
+  try:
+    return evaluator.simple_evaluate(
+        model=model, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+        task_manager=manager, log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,
+        fewshot_random_seed=seed)
+  except ConnectionError as err:  # the task data lives on the Hugging Face Hub
+    raise ValueError(
+        f"--tasks: cannot fetch the data of {','.join(tasks)}: {one_line(err, limit=200)}; the"
+        " harness downloads it from the Hugging Face Hub (and caches it): run once with network"
+        " access, or use tasks over local files (--include-path)") from None
 
 
 def results_table(results: dict[str, Any]) -> str:
