@@ -9,9 +9,9 @@ first input being the token before it.
 
 Scoring is batched and jitted: rows are right-padded to a power-of-two length (at most T), in
 batches of `batch_size` rows sorted by length, so a few compiled shapes serve every request.
-Log-probabilities are float32 log-softmax of the logits. Generation is the cached decoder
-(lime_jax/inference/decode.py), within T: the prompt keeps its last tokens so that it and the
-new tokens fit.
+Log-probabilities are float32: a target's logit minus the logsumexp of its row. Generation is
+the cached decoder (lime_jax/inference/decode.py), within T: the prompt keeps its last tokens so
+that it and the new tokens fit.
 """
 
 from __future__ import annotations
@@ -63,8 +63,9 @@ def _score_rows(params, inputs_BxS, targets_BxS, weights_BxS, *, cfg):
   """Per row: the weighted sum of target log-probs, and whether every weighted target is the
   argmax."""
   logits_BxSxV = Transformer(cfg).apply({"params": params}, inputs_BxS).astype(jnp.float32)
-  logp_BxSxV = jax.nn.log_softmax(logits_BxSxV, axis=-1)
-  target_logp_BxS = jnp.take_along_axis(logp_BxSxV, targets_BxS[..., None], axis=-1)[..., 0]
+  # log p(target) = its logit - logsumexp: no [B, S, V] log-softmax is kept.
+  target_logit_BxS = jnp.take_along_axis(logits_BxSxV, targets_BxS[..., None], axis=-1)[..., 0]
+  target_logp_BxS = target_logit_BxS - jax.nn.logsumexp(logits_BxSxV, axis=-1)
   greedy_BxS = jnp.argmax(logits_BxSxV, axis=-1) == targets_BxS
   return ((target_logp_BxS * weights_BxS).sum(axis=-1),
           jnp.all(greedy_BxS | (weights_BxS == 0), axis=-1))
