@@ -20,6 +20,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -34,3 +35,33 @@ def child_env():
   if jax.config.jax_default_matmul_precision is not None:
     env["JAX_DEFAULT_MATMUL_PRECISION"] = str(jax.config.jax_default_matmul_precision)
   return env
+
+
+# Tests of optional integrations (transformers parity, lm-evaluation-harness, W&B) carry
+# @pytest.mark.integration and skip without their package. `make test` installs them all and
+# sets LIME_JAX_REQUIRE_INTEGRATIONS=1: a skip there is a failure, and the log lists their outcomes.
+REQUIRE_INTEGRATIONS = os.environ.get("LIME_JAX_REQUIRE_INTEGRATIONS") == "1"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+  report = yield
+  if REQUIRE_INTEGRATIONS and report.skipped and item.get_closest_marker("integration"):
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+    report.outcome = "failed"
+    report.longrepr = (f"integration test skipped, but LIME_JAX_REQUIRE_INTEGRATIONS=1"
+                       f" (make test installs its package): {reason}")
+  return report
+
+
+def pytest_terminal_summary(terminalreporter):
+  seen = {}
+  for outcome in ("passed", "failed", "skipped", "error"):
+    for report in terminalreporter.stats.get(outcome, []):
+      if "integration" in getattr(report, "keywords", {}) and (
+          report.when == "call" or outcome != "passed"):
+        seen[report.nodeid] = outcome.upper()
+  if seen:
+    terminalreporter.write_sep("-", "optional integrations")
+    for nodeid, outcome in sorted(seen.items()):
+      terminalreporter.write_line(f"{outcome} {nodeid}")

@@ -17,8 +17,8 @@ PACKAGE = "lime_jax"
 
 # Which top-level parts of lime_jax each part may import (its own part always). The layers, from
 # the bottom: errors, config <- data, model <- parallel <- train, inference, interop (siblings:
-# they do not import each other) <- studies <- cli <- __main__. `lime_jax` is the package's own
-# __init__.
+# they do not import each other) <- studies, evaluation (siblings) <- cli <- __main__.
+# `lime_jax` is the package's own __init__.
 _BASE = {"errors", "config"}
 ALLOWED = {
     "errors": set(),
@@ -30,7 +30,9 @@ ALLOWED = {
     "inference": _BASE | {"data", "model", "parallel"},
     "interop": _BASE | {"data", "model", "parallel"},
     "studies": _BASE | {"data", "model", "parallel", "train", "inference", "interop"},
-    "cli": _BASE | {"data", "model", "parallel", "train", "inference", "interop", "studies"},
+    "evaluation": _BASE | {"data", "model", "parallel", "train", "inference", "interop"},
+    "cli": _BASE | {"data", "model", "parallel", "train", "inference", "interop", "studies",
+                    "evaluation"},
     "__main__": {"cli"},
     PACKAGE: _BASE,
 }

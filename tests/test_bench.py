@@ -76,9 +76,13 @@ def test_bench_cli_writes_records(tmp_path, capsys):
     (["--routers", "dense"], "ModelConfig.router"),
 ])
 def test_bench_bad_flags_fail_with_one_line(argv, message, capsys):
+  """Usage errors exit 2, like every other command's, with one line naming the flag."""
   with pytest.raises(SystemExit) as err:
     main(["bench"] + argv)
-  assert message in str(err.value)
+  assert err.value.code == 2
+  stderr = capsys.readouterr().err
+  assert stderr.startswith("lime-jax bench: ") and message in stderr
+  assert stderr.count("\n") == 1
 
 
 def test_bench_decode_reports_equal_cache_bytes(tmp_path, capsys):

@@ -13,6 +13,7 @@ def test_subcommands_are_registered():
                ["generate", "--checkpoint", "x", "--prompt", "hi"],
                ["analyze", "--checkpoint", "x", "--out", "y"],
                ["sweep", "--config", "s.yaml"], ["plan", "--devices", "2"],
+               ["lm-eval", "--checkpoint", "x", "--tasks", "arc_easy,wic", "--num-fewshot", "3"],
                ["tokenizer", "train", "--files", "a.txt", "--vocab-size", "300", "--out", "t.json"]):
     assert callable(parser.parse_args(argv).func), argv
 

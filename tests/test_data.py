@@ -77,6 +77,9 @@ def test_config_defaults_and_from_dict():
     ({"text_field": ""}, "data.text_field: must be a non-empty string"),
     ({"tokenizer": ""}, "data.tokenizer: must be a non-empty string"),
     ({"fineweb_name": "sample-10BT"}, "data.fineweb_name: only used by source 'fineweb'"),
+    ({"source": "text", "path": "/x", "text_documents": "paragraph"},
+     r"data.text_documents: must be one of \('file', 'line', 'blank_line'\)"),
+    ({"text_documents": "line"}, "data.text_documents: only used by source 'text'"),
     ({"seq_len": "256"}, "data.seq_len: expected int, got str"),
     ({"seq_len": True}, "data.seq_len: expected int, got bool"),
     ({"batchsize": 8}, r"data: unknown key\(s\) \['batchsize'\]"),
@@ -114,6 +117,43 @@ def test_text_sources(tmp_path, letters_dir):
   assert load_documents(_cfg(str(f))) == ["one document\n\nwith a blank line"]
   assert load_documents(_cfg(letters_dir)) == _letter_docs()
   assert load_documents(_cfg(letters_dir, max_documents=5)) == _letter_docs()[:5]
+
+
+def test_text_documents_per_line_and_per_blank_line_block(tmp_path):
+  f = tmp_path / "dump.txt"
+  f.write_bytes(b"first line\r\nsecond line\n\n  \nthird  \n fourth\n\n\n\nfifth\n")
+  assert load_documents(_cfg(str(f), text_documents="line")) == [
+      "first line", "second line", "third  ", " fourth", "fifth"]
+  # A line of spaces is blank; several blank lines are one break; indentation is kept.
+  assert load_documents(_cfg(str(f), text_documents="blank_line")) == [
+      "first line\nsecond line", "third  \n fourth", "fifth"]
+  assert load_documents(_cfg(str(f))) == [
+      "first line\nsecond line\n\n  \nthird  \n fourth\n\n\n\nfifth\n"]  # one file, one document
+  (tmp_path / "more.txt").write_text("a\nb\n", encoding="utf-8")
+  assert load_documents(_cfg(str(tmp_path), text_documents="line", max_documents=6)) == [
+      "first line", "second line", "third  ", " fourth", "fifth", "a"]  # files in sorted order
+
+
+def test_one_document_per_line_corpus_trains_where_the_whole_file_cannot(tmp_path):
+  f = tmp_path / "news.txt"
+  f.write_text("".join(f"headline number {i} of the day\n" for i in range(40)), encoding="utf-8")
+  with pytest.raises(ValueError, match="1 document cannot be split.*data.text_documents=line"):
+    build_token_sequences(_cfg(str(f)), BYTE)
+  train_NxT1, val_MxT1 = build_token_sequences(_cfg(str(f), text_documents="line"), BYTE)
+  # 40 documents of 27-28 bytes + BOS/EOS: 10 held out, the rest packed into 17-token rows.
+  assert val_MxT1.shape[1] == train_NxT1.shape[1] == 17
+  assert (train_NxT1.size + val_MxT1.size) // 17 >= (40 * 29 - 2 * 17) // 17
+
+
+@pytest.mark.parametrize("source, name, prefix", [
+    ("text", "latin1.txt", b"caf\xc3\xa9 ok\n"), ("jsonl", "latin1.jsonl", b'{"text": "ok"}\n')])
+def test_non_utf8_corpus_names_the_file_and_byte_offset(tmp_path, source, name, prefix):
+  f = tmp_path / name
+  bad = '{"text": "caf\xe9"}\n'.encode("latin-1") if source == "jsonl" else b"caf\xe9\n"
+  f.write_bytes(prefix + bad)
+  offset = len(prefix) + bad.index(b"\xe9")
+  with pytest.raises(ValueError, match=f"^data.path: {f}: not UTF-8 at byte offset {offset} "):
+    load_documents(_cfg(str(f), source=source))
 
 
 def test_jsonl_source(tmp_path):

@@ -199,6 +199,7 @@ def test_top_p_keeps_smallest_prefix_with_enough_mass():
     (dict(prompt_tokens=[[1, 2], []]), "prompt_tokens"),
     (dict(prompt_tokens=[[1, 64]]), "prompt_tokens"),
     (dict(eos_id=64), "eos_id"),
+    (dict(prompt_tokens=[[1] * 30], max_new_tokens=4), "max_new_tokens"),  # 33 positions > T=32
 ])
 def test_bad_inputs_raise_one_line_naming_the_argument(kwargs, name):
   cfg = GQA
@@ -236,3 +237,41 @@ def test_run_generate_prints_text_and_speed(capsys):
   args.top_p = 2.0
   with pytest.raises(ValueError, match="^top_p:"):
     generate_cmd.run(args, load)
+
+
+def test_generate_stays_within_the_trained_length_unless_allowed():
+  cfg = GQA  # T = 32
+  params = _params(cfg)
+  greedy = lambda prompts, n, **kw: decode.generate(params, cfg, prompts, n, jax.random.key(0),
+                                                     temperature=0.0, **kw)
+  assert len(greedy([[1] * 29], 4).tokens[0]) == 4  # 32 positions fed: exactly T
+  with pytest.raises(ValueError, match="^max_new_tokens: a 30-token prompt and 4 new tokens feed"
+                     " 33 positions, past the model's trained length T=32"):
+    greedy([[1] * 30], 4)
+  with pytest.raises(ValueError, match="^max_new_tokens: a 40-token prompt"):
+    greedy([[2, 3], [1] * 40], 1)  # the longest prompt counts
+  # Allowed, the cache grows to the positions fed and decoding equals the full forward.
+  prompt = list(range(1, 31))
+  new = greedy([prompt], 4, allow_past_length=True).tokens[0]
+  sequence = list(prompt)
+  for _ in range(4):  # one 34-token buffer: causal, so the padding after it is never seen
+    buffer_1xT = np.zeros((1, 34), np.int32)
+    buffer_1xT[0, :len(sequence)] = sequence
+    sequence.append(int(jnp.argmax(_forward(params, cfg, buffer_1xT)[0, len(sequence) - 1])))
+  assert new == sequence[len(prompt):]
+
+
+def test_run_generate_refuses_past_the_trained_length_without_the_flag(capsys):
+  cfg = ModelConfig(V=258, D=32, L=2, H=2, F=64, T=16)
+  params = M.init_params(cfg, jax.random.key(0))
+  parser = argparse.ArgumentParser()
+  generate_cmd.add_arguments(parser)
+  args = parser.parse_args(["--checkpoint", "ckpt", "--prompt", "x" * 12, "--max-new-tokens",
+                            "5", "--temperature", "0"])
+  load = lambda path: (params, cfg, None)
+  with pytest.raises(ValueError, match="a 13-token prompt and 5 new tokens feed 17 positions,"
+                     " past the model's trained length T=16.*--allow-past-length"):
+    generate_cmd.run(args, load)
+  args.allow_past_length = True
+  assert generate_cmd.run(args, load) == 0
+  assert "=== prompt 0 ===\n" + "x" * 12 in capsys.readouterr().out

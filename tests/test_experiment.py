@@ -13,10 +13,12 @@ from lime_jax.data.tokenizers import BYTE_VOCAB
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
-# Every experiment file, setups included; sweeps are read by load_sweep instead.
+# Every experiment file, setups included; sweeps are read by load_sweep, lm_eval task sets by
+# evaluation/harness.read_task_set instead.
 EXPERIMENT_FILES = sorted(set(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"),
                                         recursive=True))
-                          - set(glob.glob(os.path.join(REPO, "configs", "sweeps", "*.yaml"))))
+                          - set(glob.glob(os.path.join(REPO, "configs", "sweeps", "*.yaml")))
+                          - set(glob.glob(os.path.join(REPO, "configs", "lm_eval", "*.yaml"))))
 SWEEP_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "sweeps", "*.yaml")))
 TINY = ["model.D=32", "model.L=2", "model.H=2", "model.F=64", "model.T=32", "data.seq_len=32",
         "data.batch_size=4", "run.steps=2", "run.progress=false"]
@@ -127,6 +129,7 @@ def test_total_steps_follows_run_steps_unless_given():
     (["optim.lr=fast"], r"optim.lr: expected float"),
     (["run.resume=sometimes"], r"run.resume: must be one of"),
     (["run.steps=0"], r"run.steps: must be a positive integer"),
+    (["run.wandb_project=''"], r"run.wandb_project: must be a non-empty name or null"),
     (["train.steps=3"], r"unknown section 'train'"),
     (["steps=3"], r"expected section.key=value"),
     (["data.source=ftp"], r"data.source: unknown source 'ftp'"),
@@ -158,6 +161,18 @@ def test_config_differences_ignore_bookkeeping():
   c = load_experiment(None, TINY + ["model.D=64", "run.seed=3"])
   diffs = config_differences(a.to_dict(), c.to_dict())
   assert "model.D: 32 -> 64" in diffs and "run.seed: 0 -> 3" in diffs
+
+
+def test_a_field_added_after_a_checkpoint_resumes_at_its_default():
+  """A checkpoint saved before data.text_documents existed resumes; a non-default value not."""
+  current = load_experiment(None, TINY).to_dict()
+  saved = {**current, "data": {k: v for k, v in current["data"].items() if k != "text_documents"}}
+  assert config_differences(saved, current) == []
+  changed = {**current, "data": {**current["data"], "source": "text", "path": "x",
+                                 "text_documents": "line"}}
+  assert "data.text_documents: 'file' -> 'line'" in config_differences(saved, changed)
+  with_task = {**current, "task": {"name": "mqar"}}
+  assert "task.name: '<absent>' -> 'mqar'" in config_differences(current, with_task)
 
 
 # --- the CLI: one line on stderr, exit code 2, nothing written ----------------------------------

@@ -311,8 +311,9 @@ def test_tied_export_has_no_lm_head(tmp_path):
   assert "lm_head.weight" not in load_file(str(tmp_path / "model.safetensors"))
 
 
-# --- transformers (optional) ----------------------------------------------------------------------
+# --- transformers (optional; `make test` installs it) ------------------------------------------
 
+@pytest.mark.integration
 def test_transformers_llama_matches(tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")

@@ -1,7 +1,10 @@
-"""Metrics: deferred fetching, throughput, MFU peaks, the JSONL/TensorBoard writer, the bar."""
+"""Metrics: deferred fetching, throughput, MFU peaks, the JSONL/TensorBoard/W&B writer, the bar."""
 
 import json
+import math
 import os
+import struct
+import sys
 import time
 from types import SimpleNamespace
 
@@ -101,3 +104,85 @@ def test_progress_bar_shows_step_loss_throughput_mfu_and_eta(capsys):
   quiet.update(1, {"loss": 1.0})
   quiet.close()
   assert capsys.readouterr().err == ""
+
+
+# --- Weights & Biases, offline ------------------------------------------------------------------
+
+
+def _wandb_records(path: str):
+  """The protobuf records of an offline run's .wandb file: W&B's leveldb-style log (a 7-byte
+  header, then 32 KiB blocks of checksum/length/type-framed chunks)."""
+  from wandb.proto import wandb_internal_pb2  # pylint: disable=g-import-not-at-top
+  block = 32768
+  with open(path, "rb") as f:
+    data = f.read()
+  assert struct.unpack("<4sHB", data[:7])[0] == b":W&B"
+  pos, parts = 7, []
+  while pos + 7 <= len(data):
+    left = block - pos % block
+    _, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+    if kind == 0:  # the zero padding at a block's end
+      pos += left
+      continue
+    if pos + 7 + length > len(data):
+      return  # a chunk still being written
+    parts.append(data[pos + 7:pos + 7 + length])
+    pos += 7 + length
+    if kind in (1, 4):  # a full record, or the last chunk of one
+      record = wandb_internal_pb2.Record()
+      record.ParseFromString(b"".join(parts))
+      parts = []
+      yield record
+
+
+@pytest.mark.integration
+def test_wandb_offline_logs_the_same_metrics_and_the_config(tmp_path, monkeypatch):
+  pytest.importorskip("wandb")
+  for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
+                     "WANDB_CONFIG_DIR": str(tmp_path / "config"),
+                     "WANDB_CACHE_DIR": str(tmp_path / "cache")}.items():
+    monkeypatch.setenv(key, value)
+  out = tmp_path / "run"
+  config = {"model": {"D": 32, "router": "kv-static"}, "run": {"out_dir": str(out)}}
+  records = [{"step": 1, "loss": 5.5, "lr": 0.0, "tokens_per_s": None, "mfu": None},
+             {"step": 2, "loss": 5.25, "lr": 1e-3, "val_loss": 5.375, "tokens": 64,
+              "grad_norm": float("nan")}]
+  writer = metrics.MetricsWriter(str(out), tensorboard=False, wandb_project="lime-test",
+                                 config=config)
+  for record in records:
+    writer.write(record)
+  writer.close()
+  files = [os.path.join(root, f) for root, _, names in os.walk(out / "wandb") for f in names
+           if f.endswith(".wandb")]
+  assert len(files) == 1 and "offline-run-" in files[0]
+  run_id = (out / metrics.WANDB_ID_FILE).read_text().strip()
+  # wandb's service process writes the file behind finish(): wait for the run's exit record.
+  deadline = time.monotonic() + 60
+  while not any(r.WhichOneof("record_type") == "exit" for r in _wandb_records(files[0])):
+    assert time.monotonic() < deadline, f"{files[0]}: no exit record after 60 s"
+    time.sleep(0.1)
+  history, run = [], None
+  for record in _wandb_records(files[0]):
+    kind = record.WhichOneof("record_type")
+    if kind == "history":
+      items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+               for item in record.history.item}
+      history.append({k: v for k, v in items.items() if not k.startswith("_") or k == "_step"})
+    elif kind == "run":
+      run = record.run
+  assert run.run_id == run_id and run.project == "lime-test" and run.display_name == "run"
+  logged_config = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                   for item in run.config.update}
+  assert {k: v for k, v in logged_config.items() if k != "_wandb"} == config
+  # What TensorBoard gets: each record's numbers but its step (None dropped, NaN kept).
+  assert [h.pop("_step") for h in history] == [1, 2]
+  assert history[0] == {"loss": 5.5, "lr": 0.0}
+  assert math.isnan(history[1].pop("grad_norm"))
+  assert history[1] == {"loss": 5.25, "lr": 1e-3, "val_loss": 5.375, "tokens": 64}
+  assert [r["step"] for r in metrics.read_metrics(str(out))] == [1, 2]
+
+
+def test_wandb_project_without_the_package_is_a_one_line_error(monkeypatch):
+  monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+  with pytest.raises(ValueError, match=r"^run.wandb_project: .* needs the wandb package"):
+    metrics.import_wandb()

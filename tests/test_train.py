@@ -141,6 +141,24 @@ def test_corrupt_checkpoint_refuses_and_writes_nothing(runs, tmp_path, capsys):
   err = _cli_error(capsys, ["train", *TINY, f"run.steps={2 * N + 2}", f"run.out_dir={out}"])
   assert f"checkpoints/{2 * N}: cannot" in err
   assert _snapshot(out) == before
+  # The error names the newest step that still reads and how to resume from it; doing so works.
+  ckpt_dir = os.path.abspath(out / "checkpoints")
+  assert (f"step {2 * N - 2} reads fine: to resume from it, move step {2 * N} aside (e.g. mv"
+          f" {ckpt_dir}/{2 * N} {ckpt_dir}/{2 * N}.damaged) and run again") in err
+  os.rename(f"{ckpt_dir}/{2 * N}", f"{ckpt_dir}/{2 * N}.damaged")
+  result = train_lib.train(load_experiment(None, [*TINY, f"run.steps={2 * N}",
+                                                  f"run.out_dir={out}"]))
+  assert result.resumed_from == 2 * N - 2 and result.step == 2 * N
+  assert [r["step"] for r in read_metrics(str(out))] == list(range(1, 2 * N + 1))
+
+
+def test_unreadable_newest_config_names_the_older_good_step(runs, tmp_path, capsys):
+  out = tmp_path / "copy"
+  shutil.copytree(runs["straight"], out)
+  (out / "checkpoints" / str(2 * N) / "config" / "metadata").write_text("{not json")
+  err = _cli_error(capsys, ["train", *TINY, f"run.steps={2 * N + 2}", f"run.out_dir={out}"])
+  assert f"checkpoints/{2 * N}: cannot read its config" in err
+  assert f"step {2 * N - 2} reads fine" in err
 
 
 def test_non_finite_loss_stops_with_exit_2_and_keeps_the_last_good_checkpoint(tmp_path, capsys):

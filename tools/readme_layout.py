@@ -124,7 +124,8 @@ def _root_base(path: str, seen: tuple[str, ...] = ()) -> str:
 
 
 def configs_lines(root: str) -> list[str]:
-  """configs/: the setups, the experiments grouped by the setup they overlay, the sweeps."""
+  """configs/: the setups, the experiments grouped by the setup they overlay, the sweeps, the
+  lm-eval task sets."""
   configs = os.path.join(root, "configs")
   rel = lambda p: os.path.relpath(p, configs)
   lines = ["configs/         experiment YAML; a file names `base:` files it overlays"]
@@ -141,6 +142,10 @@ def configs_lines(root: str) -> list[str]:
   if sweeps:
     lines += _wrapped("  sweeps/        `lime-jax sweep` grids:",
                       [os.path.basename(p)[:-5] for p in sweeps])
+  task_sets = sorted(glob.glob(os.path.join(configs, "lm_eval", "*.yaml")))
+  if task_sets:
+    lines += _wrapped("  lm_eval/       `lime-jax lm-eval --config` task sets:",
+                      [os.path.basename(p)[:-5] for p in task_sets])
   return lines
 
 

@@ -42,9 +42,9 @@ def _parse_ints(text: str, flag: str) -> list[int]:
   try:
     values = [int(v) for v in text.split(",") if v.strip()]
   except ValueError:
-    raise SystemExit(f"lime-jax bench: {flag} must be comma-separated integers, got {text!r}")
+    raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None
   if not values or min(values) < 1:
-    raise SystemExit(f"lime-jax bench: {flag} needs positive integers, got {text!r}")
+    raise ValueError(f"{flag} needs positive integers, got {text!r}")
   return values
 
 
@@ -55,11 +55,8 @@ def run(args: argparse.Namespace) -> int:
   records = []
   for depth in depths:
     for router in routers:
-      try:
-        cfg = variant_config(router, V=args.vocab, D=args.width, L=depth, H=args.heads,
-                             R=args.kv_heads, F=args.mlp, T=args.length, remat_policy=args.remat)
-      except ValueError as err:
-        raise SystemExit(f"lime-jax bench: {err}")
+      cfg = variant_config(router, V=args.vocab, D=args.width, L=depth, H=args.heads,
+                           R=args.kv_heads, F=args.mlp, T=args.length, remat_policy=args.remat)
       if tpu is not None:
         record = dict(topology_point(cfg, tpu, args.batch), router=router)
         print(f"router={router:9s} depth={depth:4d} {tpu.name}: HBM"

@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--top-k", type=int, default=0, help="0 = off")
   parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1 = off")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--allow-past-length", action="store_true",
+                      help="decode past the model's trained length T (refused by default:"
+                           " positions past T were never trained); the cache grows to fit")
   parser.add_argument("--tokenizer", default=None,
                       help="'byte' or a tokenizer.json path (default: the checkpoint's, else byte)")
 
@@ -41,6 +44,8 @@ def run(args: argparse.Namespace, load_params: LoadForDecoding = load_for_decodi
 
   load_params(checkpoint) -> (params, model config, the checkpoint's tokenizer spec or None).
   Prompts start with the tokenizer's BOS, as training sequences do; generation stops at EOS.
+  A prompt (BOS included) plus --max-new-tokens past the model's T is refused unless
+  --allow-past-length; the cache holds exactly the positions fed, so at most T by default.
   """
   params, model_cfg, tokenizer_spec = load_params(args.checkpoint)
   tokenizer = load_tokenizer(args.tokenizer or tokenizer_spec or "byte")
@@ -52,7 +57,7 @@ def run(args: argparse.Namespace, load_params: LoadForDecoding = load_for_decodi
                            [[tokenizer.bos_id] + tokenizer.encode(t) for t in texts],
                            args.max_new_tokens, jax.random.key(args.seed),
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           eos_id=tokenizer.eos_id)
+                           eos_id=tokenizer.eos_id, allow_past_length=args.allow_past_length)
   for i, (text, new) in enumerate(zip(texts, result.tokens)):
     print(f"=== prompt {i} ===")
     print(text + tokenizer.decode(new))

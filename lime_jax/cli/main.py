@@ -13,7 +13,7 @@ import sys
 
 from lime_jax.cli import analyze, bench, export, generate, import_, plan, plot, sweep, tokenizer
 from lime_jax.cli import eval as eval_
-from lime_jax.cli import train
+from lime_jax.cli import lm_eval, train
 from lime_jax.cli.quiet import quiet_libraries
 from lime_jax.errors import one_line
 from lime_jax.parallel.backends import avoid_absent_tpu
@@ -24,6 +24,7 @@ COMMANDS = (
     ("bench", bench, "memory/FLOPs/time of a train step vs depth"),
     ("train", train, "train a model from a YAML config with section.key=value overrides"),
     ("eval", eval_, "validation loss/perplexity of a checkpoint, or --task accuracy vs chance"),
+    ("lm-eval", lm_eval, "lm-evaluation-harness tasks (arc_easy, wic, ...) on a checkpoint"),
     ("plot", plot, "validation loss vs training FLOPs of runs (PNG)"),
     ("sweep", sweep, "router x depth x width x seed grid: run, resume, report (or print commands)"),
     ("plan", plan, "compile the sharded step for N devices: memory per device, FLOPs, fit"),

@@ -7,7 +7,10 @@ sequences of T+1 tokens (the remainder is dropped) -> inputs = seq[:-1], targets
 Sources ("data.source"):
 - "embedded": the standard library's `pydoc_data.topics` (79 topics, ~465k characters of English),
   one document per topic, sorted by key. No download; the default.
-- "text": a .txt file is one document; a directory means every *.txt under it (sorted), one each.
+- "text": a .txt file, or every *.txt under a directory (sorted). `text_documents` says where a
+  document ends: "file" (the default: a whole file is one document), "line" (one per line, as in
+  news or wiki dumps) or "blank_line" (blocks separated by blank lines). Empty documents are
+  skipped; line ends are read as "\n".
 - "jsonl": a file or directory of *.jsonl; one document per line, in field `text_field`.
 - "parquet": a file or directory of *.parquet; one document per row of column `text_field`.
 - "fineweb": FineWeb-Edu. A local directory of downloaded *.parquet shards, or a Hugging Face
@@ -37,6 +40,8 @@ from lime_jax.data import pipeline
 from lime_jax.data.tokenizers import Tokenizer
 
 SOURCES = ("embedded", "text", "jsonl", "parquet", "fineweb")
+TEXT_DOCUMENTS = ("file", "line", "blank_line")  # where a "text" source's documents end
+_BLANK_LINE = re.compile(r"\n(?:[^\S\n]*\n)+")  # one or more lines of nothing but white space
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SPLIT_STREAM = 0x5EED  # keeps the split's randomness apart from grain's shuffle seeds
 
@@ -48,6 +53,7 @@ class DataConfig(ConfigSection):
   source: str = "embedded"
   path: str | None = None  # file, directory or (fineweb) HF dataset id; unused by "embedded"
   text_field: str = "text"  # JSONL key / Parquet column
+  text_documents: str = "file"  # "text" source: one document per file, line or blank_line block
   tokenizer: str = "byte"  # "byte" or a path to tokenizer.json
   seq_len: int = 256  # T: tokens per training example (sequences hold T + 1)
   batch_size: int = 8  # GLOBAL batch, split evenly over processes
@@ -65,6 +71,11 @@ class DataConfig(ConfigSection):
         raise ValueError(f"data.path: not used by source 'embedded', got {self.path!r}")
     elif not isinstance(self.path, str) or not self.path:
       raise ValueError(f"data.path: required for source {self.source!r}, got {self.path!r}")
+    if self.text_documents not in TEXT_DOCUMENTS:
+      raise ValueError(f"data.text_documents: must be one of {TEXT_DOCUMENTS}, got"
+                       f" {self.text_documents!r}")
+    if self.text_documents != "file" and self.source != "text":
+      raise ValueError(f"data.text_documents: only used by source 'text', got {self.source!r}")
     for name in ("text_field", "tokenizer"):
       if not isinstance(getattr(self, name), str) or not getattr(self, name):
         raise ValueError(f"data.{name}: must be a non-empty string, got {getattr(self, name)!r}")
@@ -122,32 +133,62 @@ def _files(cfg: DataConfig, suffix: str) -> list[str]:
   raise ValueError(f"data.path: no such file or directory: {path}")
 
 
+def _utf8(raw: bytes, path: str, offset: int = 0) -> str:
+  """`raw` (found at byte `offset` of `path`) as text; a ValueError naming file and byte if it
+  is not UTF-8."""
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as err:
+    raise ValueError(
+        f"data.path: {path}: not UTF-8 at byte offset {offset + err.start} ({err.reason});"
+        " convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def split_text(text: str, text_documents: str) -> list[str]:
+  """One file's documents: all of it, its non-empty lines, or its blank-line-separated blocks."""
+  text = text.replace("\r\n", "\n").replace("\r", "\n")  # as text-mode reading did
+  if text_documents == "file":
+    return [text]
+  parts = text.split("\n") if text_documents == "line" else _BLANK_LINE.split(text)
+  return [part.strip("\n") for part in parts if part.strip()]
+
+
 def _text(cfg: DataConfig) -> list[str]:
   docs = []
   for f in _files(cfg, ".txt"):
-    with open(f, encoding="utf-8") as fh:
-      docs.append(fh.read())
+    with open(f, "rb") as fh:
+      docs.extend(split_text(_utf8(fh.read(), f), cfg.text_documents))
+    if cfg.max_documents is not None and len(docs) >= cfg.max_documents:
+      break
   return docs
+
+
+def _utf8_lines(path: str):
+  """(line number, line) of a file read as bytes, so that a decoding error names its offset."""
+  offset = 0
+  with open(path, "rb") as fh:
+    for line_no, raw in enumerate(fh, start=1):
+      yield line_no, _utf8(raw, path, offset)
+      offset += len(raw)
 
 
 def _jsonl(cfg: DataConfig) -> list[str]:
   docs = []
   for f in _files(cfg, ".jsonl"):
-    with open(f, encoding="utf-8") as fh:
-      for line_no, line in enumerate(fh, start=1):
-        if not line.strip():
-          continue
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"data.path: {f}:{line_no}: invalid JSON ({e.msg})") from None
-        text = record.get(cfg.text_field) if isinstance(record, dict) else None
-        if not isinstance(text, str):
-          raise ValueError(
-              f"data.text_field: {f}:{line_no}: no string field {cfg.text_field!r}")
-        docs.append(text)
-        if cfg.max_documents is not None and len(docs) >= cfg.max_documents:
-          return docs
+    for line_no, line in _utf8_lines(f):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"data.path: {f}:{line_no}: invalid JSON ({e.msg})") from None
+      text = record.get(cfg.text_field) if isinstance(record, dict) else None
+      if not isinstance(text, str):
+        raise ValueError(
+            f"data.text_field: {f}:{line_no}: no string field {cfg.text_field!r}")
+      docs.append(text)
+      if cfg.max_documents is not None and len(docs) >= cfg.max_documents:
+        return docs
   return docs
 
 
@@ -198,7 +239,10 @@ def split_documents(n_docs: int, val_fraction: float, seed: int) -> tuple[np.nda
   if val_fraction > 0 and n_docs < 2:
     raise ValueError(
         f"data.val_fraction: {n_docs} document cannot be split into train and validation;"
-        " use more documents (e.g. a directory of files) or val_fraction=0")
+        " use more documents (a directory of files; a text file read with"
+        " data.text_documents=line or blank_line: one document per line or per blank-line"
+        " separated block; data.text_documents=file, the default, reads a file as one) or"
+        " val_fraction=0")
   # A positive fraction holds out at least one document and keeps at least one for training.
   n_val = 0 if val_fraction == 0 else min(max(round(val_fraction * n_docs), 1), n_docs - 1)
   perm = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(n_docs)

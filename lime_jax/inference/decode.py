@@ -230,12 +230,15 @@ def _compiled_loop(args: tuple, **static) -> tuple[Any, float]:
 def generate(params: Any, cfg: ModelConfig, prompt_tokens: Sequence[Sequence[int]],
              max_new_tokens: int, rng: jax.Array, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, eos_id: int | None = None,
-             max_len: int | None = None) -> Generation:
+             max_len: int | None = None, allow_past_length: bool = False) -> Generation:
   """Samples up to `max_new_tokens` after each prompt, all rows in one jitted loop.
 
   Prompts may differ in length (per-row positions, see the module docstring). The cache holds
   max_len slots per row, by default exactly the longest prompt plus max_new_tokens - 1 (the last
-  token is never fed back). Rows stop at eos_id, the loop when all rows have.
+  token is never fed back): the positions the model reads. Those must lie within the trained
+  length cfg.T, so the default cache is at most T slots; `allow_past_length` lifts the check
+  (RoPE has no table to overrun, but positions past T were never trained). Rows stop at
+  eos_id, the loop when all rows have.
   """
   require_positive_int("max_new_tokens", max_new_tokens)
   check_sampling(temperature, top_k, top_p)
@@ -244,6 +247,8 @@ def generate(params: Any, cfg: ModelConfig, prompt_tokens: Sequence[Sequence[int
                              or not 0 <= eos_id < cfg.V):
     raise ValueError(f"eos_id: must be None or a token id in [0, {cfg.V}), got {eos_id!r}")
   longest = max(len(p) for p in prompts)
+  if not allow_past_length:
+    check_within_length(cfg, longest, max_new_tokens)
   if max_len is None:
     max_len = longest + max_new_tokens - 1
   require_positive_int("max_len", max_len)
@@ -273,6 +278,17 @@ def generate(params: Any, cfg: ModelConfig, prompt_tokens: Sequence[Sequence[int
     sampled += len(row)
     tokens.append(row[:row.index(eos_id)] if eos_id in row else row)
   return Generation(tokens=tokens, sampled=sampled, wall_s=wall_s, compile_s=compile_s)
+
+
+def check_within_length(cfg: ModelConfig, prompt_len: int, max_new_tokens: int) -> None:
+  """A one-line ValueError when a prompt and its new tokens would feed positions past cfg.T."""
+  positions = prompt_len + max_new_tokens - 1  # the last new token is never fed back
+  if positions > cfg.T:
+    raise ValueError(
+        f"max_new_tokens: a {prompt_len}-token prompt and {max_new_tokens} new tokens feed"
+        f" {positions} positions, past the model's trained length T={cfg.T}; shorten the prompt,"
+        " ask for fewer new tokens, or allow it (generate's --allow-past-length; positions past T"
+        " were never trained)")
 
 
 def _check_prompts(prompt_tokens, V: int) -> list[list[int]]:

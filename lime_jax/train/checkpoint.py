@@ -170,6 +170,31 @@ def restore(directory: str, abstract_state: Any, step: int | None = None) -> Res
                   config=restored[CONFIG] or {})
 
 
+def older_readable_step(directory: str, abstract_state: Any, below: int) -> int | None:
+  """The newest step before `below` whose config and arrays restore; None if none does."""
+  for step in reversed([s for s in all_steps(directory) if s < below]):
+    try:
+      read_config(directory, step)
+      restore(directory, abstract_state, step)
+    except CheckpointError:
+      continue
+    return step
+  return None
+
+
+def unreadable(directory: str, step: int, err: CheckpointError,
+               abstract_state: Any) -> CheckpointError:
+  """`err` (step `step` cannot be read) with the newest older step that can, and how to resume
+  from it. Resuming from it silently would drop the newer steps' training and rewrite their
+  metrics; the damage may be a passing one (a storage hiccup), so the user decides."""
+  good = older_readable_step(directory, abstract_state, step)
+  if good is None:
+    return err
+  return CheckpointError(
+      f"{err}; step {good} reads fine: to resume from it, move step {step} aside (e.g. mv"
+      f" {directory}/{step} {directory}/{step}.damaged) and run again")
+
+
 def _check_shapes(directory: str, step: int, abstract_state: Any) -> None:
   """Names the first array whose stored shape or presence differs from the target's."""
   try:

@@ -63,7 +63,7 @@ RESUME_MODES = ("auto", "always", "never")
 # Run fields that may change when a run is resumed; every other field must match the checkpoint.
 RESUMABLE_RUN_FIELDS = ("out_dir", "steps", "log_every", "eval_every", "checkpoint_every",
                         "keep_checkpoints", "resume", "progress", "peak_flops", "tensorboard",
-                        "async_checkpointing", "checkpoint_dir")
+                        "async_checkpointing", "checkpoint_dir", "wandb_project")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +83,7 @@ class RunConfig:
   tensorboard: bool = True
   async_checkpointing: bool = True
   checkpoint_dir: str | None = None  # default <out_dir>/checkpoints; may be a bucket URL (gs://)
+  wandb_project: str | None = None  # also log to this Weights & Biases project (train/metrics.py)
 
   def __post_init__(self):
     for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
@@ -95,6 +96,10 @@ class RunConfig:
       raise ValueError(f"run.seed: must be a non-negative integer, got {self.seed!r}")
     if self.resume not in RESUME_MODES:
       raise ValueError(f"run.resume: must be one of {RESUME_MODES}, got {self.resume!r}")
+    if self.wandb_project is not None and (not isinstance(self.wandb_project, str)
+                                           or not self.wandb_project):
+      raise ValueError(f"run.wandb_project: must be a non-empty name or null, got"
+                       f" {self.wandb_project!r}")
     if self.peak_flops is not None and not self.peak_flops > 0:
       raise ValueError(f"run.peak_flops: must be > 0 or null, got {self.peak_flops!r}")
 
@@ -320,16 +325,34 @@ def load_experiment(path: str | None, overrides: Sequence[str] = (), *,
   return ExperimentConfig.from_dict(values, vocab_size=vocab_size, where=where)
 
 
+_SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
+                  "run": RunConfig, "task": TaskConfig}
+
+
+def _field_default(section: str, key: str) -> Any:
+  """The default of a section's field; "<absent>" for a field without one (or no such field)."""
+  for field in dataclasses.fields(_SECTION_TYPES[section]):
+    if field.name == key and field.default is not dataclasses.MISSING:
+      return field.default
+  return "<absent>"
+
+
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-  """`section.key: saved -> current` for every field that must match to resume a run."""
+  """`section.key: saved -> current` for every field that must match to resume a run.
+
+  A field missing on one side counts as its default: a checkpoint saved before a field existed
+  resumes when the field keeps its default."""
   diffs = []
   for section in SECTIONS:
     if section in RESUMABLE_SECTIONS:
       continue
-    a, b = saved.get(section, {}), current.get(section, {})
+    a, b = saved.get(section) or {}, current.get(section) or {}
+    both = bool(a) and bool(b)  # an optional section (task) on one side only differs in full
     for key in sorted(set(a) | set(b)):
       if section == "run" and key in RESUMABLE_RUN_FIELDS:
         continue
-      if a.get(key, "<absent>") != b.get(key, "<absent>"):
-        diffs.append(f"{section}.{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+      default = _field_default(section, key) if both else "<absent>"
+      before, after = a.get(key, default), b.get(key, default)
+      if before != after:
+        diffs.append(f"{section}.{key}: {before!r} -> {after!r}")
   return diffs

@@ -9,9 +9,17 @@ micro-batches through optax.MultiSteps.
   restores params, optimizer state, step, RNG and the data iterator, so N steps + N resumed
   steps equal 2N straight steps bit for bit. Every config field except the bookkeeping ones
   (`experiment.RESUMABLE_RUN_FIELDS`) must match the checkpoint's.
+- One process per out_dir: process 0 holds `<out_dir>/run.lock` for the whole run
+  (run_lock.py), so a second `train` on the same out_dir stops with a one-line error naming the
+  holder's host and pid; the kernel drops the lock when its holder dies, however it dies.
+- An unreadable newest checkpoint stops the run with an error that names the newest older step
+  that restores and how to resume from it (move the damaged step aside); it is not skipped
+  silently, since that would drop training and rewrite metrics over a possibly passing fault.
 - Non-finite loss or gradient norm stops the run with `NonFiniteLossError` naming the step;
   in-flight checkpoint writes finish first, so the last good checkpoint stays restorable.
   Parameters are checked finite before each save, so a saved checkpoint is never poisoned.
+- Process 0 logs every record to metrics.jsonl, TensorBoard and, with `run.wandb_project`, W&B
+  (with the resolved config; `WANDB_MODE=offline` is honoured).
 - The host fetches step n's metrics only after step n+1 is dispatched (metrics.DeferredFetch);
   it waits for the device only at evaluation, checkpoint and final steps.
 - Sharded on the config's mesh (`mesh` section, sharding.py; default one device): the state is
@@ -43,6 +51,7 @@ from lime_jax.train import checkpoint as ckpt
 from lime_jax.data import sources
 from lime_jax.model import flops as flops_lib
 from lime_jax.train import metrics as metrics_lib
+from lime_jax.train import run_lock
 from lime_jax.parallel import sharding as sharding_lib
 from lime_jax.train.evaluate import task_metrics, validation_loss
 from lime_jax.train.experiment import ExperimentConfig, check_vocab, config_differences
@@ -184,10 +193,15 @@ class Trainer:
                              sources.batch_format(cfg.data, cfg.task).batch_size_field)
     self._batch_sharding = self.layout.batch_sharding(cfg.batch_size)
     self.is_main = jax.process_index() == 0
-    self.start = resume_step(cfg, resume or run.resume)
-    self.data_iter, self.val_batches = make_batches(cfg, self.tokenizer)
+    if run.wandb_project is not None and self.is_main:
+      metrics_lib.import_wandb()  # a missing package stops the run before anything is written
     self._init, self._step_fn, self._eval_fn = jitted_fns(cfg.model, cfg.optim, run.seed,
                                                           self.layout)
+    try:
+      self.start = resume_step(cfg, resume or run.resume)
+    except ckpt.CheckpointError as err:  # the latest step's config is unreadable
+      raise self._unreadable(ckpt.latest_step(self.ckpt_dir), err) from None
+    self.data_iter, self.val_batches = make_batches(cfg, self.tokenizer)
     self.k = cfg.optim.grad_accum_steps
     self.micro_tokens = cfg.batch_size * cfg.seq_len
     self.flops_per_token = flops_lib.train_flops_per_token(cfg.model, cfg.seq_len)
@@ -199,7 +213,10 @@ class Trainer:
   def _initial_state(self) -> dict[str, Any]:
     if self.start is None:
       return self._init()
-    restored = ckpt.restore(self.ckpt_dir, abstract_state(self._init), self.start)
+    try:
+      restored = ckpt.restore(self.ckpt_dir, abstract_state(self._init), self.start)
+    except ckpt.CheckpointError as err:
+      raise self._unreadable(self.start, err) from None
     micro = int(restored.state["step"])
     if micro != self.start * self.k:
       raise ckpt.CheckpointError(
@@ -213,9 +230,23 @@ class Trainer:
           f" does not fit this data config: {err}") from None
     return restored.state
 
+  def _unreadable(self, step: int, err: ckpt.CheckpointError) -> ckpt.CheckpointError:
+    """An unreadable newest checkpoint: the error names the newest older one that reads."""
+    return ckpt.unreadable(self.ckpt_dir, step, err, abstract_state(self._init))
+
   # --- the loop --------------------------------------------------------------------------------
 
   def run(self) -> TrainResult:
+    """Trains while holding run.out_dir's lock (process 0; run_lock.py): a second process on
+    the same out_dir stops with a RunLockedError before it writes anything."""
+    lock = run_lock.acquire(self.cfg.run.out_dir) if self.is_main else None
+    try:
+      return self._run()
+    finally:
+      if lock is not None:
+        lock.release()
+
+  def _run(self) -> TrainResult:
     cfg, run = self.cfg, self.cfg.run
     t0 = time.perf_counter()
     state = self._initial_state()
@@ -228,7 +259,9 @@ class Trainer:
       print(f"resuming {run.out_dir} from step {self.start}", file=sys.stderr)
 
     self.writer = (metrics_lib.MetricsWriter(run.out_dir, resume_step=start,
-                                             tensorboard=run.tensorboard)
+                                             tensorboard=run.tensorboard,
+                                             wandb_project=run.wandb_project,
+                                             config=cfg.to_dict())
                    if self.is_main else _Silent())
     self.checkpointer = ckpt.Checkpointer(self.ckpt_dir, keep=run.keep_checkpoints,
                                           async_save=run.async_checkpointing)

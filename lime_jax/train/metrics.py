@@ -3,7 +3,11 @@
 `<out_dir>/metrics.jsonl` holds one JSON object per logged step with at least
   step, loss, tokens, flops (cumulative training FLOPs), tokens_per_s, mfu (null without a
   known peak), and val_loss / val_ppl on evaluation steps.
-TensorBoard event files go to `<out_dir>/tensorboard/`.
+TensorBoard event files go to `<out_dir>/tensorboard/`. With `run.wandb_project` set, the same
+records also go to Weights & Biases (the optional `wandb` package: `pip install 'lime_jax[wandb]'`),
+with the resolved config; `WANDB_MODE=offline` (wandb's own setting) keeps them on disk under
+`<out_dir>/wandb/` for `wandb sync`. A resumed run continues the same W&B run (its id is kept in
+`<out_dir>/wandb_run_id`).
 
 The host never waits for the device in the hot loop: `DeferredFetch` hands back step n's
 metrics only after step n+1 has been dispatched.
@@ -15,12 +19,14 @@ import json
 import math
 import os
 import time
+import uuid
 from typing import Any, Iterable, Mapping
 
 import jax
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+WANDB_ID_FILE = "wandb_run_id"
 
 # Dense bf16 peak FLOP/s per chip, from vendor datasheets; keys match `device.device_kind`
 # by prefix (longest first). CPUs have no meaningful peak: MFU is null there.
@@ -146,11 +152,45 @@ def _finite_or_none(value: Any) -> Any:
   return value
 
 
-class MetricsWriter:
-  """Appends records to metrics.jsonl and TensorBoard. Resuming at step s drops records after s,
-  so that a run killed after its last checkpoint leaves no duplicate steps."""
+def import_wandb() -> Any:
+  """The wandb module, or a one-line ValueError saying how to get it."""
+  try:
+    import wandb  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ValueError("run.wandb_project: logging to Weights & Biases needs the wandb package"
+                     " (pip install 'lime_jax[wandb]'), or leave run.wandb_project null") from None
+  return wandb
 
-  def __init__(self, out_dir: str, *, resume_step: int = 0, tensorboard: bool = True):
+
+def _scalars(record: Mapping[str, Any]) -> dict[str, float]:
+  """The numeric entries of a record but its step: what TensorBoard and W&B plot."""
+  return {k: v for k, v in record.items()
+          if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _start_wandb(out_dir: str, project: str, config: Mapping[str, Any] | None) -> Any:
+  """A W&B run for out_dir: the one it started before when resuming (same id), else a new one."""
+  wandb = import_wandb()
+  id_path = os.path.join(out_dir, WANDB_ID_FILE)
+  if os.path.isfile(id_path):
+    with open(id_path, encoding="utf-8") as f:
+      run_id = f.read().strip()
+  else:
+    run_id = uuid.uuid4().hex[:16]  # W&B run ids: letters and digits
+    with open(id_path, "w", encoding="utf-8") as f:
+      f.write(run_id + "\n")
+  return wandb.init(project=project, dir=out_dir, id=run_id, resume="allow",
+                    name=os.path.basename(os.path.normpath(out_dir)),
+                    config=dict(config or {}))
+
+
+class MetricsWriter:
+  """Appends records to metrics.jsonl, TensorBoard and (with `wandb_project`) W&B. Resuming at
+  step s drops records after s, so that a run killed after its last checkpoint leaves no
+  duplicate steps (W&B keeps what it had: it ignores steps it has already seen)."""
+
+  def __init__(self, out_dir: str, *, resume_step: int = 0, tensorboard: bool = True,
+               wandb_project: str | None = None, config: Mapping[str, Any] | None = None):
     os.makedirs(out_dir, exist_ok=True)
     self.path = os.path.join(out_dir, METRICS_FILE)
     kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
@@ -163,21 +203,25 @@ class MetricsWriter:
       # purge_step hides events after the checkpoint that earlier event files still hold.
       self._tb = SummaryWriter(os.path.join(out_dir, TENSORBOARD_DIR),
                                purge_step=resume_step + 1 if resume_step else None)
+    self._wandb = _start_wandb(out_dir, wandb_project, config) if wandb_project else None
 
   def write(self, record: Mapping[str, Any]) -> None:
     clean = {k: _finite_or_none(v) for k, v in record.items()}
     self._file.write(json.dumps(clean) + "\n")
     self._file.flush()
+    step = int(record["step"])
     if self._tb is not None:
-      step = int(record["step"])
-      for key, value in record.items():
-        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-          self._tb.add_scalar(key, value, step)
+      for key, value in _scalars(record).items():
+        self._tb.add_scalar(key, value, step)
+    if self._wandb is not None:
+      self._wandb.log(_scalars(record), step=step)
 
   def close(self) -> None:
     self._file.close()
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.finish()
 
 
 def _si(value: float | None, unit: str = "") -> str:
