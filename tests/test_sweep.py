@@ -214,7 +214,7 @@ def test_mean_ci_and_paired_table():
   # Paired differences -0.2, -0.2, -0.21: a tight interval below zero.
   sd = math.sqrt(((1 / 300) ** 2 * 2 + (2 / 300) ** 2) / 2)
   assert f"| -0.2033 ± {4.303 * sd / math.sqrt(3):.4f} |" in table
-  assert "| 0.200 ± 0.248 | 3/3 | LIMe lower |" in table
+  assert "| 0.200 ± 0.248 | 3/3 | method lower |" in table
   rows[3]["final_val_loss"] = 2.5  # now LIMe is worse on one seed: the interval covers 0
   assert "| 2/3 | no clear difference (interval covers 0) |" in sweep.markdown(rows)
 

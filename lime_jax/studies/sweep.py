@@ -33,7 +33,7 @@ Points run in order variant, depth, width, router, seed (seeds innermost, so con
 reuse the compiled step). A point whose final checkpoint (step run.steps) exists is not trained
 again; an interrupted one resumes from its latest checkpoint (run.resume=auto). Results:
 `results.csv` (one row per point), `results.md` (mean and 95% t-interval over seeds, and the
-LIMe - baseline difference paired by seed), and PNGs per variant: validation loss vs training
+method - baseline difference paired by seed), and PNGs per variant: validation loss vs training
 FLOPs per depth, final validation loss (and task accuracy) vs depth. FLOPs come from flops.py.
 
 Every error in a sweep file is a one-line ValueError naming the file and the key.
@@ -449,7 +449,8 @@ def _fmt(mean: float | None, ci: float | None, digits: int = 4) -> str:
 
 def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
   """Mean ± 95% t-interval over seeds per variant x depth x width x router, then the paired
-  LIMe - baseline differences, then the skipped and failed points."""
+  method - baseline differences (LIMe or any other cross-layer method), then the skipped and
+  failed points."""
   lines = ["| variant | router | L | D | params | seeds | final val loss | best val loss |"
            " accuracy | chance | tokens/s | train FLOPs |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -486,9 +487,10 @@ def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         f" | {_fmt(*acc, digits=3)} | {lime_wins}/{len(pairs)} | {_verdict(*loss)} |")
   out = ["## Mean ± 95% t-interval over seeds", "", *lines]
   if diff_lines:
-    out += ["", "## LIMe - baseline, paired by seed (negative loss difference: LIMe lower)", "",
-            "| variant | router | L | D | pairs | final val loss diff | accuracy diff |"
-            " seeds LIMe lower | 95% interval says |",
+    out += ["", "## Method - baseline, paired by seed (negative loss difference: the method"
+            " lower)", "",
+            "| variant | method | L | D | pairs | final val loss diff | accuracy diff |"
+            " seeds method lower | 95% interval says |",
             "|---|---|---:|---:|---:|---:|---:|---:|---|", *diff_lines]
   other = [r for r in rows if r["status"].startswith(("skipped", "failed", "not run"))]
   if other:
@@ -501,7 +503,7 @@ def _verdict(mean: float, ci: float | None) -> str:
   if ci is None:
     return "one seed: no interval"
   if mean + ci < 0:
-    return "LIMe lower"
+    return "method lower"
   if mean - ci > 0:
     return "baseline lower"
   return "no clear difference (interval covers 0)"
