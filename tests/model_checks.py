@@ -1,9 +1,13 @@
 """Checks every layer-stack variant must pass (core, hidden routers, connections), written once."""
 
+import functools
+
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from lime_jax.inference import decode
 from lime_jax.model import transformer as M
 from lime_jax.model import stack
 from lime_jax.train.loss import mean_loss
@@ -45,3 +49,32 @@ def assert_scan_matches_unrolled(scan_cfg, params):
   chex.assert_trees_all_close(grads_s, stack.convert_layout(grads_u, unrolled_cfg, scan_cfg),
                               rtol=1e-5, atol=1e-6)
   return grads_s
+
+
+def assert_cached_decoding_matches_full_forward(cfg, params, T=10, prefix=6, cache_len=12):
+  """Prefill of `prefix` tokens, then one decode step per token up to T: the full forward's
+  logits (rtol, atol 1e-5)."""
+  tokens_BxT = tokens(cfg, B=2, T=T)
+  full_BxTxV = jax.jit(M.Transformer(cfg).apply)({"params": params}, tokens_BxT)
+  cache = decode.init_cache(cfg, 2, cache_len)
+  logits_BxPxV, cache = decode.prefill(params, cfg, tokens_BxT[:, :prefix], cache, all_logits=True)
+  steps = [logits_BxPxV]
+  for t in range(prefix, T):
+    logits_BxV, cache = decode.decode_step(params, cfg, tokens_BxT[:, t:t + 1], cache)
+    steps.append(logits_BxV[:, None])
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full_BxTxV, rtol=1e-5, atol=1e-5,
+                             err_msg=str(cfg))
+
+
+def stack_grad_temp_bytes(cfg, naive=False, B=2, T=64) -> int:
+  """Compiled temp bytes of the layer stack's gradient (LayerStack `naive`: plain autodiff for
+  pulling methods), the training-memory regression checks' measure."""
+  shapes = jax.eval_shape(functools.partial(M.init_params, cfg), jax.random.key(0))["layers"]
+  positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
+
+  def loss(p, x):
+    out, _ = stack.LayerStack(cfg, naive=naive).apply({"params": p}, x, positions_BxT)
+    return jnp.sum(out)
+
+  x = jax.ShapeDtypeStruct((B, T, cfg.D), jnp.float32)
+  return jax.jit(jax.grad(loss)).lower(shapes, x).compile().memory_analysis().temp_size_in_bytes

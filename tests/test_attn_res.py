@@ -11,12 +11,10 @@ import numpy as np
 import pytest
 
 from lime_jax.config import ModelConfig
-from lime_jax.inference import decode
 from lime_jax.model import flops
 from lime_jax.model import stack
 from lime_jax.model import transformer as M
 from lime_jax.model.mixers import attn_res
-from lime_jax.model.stack import LayerStack
 from lime_jax.studies import bench
 from lime_jax.train.optimizer import param_labels
 import model_checks
@@ -65,8 +63,8 @@ def test_shapes():
 
 def test_zero_query_is_the_uniform_average():
   """With a zero pseudo-query every live source gets weight exactly 1/n, whatever the key norm."""
-  values_NxBxTxD = jax.random.normal(jax.random.key(0), (5, 2, 3, 8)) * jnp.arange(1, 6)[:, None,
-                                                                                            None, None]
+  scale_Nx1x1x1 = jnp.arange(1, 6)[:, None, None, None]  # sources of different sizes
+  values_NxBxTxD = jax.random.normal(jax.random.key(0), (5, 2, 3, 8)) * scale_Nx1x1x1
   partial_BxTxD = jax.random.normal(jax.random.key(1), (2, 3, 8))
   live_N = jnp.array([True, True, True, False, False])
   scale_D = 1 + jax.random.normal(jax.random.key(2), (8,))
@@ -163,17 +161,7 @@ def test_matches_loop_reference(name):
 @pytest.mark.parametrize("name", ["full", "block-3"])
 def test_cached_decoding_matches_full_forward(name):
   cfg = VARIANTS[name]
-  params = _random_params(cfg)
-  tokens = model_checks.tokens(cfg, B=2, T=10)
-  full = jax.jit(M.Transformer(cfg).apply)({"params": params}, tokens)
-  cache = decode.init_cache(cfg, 2, 12)
-  prefix, cache = decode.prefill(params, cfg, tokens[:, :6], cache, all_logits=True)
-  steps = []
-  for t in range(6, 10):
-    logits, cache = decode.decode_step(params, cfg, tokens[:, t:t + 1], cache)
-    steps.append(logits)
-  cached = jnp.concatenate([prefix, jnp.stack(steps, axis=1)], axis=1)
-  np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5)
+  model_checks.assert_cached_decoding_matches_full_forward(cfg, _random_params(cfg))
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -215,26 +203,14 @@ def test_flops_match_cost_analysis(connections):
   assert 0.9 < measured / formula < 1.15, (measured, formula)
 
 
-def _stack_grad_temp_bytes(cfg, naive, B=2, T=64):
-  shapes = jax.eval_shape(functools.partial(M.init_params, cfg), jax.random.key(0))["layers"]
-  positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
-
-  def loss(p, x):
-    out, _ = LayerStack(cfg, naive=naive).apply({"params": p}, x, positions_BxT)
-    return jnp.sum(out)
-
-  x = jax.ShapeDtypeStruct((B, T, cfg.D), jnp.float32)
-  return jax.jit(jax.grad(loss)).lower(shapes, x).compile().memory_analysis().temp_size_in_bytes
-
-
 def test_training_memory_grows_linearly_with_depth():
   """Full AttnRes: the pull form at 2L stays within 2.1x of L; plain autodiff through the scan
   (which saves the [2L+1]-slot buffer per layer) fails the same check."""
   cfg = ModelConfig(V=64, D=64, L=8, H=4, F=128, T=64, router="none", connections="attn-res",
                     scan_segments=1)
-  pull_8, pull_16 = (_stack_grad_temp_bytes(cfg.replace(L=L), False) for L in (8, 16))
+  pull_8, pull_16 = (model_checks.stack_grad_temp_bytes(cfg.replace(L=L), False) for L in (8, 16))
   assert pull_16 <= 2.1 * pull_8, (pull_8, pull_16)
-  naive_8, naive_16 = (_stack_grad_temp_bytes(cfg.replace(L=L), True) for L in (8, 16))
+  naive_8, naive_16 = (model_checks.stack_grad_temp_bytes(cfg.replace(L=L), True) for L in (8, 16))
   assert naive_16 > 2.1 * naive_8, (naive_8, naive_16)
 
 

@@ -12,7 +12,6 @@ import pytest
 
 from lime_jax.studies import bench
 from lime_jax.model.mixers import denseformer
-from lime_jax.inference import decode
 from lime_jax.model import flops
 from lime_jax.model import transformer as M
 from lime_jax.model import stack
@@ -220,18 +219,8 @@ def test_matches_loop_reference(name):
 
 @pytest.mark.parametrize("name", ["hyper-dynamic", "denseformer-2x2"])
 def test_cached_decoding_matches_full_forward(name):
-  cfg = VARIANTS[name].replace(T=16)
-  params = _random_params(VARIANTS[name])
-  tokens = _tokens(cfg, B=2, T=10)
-  full = jax.jit(M.Transformer(cfg).apply)({"params": params}, tokens)
-  cache = decode.init_cache(cfg, 2, 12)
-  prefix, cache = decode.prefill(params, cfg, tokens[:, :6], cache, all_logits=True)
-  steps = []
-  for t in range(6, 10):
-    logits, cache = decode.decode_step(params, cfg, tokens[:, t:t + 1], cache)
-    steps.append(logits)
-  cached = jnp.concatenate([prefix, jnp.stack(steps, axis=1)], axis=1)
-  np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5)
+  model_checks.assert_cached_decoding_matches_full_forward(VARIANTS[name].replace(T=16),
+                                                          _random_params(VARIANTS[name]))
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

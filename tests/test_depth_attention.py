@@ -254,25 +254,13 @@ def test_flops_match_cost_analysis():
   assert 1.0 <= step / (flops.step_flops_per_token(cfg, cfg.T) * B * cfg.T) <= 1.2
 
 
-def _stack_grad_temp_bytes(cfg, naive, B=2, T=64):
-  shapes = jax.eval_shape(functools.partial(M.init_params, cfg), jax.random.key(0))["layers"]
-  positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
-
-  def loss(p, x):
-    out, _ = LayerStack(cfg, naive=naive).apply({"params": p}, x, positions_BxT)
-    return jnp.sum(out)
-
-  x = jax.ShapeDtypeStruct((B, T, cfg.D), jnp.float32)
-  return jax.jit(jax.grad(loss)).lower(shapes, x).compile().memory_analysis().temp_size_in_bytes
-
-
 def test_training_memory_grows_linearly_with_depth():
   """Gradient temp memory of the layer stack: the pull form at 2L stays within 2.1x of L; plain
   autodiff through the scan (it saves the carried raw-kv buffer once per layer) fails it."""
   cfg = MHA.replace(D=64, Hd=16, F=128, T=64, scan_segments=1)
-  pull_8, pull_16 = (_stack_grad_temp_bytes(cfg.replace(L=L), False) for L in (8, 16))
+  pull_8, pull_16 = (model_checks.stack_grad_temp_bytes(cfg.replace(L=L), False) for L in (8, 16))
   assert pull_16 <= 2.1 * pull_8, (pull_8, pull_16)
-  naive_8, naive_16 = (_stack_grad_temp_bytes(cfg.replace(L=L), True) for L in (8, 16))
+  naive_8, naive_16 = (model_checks.stack_grad_temp_bytes(cfg.replace(L=L), True) for L in (8, 16))
   assert naive_16 > 2.1 * naive_8, (naive_8, naive_16)
   assert pull_16 < naive_16
 

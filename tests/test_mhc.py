@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from lime_jax.config import ModelConfig
-from lime_jax.inference import decode
 from lime_jax.model import flops, stack
 from lime_jax.model import transformer as M
 from lime_jax.model.layers import dtype_of
@@ -226,17 +225,7 @@ def test_matches_loop_reference():
 
 
 def test_cached_decoding_matches_full_forward():
-  params = _random_params(CFG)
-  tokens = _tokens(CFG, B=2, T=10)
-  full = jax.jit(M.Transformer(CFG).apply)({"params": params}, tokens)
-  cache = decode.init_cache(CFG, 2, 12)
-  prefix, cache = decode.prefill(params, CFG, tokens[:, :6], cache, all_logits=True)
-  steps = []
-  for t in range(6, 10):
-    logits, cache = decode.decode_step(params, CFG, tokens[:, t:t + 1], cache)
-    steps.append(logits)
-  cached = jnp.concatenate([prefix, jnp.stack(steps, axis=1)], axis=1)
-  np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5)
+  model_checks.assert_cached_decoding_matches_full_forward(CFG, _random_params(CFG))
 
 
 def test_parameter_count_is_exact_and_groups():
@@ -270,24 +259,12 @@ def test_flops_match_cost_analysis():
   assert 0.75 < measured / formula < 1.25, (measured, formula)
 
 
-def _stack_grad_temp_bytes(cfg, B=2, T=64):
-  shapes = jax.eval_shape(functools.partial(M.init_params, cfg), jax.random.key(0))["layers"]
-  positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
-
-  def loss(p, x):
-    out, _ = LayerStack(cfg).apply({"params": p}, x, positions_BxT)
-    return jnp.sum(out)
-
-  x = jax.ShapeDtypeStruct((B, T, cfg.D), jnp.float32)
-  return jax.jit(jax.grad(loss)).lower(shapes, x).compile().memory_analysis().temp_size_in_bytes
-
-
 def test_training_memory_grows_linearly_with_depth():
   """Gradient temp bytes of the stack at 16 layers within 2.1x of 8 (the criterion that
   test_bench.py and test_value_residual.py show catching carried O(L) buffers): the stream is
   n x D per boundary and nothing else is carried."""
   cfg = CFG.replace(D=64, H=4, R=4, Hd=16, F=128, T=64, scan_segments=1)
-  temp_8, temp_16 = (_stack_grad_temp_bytes(cfg.replace(L=L)) for L in (8, 16))
+  temp_8, temp_16 = (model_checks.stack_grad_temp_bytes(cfg.replace(L=L)) for L in (8, 16))
   assert temp_16 <= 2.1 * temp_8, (temp_8, temp_16)
 
 

@@ -11,13 +11,11 @@ import numpy as np
 import pytest
 
 from lime_jax.config import ModelConfig
-from lime_jax.inference import decode
 from lime_jax.model import flops, mixers, stack
 from lime_jax.model import transformer as M
 from lime_jax.model.mixers.base import project_kv
 from lime_jax.model.mixers.value_residual import LAMBDA_INIT, ValueResidual
 from lime_jax.model.layers import normal_init
-from lime_jax.model.stack import LayerStack
 from lime_jax.studies import bench
 from lime_jax.train.optimizer import param_labels
 import model_checks
@@ -132,16 +130,7 @@ def test_cached_decoding_matches_full_forward(scan_layers):
   params = _random_params(CFG)
   if not scan_layers:
     params = stack.convert_layout(params, CFG, cfg)
-  tokens = _tokens(cfg, B=2, T=10)
-  full = jax.jit(M.Transformer(cfg).apply)({"params": params}, tokens)
-  cache = decode.init_cache(cfg, 2, 12)
-  prefix, cache = decode.prefill(params, cfg, tokens[:, :6], cache, all_logits=True)
-  steps = []
-  for t in range(6, 10):
-    logits, cache = decode.decode_step(params, cfg, tokens[:, t:t + 1], cache)
-    steps.append(logits)
-  cached = jnp.concatenate([prefix, jnp.stack(steps, axis=1)], axis=1)
-  np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5)
+  model_checks.assert_cached_decoding_matches_full_forward(cfg, params)
 
 
 def test_parameter_count_is_exact_and_groups():
@@ -203,26 +192,14 @@ class _NaiveValueResidual(ValueResidual):
     return kv_BxTxRx2xHd.at[:, :, :, 1].set(v_BxTxRxHd), buffer_LxBxTxRxHd
 
 
-def _stack_grad_temp_bytes(cfg, B=2, T=64):
-  shapes = jax.eval_shape(functools.partial(M.init_params, cfg), jax.random.key(0))["layers"]
-  positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
-
-  def loss(p, x):
-    out, _ = LayerStack(cfg).apply({"params": p}, x, positions_BxT)
-    return jnp.sum(out)
-
-  x = jax.ShapeDtypeStruct((B, T, cfg.D), jnp.float32)
-  return jax.jit(jax.grad(loss)).lower(shapes, x).compile().memory_analysis().temp_size_in_bytes
-
-
 def test_training_memory_grows_linearly_with_depth(monkeypatch):
   """Gradient temp bytes of the stack: at 16 layers within 2.1x of 8 (v_0 is one carry); the
   naive carried buffer of all values fails the same check."""
   cfg = CFG.replace(D=64, H=4, R=4, Hd=16, F=128, T=64, scan_segments=1)
-  temp_8, temp_16 = (_stack_grad_temp_bytes(cfg.replace(L=L)) for L in (8, 16))
+  temp_8, temp_16 = (model_checks.stack_grad_temp_bytes(cfg.replace(L=L)) for L in (8, 16))
   assert temp_16 <= 2.1 * temp_8, (temp_8, temp_16)
   monkeypatch.setitem(mixers.MIXERS, "value-residual", _NaiveValueResidual)
-  naive_8, naive_16 = (_stack_grad_temp_bytes(cfg.replace(L=L)) for L in (8, 16))
+  naive_8, naive_16 = (model_checks.stack_grad_temp_bytes(cfg.replace(L=L)) for L in (8, 16))
   assert naive_16 > 2.1 * naive_8, (naive_8, naive_16)
   assert temp_16 < naive_16
 

@@ -40,7 +40,7 @@ import flax.linen as nn
 from lime_jax.config import ModelConfig
 from lime_jax.model import push
 from lime_jax.model.layers import dtype_of, logical
-from lime_jax.model.mixers.base import Mixer
+from lime_jax.model.mixers.base import Mixer, layer_rerun_flops_per_token
 
 
 def blocks_of(cfg: ModelConfig) -> int:
@@ -186,5 +186,4 @@ class AttentionResiduals(Mixer):
   def recompute_flops_per_token(self, forward_flops_per_token: int) -> int:
     """The pull-form backward re-runs every layer once, as for the hidden routers (the MLP's
     down projection is dead there and the unembedding is not re-run)."""
-    cfg = self.cfg
-    return forward_flops_per_token - 2 * cfg.D * cfg.V - 2 * cfg.L * cfg.F * cfg.D
+    return layer_rerun_flops_per_token(self.cfg, forward_flops_per_token)

@@ -146,6 +146,14 @@ class Mixer:
     return 0
 
 
+def layer_rerun_flops_per_token(cfg: ModelConfig, forward_flops_per_token: int) -> int:
+  """What the generic pull form's backward (pull.py) spends re-running every layer once. The
+  re-run needs only what the layer's VJP reads, not the layer's output (the forward saved every
+  layer's input), so the MLP's down projection is dead code there and XLA drops it; neither is
+  the unembedding re-run."""
+  return forward_flops_per_token - 2 * cfg.D * cfg.V - 2 * cfg.L * cfg.F * cfg.D
+
+
 def project_kv(block: nn.Module, cfg: ModelConfig, h_BxTxD: jax.Array, init) -> jax.Array:
   """The standard kv projection of the normed input: a `kv_proj` [D, R, 2, Hd] in `block`."""
   kv_proj_DxRx2xHd = block.param("kv_proj", logical(init, "embed", "kv_heads", None, "head_dim"),

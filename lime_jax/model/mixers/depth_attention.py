@@ -45,7 +45,7 @@ import flax.linen as nn
 
 from lime_jax.model import push
 from lime_jax.model.layers import dtype_of, normal_init
-from lime_jax.model.mixers.base import Mixer, project_kv
+from lime_jax.model.mixers.base import Mixer, layer_rerun_flops_per_token, project_kv
 from lime_jax.model.mixers.hidden_routing import masked_softmax
 
 
@@ -109,5 +109,4 @@ class DepthAttention(Mixer):
   def recompute_flops_per_token(self, forward_flops_per_token: int) -> int:
     """The pull-form backward re-runs every layer once, less what the layer's VJP does not read:
     the MLP's down projection and the unembedding (as for the hidden routers)."""
-    cfg = self.cfg
-    return forward_flops_per_token - 2 * cfg.D * cfg.V - 2 * cfg.L * cfg.F * cfg.D
+    return layer_rerun_flops_per_token(self.cfg, forward_flops_per_token)

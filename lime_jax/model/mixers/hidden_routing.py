@@ -31,7 +31,7 @@ import flax.linen as nn
 from lime_jax.model import push
 from lime_jax.model.layers import dtype_of, logical, normal_init, rms_normalize
 from lime_jax.model.mixers import kv_routing as routing
-from lime_jax.model.mixers.base import Mixer
+from lime_jax.model.mixers.base import Mixer, layer_rerun_flops_per_token
 
 
 def num_router_params(L: int, D: int, H: int, router: str, window: int | None = None,
@@ -182,8 +182,6 @@ class HiddenRouting(Mixer):
     return (1 if self.static else 2) * cfg.H * cfg.D * pairs
 
   def recompute_flops_per_token(self, forward_flops_per_token: int) -> int:
-    """The pull-form backward re-runs every layer once. The re-run needs only what the layer's
-    VJP reads, not the layer's output (the forward saved every layer's input), so the MLP's down
-    projection is dead code there and XLA drops it; neither is the unembedding re-run."""
-    cfg = self.cfg
-    return forward_flops_per_token - 2 * cfg.D * cfg.V - 2 * cfg.L * cfg.F * cfg.D
+    """The pull-form backward re-runs every layer once (less the MLP's down projection and the
+    unembedding, which the re-run does not need)."""
+    return layer_rerun_flops_per_token(self.cfg, forward_flops_per_token)
