@@ -21,6 +21,8 @@ ATTENTION_IMPLS = ("einsum", "dot_product")  # layers.causal_attention
 # kv routing's training data movement (model/mixers/kv_routing.py): the float32 push accumulator,
 # or the pull over a compute-dtype buffer of raw kv with a read-only backward (model/kv_pull.py).
 ROUTING_IMPLS = ("push", "pull")
+# kv-static's kv projection init: the reference code's U(+-1/sqrt(D)), or the baseline's N(0, 0.02).
+KV_INITS = ("reference", "baseline")
 CONNECTIONS = ("none", "hyper-static", "hyper-dynamic", "denseformer", "attn-res",
                "block-attn-res", "mhc")  # cross-layer baselines
 DTYPES = ("float32", "bfloat16", "float16")
@@ -81,6 +83,10 @@ class ModelConfig(ConfigSection):
   top_p: float | None = None
   top_p_refresh: int = 100
   routing_impl: str = "push"  # kv-static training under nn.scan: push or pull (ROUTING_IMPLS)
+  # kv-static init ablations (experiments/RESULTS.md): the kv projection's init (KV_INITS), and a
+  # factor on the routers' off-diagonal init bound (1: the reference; 0: each layer reads itself).
+  kv_init: str = "reference"
+  router_init_scale: float = 1.0
   # Cross-layer baselines (connections.py), each with router "none".
   connections: str = "none"
   hc_expansion: int = 4  # hyper-connections: n copies of the residual stream
@@ -138,6 +144,14 @@ class ModelConfig(ConfigSection):
     if self.routing_impl not in ROUTING_IMPLS:
       raise ValueError(f"ModelConfig.routing_impl: unknown {self.routing_impl!r}; choose from"
                        f" {ROUTING_IMPLS}")
+    if self.kv_init not in KV_INITS:
+      raise ValueError(f"ModelConfig.kv_init: unknown {self.kv_init!r}; choose from {KV_INITS}")
+    if not self.router_init_scale >= 0:
+      raise ValueError(f"ModelConfig.router_init_scale: must be >= 0, got {self.router_init_scale}")
+    for name, default in (("kv_init", "reference"), ("router_init_scale", 1.0)):
+      if getattr(self, name) != default and self.router != "kv-static":
+        raise ValueError(f"ModelConfig.{name}: applies to router 'kv-static' only, got"
+                         f" router={self.router!r}")
     if self.top_p is not None:
       if self.router not in TOP_P_ROUTERS:
         raise ValueError(f"ModelConfig.top_p: pruning needs router in {TOP_P_ROUTERS},"

@@ -23,6 +23,10 @@ def test_defaults_fill_kv_heads_and_head_size():
     (dict(D=60, H=4, Hd=15), "Hd"),
     (dict(scan_segments=0), "scan_segments"),
     (dict(rope_theta=0.0), "rope_theta"),
+    (dict(kv_init="xavier"), "kv_init"),
+    (dict(kv_init="baseline", router="none"), "kv_init"),
+    (dict(router_init_scale=-0.5), "router_init_scale"),
+    (dict(router_init_scale=0.5, router="hidden-static"), "router_init_scale"),
 ])
 def test_bad_values_name_the_field(changes, field):
   with pytest.raises(ValueError, match=rf"ModelConfig\.{field}:"):

@@ -168,3 +168,45 @@ def test_windowed_ring_executes_what_flops_counts():
     formula = 3 * 2 * flops.executed_push_macs_per_token(cfg) * 2 * cfg.T
     assert 0.8 < (step_flops(cfg) - baseline) / formula < 1.25
   assert flops.executed_push_macs_per_token(ring) < flops.executed_push_macs_per_token(dense) / 4
+
+
+def _without_routers(tree):
+  if isinstance(tree, dict):
+    return {k: _without_routers(v) for k, v in tree.items() if k != "router"}
+  return tree
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_init_ablation_switches(scan):
+  """kv_init picks the kv projection's init (reference U(+-1/sqrt(D)) or the baseline's
+  N(0, 0.02)); router_init_scale scales the routers' off-diagonal bound. With the baseline init
+  and scale 0 LIMe at init is the baseline network exactly: every layer reads only itself."""
+  cfg = ModelConfig(V=64, D=64, L=4, H=4, F=64, T=8, scan_layers=scan, scan_segments=1)
+  tokens_BxT = jax.random.randint(jax.random.key(3), (2, 8), 0, cfg.V)
+
+  def init(**changes):
+    c = cfg.replace(**changes)
+    return c, M.Transformer(c).init(jax.random.key(0), tokens_BxT)["params"]
+
+  def leaves(params, name):
+    return [np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)
+            if name in jax.tree_util.keystr(p)]
+
+  _, ref = init()
+  kv_ref = np.concatenate([w.ravel() for w in leaves(ref, "kv_proj")])
+  assert np.abs(kv_ref).max() <= 1 / 8 and np.abs(kv_ref).max() > 0.95 / 8  # U(+-1/sqrt(64))
+  base_cfg, base = init(kv_init="baseline")
+  kv_base = np.concatenate([w.ravel() for w in leaves(base, "kv_proj")])
+  assert abs(kv_base.std() - 0.02) < 0.002 and abs(kv_base.mean()) < 0.002
+  for w_ref, w_half in zip(leaves(ref, "router"), leaves(init(router_init_scale=0.5)[1], "router")):
+    routed = w_ref != 1.0  # the self identities stay 1; random entries are below 1
+    np.testing.assert_allclose(w_half[routed], 0.5 * w_ref[routed], rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(w_half[~routed], 1.0)
+  silent_cfg, silent = init(kv_init="baseline", router_init_scale=0.0)
+  assert sum(np.count_nonzero(w) for w in leaves(silent, "router")) == cfg.L * cfg.R  # identities
+  lime_logits = M.Transformer(silent_cfg).apply({"params": silent}, tokens_BxT)
+  plain_logits = M.Transformer(cfg.replace(router="none")).apply(
+      {"params": _without_routers(silent)}, tokens_BxT)
+  np.testing.assert_allclose(lime_logits, plain_logits, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(M.Transformer(base_cfg).apply({"params": base}, tokens_BxT),
+                         plain_logits, atol=1e-3)  # a live router does change the output

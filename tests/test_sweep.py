@@ -47,6 +47,17 @@ def test_grid_takes_connections_as_methods(tmp_path):
                      "attn-res_L2_D32_s0": ("none", "attn-res")}
 
 
+def test_named_methods_add_overrides_to_a_known_method(tmp_path):
+  cfg = sweep.load_sweep(_write(
+      tmp_path, "{routers: [none, lime-base-init], depths: [2]}",
+      methods="{lime-base-init: [kv-static, model.kv_init=baseline, model.router_init_scale=0.5]}"))
+  models = {p.name: p.cfg.model for p in sweep.expand(cfg)}
+  assert set(models) == {"none_L2_D32_s0", "lime-base-init_L2_D32_s0"}
+  lime = models["lime-base-init_L2_D32_s0"]
+  assert (lime.router, lime.kv_init, lime.router_init_scale) == ("kv-static", "baseline", 0.5)
+  assert models["none_L2_D32_s0"].kv_init == "reference"
+
+
 def test_fixed_width_grid(tmp_path):
   cfg = sweep.load_sweep(_write(
       tmp_path, "{routers: [none, kv-static], depths: [2, 4], widths: [32, 64], head_size: 16,"
@@ -99,6 +110,10 @@ def test_bad_sweep_configs_are_one_line_errors(tmp_path, capsys):
     return err
 
   assert "grid.routers: unknown method 'dense'" in error("{routers: [dense]}")
+  assert "methods.a: expected [a method from" in error("{routers: [a]}", methods="{a: [dense]}")
+  assert "methods.mhc: the name of a built-in method" in error("{}", methods="{mhc: [none]}")
+  assert "sweep point a_L2_D32_s0: " in error("{routers: [a]}",
+                                              methods="{a: [kv-static, model.kv_init=x]}")
   assert "not both" in error("{widths: [32], param_budget: 1000}")
   assert "grid: unknown key(s) ['depth']" in error("{depth: [2]}")
   assert "sweep: unknown key(s) ['hbm']" in error("{depths: [2]}", hbm="80")
@@ -217,6 +232,24 @@ def test_mean_ci_and_paired_table():
   assert "| 0.200 ± 0.248 | 3/3 | method lower |" in table
   rows[3]["final_val_loss"] = 2.5  # now LIMe is worse on one seed: the interval covers 0
   assert "| 2/3 | no clear difference (interval covers 0) |" in sweep.markdown(rows)
+  assert "baseline at 2L" not in table  # no depth 8 in the grid
+
+
+def test_method_at_L_against_baseline_at_2L():
+  def row(router, L, seed, loss, flops):
+    return {"point": f"{router}{L}{seed}", "variant": "text", "router": router, "L": L, "D": 64,
+            "seed": seed, "params": 1000, "final_val_loss": loss, "best_val_loss": loss,
+            "final_val_accuracy": None, "chance": None, "tokens_per_s": 10.0,
+            "train_flops": flops, "status": "trained"}
+
+  rows = [row("none", 8, s, l, 2e9) for s, l in [(0, 3.0), (1, 3.1), (2, 3.2)]]
+  rows += [row("none", 4, s, 3.5, 1e9) for s in range(3)]
+  rows += [row("kv-static", 4, s, l, 1.1e9) for s, l in [(0, 2.9), (1, 3.0), (2, 3.1)]]
+  table = sweep.markdown(rows)
+  assert "## Method at L - baseline at 2L" in table
+  # kv-static at 4 minus none at 8, paired: -0.1 on every seed (sd 0).
+  assert "| text | kv-static | 4, 64 | 8, 64 | 3 | -0.1000 ± 0.0000 | 0.55 | 3/3 | method lower |" in table
+  assert "| text | none | 4, 64 | 8, 64 |" not in table  # the baseline is not compared with itself
 
 
 def test_the_real_fit_check_skips_a_point_that_cannot_fit(tmp_path):

@@ -125,3 +125,23 @@ def test_cli_train_command(tmp_path, capsys):
   assert load_tokenizer(str(out)).vocab_size <= 280
   with pytest.raises(SystemExit):
     parser.parse_args(["--files", str(corpus)])  # --vocab-size and --out are required
+
+
+def test_committed_embedded_bpe_is_what_training_on_the_embedded_corpus_gives(tmp_path, capsys):
+  """configs/tokenizers/embedded_bpe_2048.json (the depth study's) is reproducible byte for byte
+  by `lime-jax tokenizer train --embedded`, so the study depends on no downloaded file."""
+  committed = os.path.join(os.path.dirname(__file__), "..", "configs", "tokenizers",
+                           "embedded_bpe_2048.json")
+  parser = argparse.ArgumentParser()
+  tokenizer_cmd.add_train_arguments(parser)
+  out = tmp_path / "tok.json"
+  args = parser.parse_args(["--embedded", "--vocab-size", "2048", "--out", str(out)])
+  assert tokenizer_cmd.run_train(args) == 0
+  assert "vocab_size=2048" in capsys.readouterr().out
+  assert out.read_bytes() == open(committed, "rb").read()
+  tok = load_tokenizer(committed)
+  text = "The return statement leaves the current function call."
+  assert tok.decode(tok.encode(text)) == text
+  assert len(tok.encode(text)) < len(text.encode("utf-8")) / 3  # merges learned on English prose
+  with pytest.raises(SystemExit):
+    parser.parse_args(["--embedded", "--files", "x.txt", "--vocab-size", "300", "--out", "o"])

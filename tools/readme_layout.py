@@ -146,6 +146,10 @@ def configs_lines(root: str) -> list[str]:
   if task_sets:
     lines += _wrapped("  lm_eval/       `lime-jax lm-eval --config` task sets:",
                       [os.path.basename(p)[:-5] for p in task_sets])
+  tokenizers = sorted(glob.glob(os.path.join(configs, "tokenizers", "*.json")))
+  if tokenizers:
+    lines += _wrapped("  tokenizers/    tokenizer.json files `lime-jax tokenizer train` rebuilds:",
+                      [os.path.basename(p) for p in tokenizers])
   return lines
 
 

@@ -8,7 +8,8 @@ Both share a small interface: `vocab_size`, `bos_id`, `eos_id`, `encode(text) ->
 - a path to `tokenizer.json` (e.g. GPT-2 BPE, V = 50257): BOS/EOS are the first special token
   found among the usual names ("<|endoftext|>" serves as both in GPT-2), or given explicitly.
 
-`train_bpe` fits a byte-level BPE on local text files, with "<|endoftext|>" as BOS and EOS.
+`train_bpe` fits a byte-level BPE on local text files (`train_bpe_on_texts` on documents in
+memory), with "<|endoftext|>" as BOS and EOS.
 """
 
 from __future__ import annotations
@@ -124,14 +125,28 @@ def load_tokenizer(spec: str, *, bos_token: str | None = None,
 
 def train_bpe(files: Sequence[str], vocab_size: int, out_path: str) -> HFTokenizer:
   """Fits a byte-level BPE (GPT-2 style) on local text files and saves tokenizer.json."""
-  from tokenizers import Tokenizer as _Tokenizer  # pylint: disable=g-import-not-at-top
-  from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
-
   if not files:
     raise ValueError("tokenizer train: files: at least one text file is required")
   for f in files:
     if not os.path.isfile(f):
       raise ValueError(f"tokenizer train: files: no such file: {f}")
+  return _fit_bpe(lambda tok, trainer: tok.train([str(f) for f in files], trainer), vocab_size,
+                  out_path)
+
+
+def train_bpe_on_texts(texts: Sequence[str], vocab_size: int, out_path: str) -> HFTokenizer:
+  """`train_bpe` on documents in memory (e.g. the embedded corpus); deterministic for a given
+  list of texts."""
+  if not texts:
+    raise ValueError("tokenizer train: texts: at least one document is required")
+  return _fit_bpe(lambda tok, trainer: tok.train_from_iterator(list(texts), trainer), vocab_size,
+                  out_path)
+
+
+def _fit_bpe(fit, vocab_size: int, out_path: str) -> HFTokenizer:
+  from tokenizers import Tokenizer as _Tokenizer  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+
   alphabet = pre_tokenizers.ByteLevel.alphabet()
   min_vocab = len(alphabet) + 1  # every byte plus <|endoftext|>
   if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < min_vocab:
@@ -144,7 +159,7 @@ def train_bpe(files: Sequence[str], vocab_size: int, out_path: str) -> HFTokeniz
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[ENDOFTEXT],
                                 initial_alphabet=alphabet, show_progress=False)
-  tok.train([str(f) for f in files], trainer)
+  fit(tok, trainer)
   out_dir = os.path.dirname(os.path.abspath(out_path))
   os.makedirs(out_dir, exist_ok=True)
   tok.save(str(out_path))

@@ -9,8 +9,10 @@ A sweep YAML (every key but `base` and `grid` optional):
   variants:                       # name -> overrides; e.g. the text corpus and some tasks
     text: []
     mqar: [task.name=mqar, task.difficulty=4, task.seq_len=64]
+  methods:                        # named methods: a known method, then overrides
+    lime-baseline-init: [kv-static, model.kv_init=baseline]
   grid:
-    routers: [none, kv-static]    # cross-layer methods: routers or connections (attn-res, mhc...)
+    routers: [none, kv-static, lime-baseline-init]  # methods: routers, connections or `methods`
     depths: [32, 64, 128]
     widths: [256]                 # fixed width; or, instead:
     param_budget: 25165824        # fixed budget: width derived from depth (see below)
@@ -32,8 +34,9 @@ achieved count.
 Points run in order variant, depth, width, router, seed (seeds innermost, so consecutive points
 reuse the compiled step). A point whose final checkpoint (step run.steps) exists is not trained
 again; an interrupted one resumes from its latest checkpoint (run.resume=auto). Results:
-`results.csv` (one row per point), `results.md` (mean and 95% t-interval over seeds, and the
-method - baseline difference paired by seed), and PNGs per variant: validation loss vs training
+`results.csv` (one row per point), `results.md` (mean and 95% t-interval over seeds, the
+method - baseline difference paired by seed, and each method at L against the baseline at 2L
+where the grid has both depths), and PNGs per variant: validation loss vs training
 FLOPs per depth, final validation loss (and task accuracy) vs depth. FLOPs come from flops.py.
 
 Every error in a sweep file is a one-line ValueError naming the file and the key.
@@ -62,6 +65,7 @@ from lime_jax.train import loop as train_lib
 from lime_jax.train.experiment import ExperimentConfig, load_experiment, read_yaml, read_yaml_file
 from lime_jax.train.metrics import read_metrics
 
+KNOWN_METHODS = ROUTERS + CONNECTIONS[1:]
 RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"
 POINT_FILE = "sweep_point.json"  # per point: wall time over all invocations that trained it
@@ -84,11 +88,7 @@ class GridConfig:
   seeds: list = dataclasses.field(default_factory=lambda: [0])
 
   def __post_init__(self):
-    _require_list("grid.routers", self.routers)
-    for router in self.routers:
-      if router not in ROUTERS and router not in CONNECTIONS:
-        raise ValueError(f"grid.routers: unknown method {router!r}; choose from"
-                         f" {ROUTERS + CONNECTIONS[1:]}")
+    _require_list("grid.routers", self.routers)  # names are checked with `methods` (SweepConfig)
     for name in ("depths", "widths", "seeds"):
       values = getattr(self, name)
       if values is None:
@@ -130,8 +130,25 @@ class SweepConfig:
   hbm_gib: float | None = None
   devices: int = 1
   compiled_memory: bool = False
+  methods: dict = dataclasses.field(default_factory=dict)  # name -> [known method, overrides...]
 
   def __post_init__(self):
+    if not isinstance(self.methods, dict):
+      raise ValueError(f"methods: expected a mapping name -> [method, overrides...], got"
+                       f" {self.methods!r}")
+    for name, spec in self.methods.items():
+      if not isinstance(name, str) or not name.replace("-", "").isalnum():
+        raise ValueError(f"methods: names must be letters, digits and '-', got {name!r}")
+      if name in KNOWN_METHODS:
+        raise ValueError(f"methods.{name}: the name of a built-in method; choose another")
+      if (not isinstance(spec, list) or not spec or not all(isinstance(v, str) for v in spec)
+          or spec[0] not in KNOWN_METHODS):
+        raise ValueError(f"methods.{name}: expected [a method from {KNOWN_METHODS},"
+                         f" overrides...], got {spec!r}")
+    for router in self.grid.routers:
+      if router not in KNOWN_METHODS and router not in self.methods:
+        raise ValueError(f"grid.routers: unknown method {router!r}; choose from"
+                         f" {KNOWN_METHODS} or the sweep's methods {sorted(self.methods)}")
     for name in ("overrides", "seed_keys"):
       values = getattr(self, name)
       if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
@@ -192,9 +209,13 @@ class Point:
   cfg: ExperimentConfig
 
 
-def method_overrides(method: str) -> tuple[str, ...]:
-  """The model overrides that select a cross-layer method by name: a router, or a baseline's
-  connections (with router none)."""
+def method_overrides(method: str, methods: Mapping[str, Sequence[str]] | None = None
+                     ) -> tuple[str, ...]:
+  """The model overrides that select a cross-layer method by name: a router, a baseline's
+  connections (with router none), or a sweep's named method (a known one plus overrides)."""
+  if methods and method in methods:
+    known, *extra = methods[method]
+    return (*method_overrides(known), *extra)
   if method in CONNECTIONS and method != "none":
     return ("model.router=none", f"model.connections={method}")
   return (f"model.router={method}", "model.connections=none")
@@ -254,7 +275,7 @@ def expand(cfg: SweepConfig) -> list[Point]:
         for router in grid.routers:
           for seed in grid.seeds:
             name = "_".join(p for p in (variant, router, f"L{L}", f"D{D}", f"s{seed}") if p)
-            overrides = (*cfg.overrides, *variant_overrides, *method_overrides(router),
+            overrides = (*cfg.overrides, *variant_overrides, *method_overrides(router, cfg.methods),
                          f"model.L={L}", *shape, *(f"{key}={seed}" for key in cfg.seed_keys),
                          f"run.out_dir={os.path.join(cfg.out_dir, name)}")
             try:
@@ -492,11 +513,43 @@ def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
             "| variant | method | L | D | pairs | final val loss diff | accuracy diff |"
             " seeds method lower | 95% interval says |",
             "|---|---|---:|---:|---:|---:|---:|---:|---|", *diff_lines]
+  twice = _twice_depth_lines(groups)
+  if twice:
+    out += ["", "## Method at L - baseline at 2L, paired by seed (the paper's depth claim in"
+            " miniature)", "",
+            "| variant | method | L, D | baseline L, D | pairs | final val loss diff |"
+            " train FLOPs method/baseline | seeds method lower | 95% interval says |",
+            "|---|---|---|---|---:|---:|---:|---:|---|", *twice]
   other = [r for r in rows if r["status"].startswith(("skipped", "failed", "not run"))]
   if other:
     out += ["", "## Not run", "", "| point | status |", "|---|---|",
             *(f"| {r['point']} | {r['status']} |" for r in other)]
   return "\n".join(out) + "\n"
+
+
+def _twice_depth_lines(groups: Mapping[tuple, list[dict]]) -> list[str]:
+  """Each method at depth L against the baseline at 2L: the same width, or the one width the
+  grid gives 2L (budget mode)."""
+  lines = []
+  for (variant, L, D, router), members in sorted(groups.items()):
+    if router == "none":
+      continue
+    deeper = sorted(k for k in groups if k[0] == variant and k[1] == 2 * L and k[3] == "none")
+    same_width = [k for k in deeper if k[2] == D]
+    key = same_width[0] if same_width else (deeper[0] if len(deeper) == 1 else None)
+    if key is None:
+      continue
+    by_seed = {r["seed"]: r for r in groups[key]}
+    pairs = [(r, by_seed[r["seed"]]) for r in members if r["seed"] in by_seed]
+    if not pairs:
+      continue
+    loss = mean_ci([a["final_val_loss"] - b["final_val_loss"] for a, b in pairs])
+    wins = sum(a["final_val_loss"] < b["final_val_loss"] for a, b in pairs)
+    flops_ratio = pairs[0][0]["train_flops"] / pairs[0][1]["train_flops"]
+    lines.append(f"| {variant or '-'} | {router} | {L}, {D} | {key[1]}, {key[2]} | {len(pairs)}"
+                 f" | {_fmt(*loss)} | {flops_ratio:.2f} | {wins}/{len(pairs)}"
+                 f" | {_verdict(*loss)} |")
+  return lines
 
 
 def _verdict(mean: float, ci: float | None) -> str:

@@ -33,7 +33,7 @@ import flax.linen as nn
 import numpy as np
 
 from lime_jax.model import kv_pull, push
-from lime_jax.model.layers import constrain, logical
+from lime_jax.model.layers import constrain, logical, normal_init
 from lime_jax.model.mixers.base import Mixer, project_kv
 
 ACC_AXES = ("readers", "kv_heads", "batch", "length", None, "head_dim")
@@ -80,15 +80,17 @@ def num_router_params(L: int, R: int, window: int | None = None,
 
 
 def init_push_weights(rng: jax.Array, layer_idx, L: int, R: int, window: int | None = None,
-                      dilation: int | None = None) -> jax.Array:
-  """push_l [L, R, R]: live readers i > l ~ U(-a_i, a_i), a_i = sqrt(3 / (n_i R)); i == l: I_R.
+                      dilation: int | None = None, scale: float = 1.0) -> jax.Array:
+  """push_l [L, R, R]: live readers i > l ~ U(-a_i, a_i), a_i = scale sqrt(3 / (n_i R));
+  i == l: I_R.
 
   n_i is the number of sources reader i reads (i + 1 when dense), so a sparse reader's routed
-  kv starts with the same variance as a dense one's. Dead entries are zero.
+  kv starts with the same variance as a dense one's. Dead entries are zero. `scale` is the
+  config's router_init_scale (1: the reference; 0: every layer starts reading only itself).
   """
   reader_L = jnp.arange(L)
   n_live_L = jnp.asarray(live_mask(L, window, dilation).sum(axis=0))
-  bound_L = jnp.sqrt(3.0 / (n_live_L * R))
+  bound_L = scale * jnp.sqrt(3.0 / (n_live_L * R))
   uniform_LxRxR = jax.random.uniform(rng, (L, R, R), jnp.float32, -1.0, 1.0) * bound_L[:, None, None]
   eye_RxR = jnp.eye(R, dtype=jnp.float32)
   is_self_L = (reader_L == layer_idx)[:, None, None]
@@ -225,11 +227,14 @@ class KvRouting(Mixer):
          carry, layer_idx) -> tuple[jax.Array, Any]:
     """carry: the accumulator, a `Ring`, or (pull form) a `Pulled`; see the class doc."""
     cfg = self.cfg
-    # The reference code's kaiming-uniform default for the raw kv projection (spec section 2).
-    kv_BxTxRx2xHd = project_kv(block, cfg, h_BxTxD, _symmetric_uniform(1.0 / cfg.D ** 0.5))
+    # kv_init "reference": the reference code's kaiming-uniform default for the raw kv
+    # projection (spec section 2), U(+-1/sqrt(D)); "baseline": the baseline's k/v init.
+    kv_init = normal_init if cfg.kv_init == "baseline" else _symmetric_uniform(1.0 / cfg.D ** 0.5)
+    kv_BxTxRx2xHd = project_kv(block, cfg, h_BxTxD, kv_init)
     push_LxRxR = block.param("router", logical(
         lambda rng: init_push_weights(rng, layer_idx, cfg.L, cfg.R, cfg.router_window,
-                                      cfg.router_dilation), "readers", None, None))
+                                      cfg.router_dilation, cfg.router_init_scale),
+        "readers", None, None))
     if cfg.top_p is not None:  # frozen 0/1 mask (optimizer group "frozen"), see top_p.py
       mask_LxRxR = block.param("top_p_mask", logical(nn.initializers.ones, "readers", None, None),
                                (cfg.L, cfg.R, cfg.R), jnp.float32)
