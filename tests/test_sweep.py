@@ -249,7 +249,9 @@ def test_method_at_L_against_baseline_at_2L():
   assert "## Method at L - baseline at 2L" in table
   # kv-static at 4 minus none at 8, paired: -0.1 on every seed (sd 0).
   assert "| text | kv-static | 4, 64 | 8, 64 | 3 | -0.1000 ± 0.0000 | 0.55 | 3/3 | method lower |" in table
-  assert "| text | none | 4, 64 | 8, 64 |" not in table  # the baseline is not compared with itself
+  # The baseline's own row comes first: none at 4 - none at 8 = 0.5, 0.4, 0.3.
+  none_row = "| text | none | 4, 64 | 8, 64 | 3 | 0.4000 ± 0.2484 | 0.50 | 0/3 | baseline lower |"
+  assert none_row in table and table.index(none_row) < table.index("| text | kv-static | 4, 64")
 
 
 def test_the_real_fit_check_skips_a_point_that_cannot_fit(tmp_path):

@@ -529,11 +529,11 @@ def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def _twice_depth_lines(groups: Mapping[tuple, list[dict]]) -> list[str]:
   """Each method at depth L against the baseline at 2L: the same width, or the one width the
-  grid gives 2L (budget mode)."""
+  grid gives 2L (budget mode). The baseline's own row (none at L against none at 2L) is the
+  reference: where depth does not yet pay, every shallow model wins this comparison."""
   lines = []
-  for (variant, L, D, router), members in sorted(groups.items()):
-    if router == "none":
-      continue
+  for (variant, L, D, router), members in sorted(groups.items(), key=lambda kv: (
+      kv[0][0], kv[0][1], kv[0][2], kv[0][3] != "none", kv[0][3])):
     deeper = sorted(k for k in groups if k[0] == variant and k[1] == 2 * L and k[3] == "none")
     same_width = [k for k in deeper if k[2] == D]
     key = same_width[0] if same_width else (deeper[0] if len(deeper) == 1 else None)
