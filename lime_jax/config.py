@@ -148,8 +148,8 @@ class ModelConfig(ConfigSection):
       raise ValueError(f"ModelConfig.kv_init: unknown {self.kv_init!r}; choose from {KV_INITS}")
     if not self.router_init_scale >= 0:
       raise ValueError(f"ModelConfig.router_init_scale: must be >= 0, got {self.router_init_scale}")
-    for name, default in (("kv_init", "reference"), ("router_init_scale", 1.0)):
-      if getattr(self, name) != default and self.router != "kv-static":
+    for name in ("kv_init", "router_init_scale"):
+      if getattr(self, name) != _FIELD_DEFAULTS[name] and self.router != "kv-static":
         raise ValueError(f"ModelConfig.{name}: applies to router 'kv-static' only, got"
                          f" router={self.router!r}")
     if self.top_p is not None:
@@ -181,6 +181,9 @@ class ModelConfig(ConfigSection):
   @property
   def is_lime(self) -> bool:
     return self.router in LIME_ROUTERS
+
+
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
 def require_positive_int(field: str, value: Any) -> None:

@@ -494,15 +494,12 @@ def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     base = groups.get((variant, L, D, "none"))
     if router == "none" or base is None:
       continue
-    by_seed = {r["seed"]: r for r in base}
-    pairs = [(r, by_seed[r["seed"]]) for r in lime if r["seed"] in by_seed]
+    pairs, loss, lime_wins = _paired_loss(lime, base)
     if not pairs:
       continue
-    loss = mean_ci([a["final_val_loss"] - b["final_val_loss"] for a, b in pairs])
     acc_pairs = [(a["final_val_accuracy"], b["final_val_accuracy"]) for a, b in pairs
                  if a["final_val_accuracy"] is not None and b["final_val_accuracy"] is not None]
     acc = mean_ci([a - b for a, b in acc_pairs]) if acc_pairs else (None, None)
-    lime_wins = sum(a["final_val_loss"] < b["final_val_loss"] for a, b in pairs)
     diff_lines.append(
         f"| {variant or '-'} | {router} | {L} | {D} | {len(pairs)} | {_fmt(*loss)}"
         f" | {_fmt(*acc, digits=3)} | {lime_wins}/{len(pairs)} | {_verdict(*loss)} |")
@@ -527,6 +524,17 @@ def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
   return "\n".join(out) + "\n"
 
 
+def _paired_loss(method_rows, base_rows):
+  """(pairs of rows with the same seed, mean_ci of method - baseline final val loss, how many
+  seeds the method is lower on); no pairs: ([], None, 0)."""
+  by_seed = {r["seed"]: r for r in base_rows}
+  pairs = [(r, by_seed[r["seed"]]) for r in method_rows if r["seed"] in by_seed]
+  if not pairs:
+    return [], None, 0
+  loss = mean_ci([a["final_val_loss"] - b["final_val_loss"] for a, b in pairs])
+  return pairs, loss, sum(a["final_val_loss"] < b["final_val_loss"] for a, b in pairs)
+
+
 def _twice_depth_lines(groups: Mapping[tuple, list[dict]]) -> list[str]:
   """Each method at depth L against the baseline at 2L: the same width, or the one width the
   grid gives 2L (budget mode). The baseline's own row (none at L against none at 2L) is the
@@ -539,12 +547,9 @@ def _twice_depth_lines(groups: Mapping[tuple, list[dict]]) -> list[str]:
     key = same_width[0] if same_width else (deeper[0] if len(deeper) == 1 else None)
     if key is None:
       continue
-    by_seed = {r["seed"]: r for r in groups[key]}
-    pairs = [(r, by_seed[r["seed"]]) for r in members if r["seed"] in by_seed]
+    pairs, loss, wins = _paired_loss(members, groups[key])
     if not pairs:
       continue
-    loss = mean_ci([a["final_val_loss"] - b["final_val_loss"] for a, b in pairs])
-    wins = sum(a["final_val_loss"] < b["final_val_loss"] for a, b in pairs)
     flops_ratio = pairs[0][0]["train_flops"] / pairs[0][1]["train_flops"]
     lines.append(f"| {variant or '-'} | {router} | {L}, {D} | {key[1]}, {key[2]} | {len(pairs)}"
                  f" | {_fmt(*loss)} | {flops_ratio:.2f} | {wins}/{len(pairs)}"
