@@ -1,6 +1,11 @@
 """kv routing in pull form (`routing_impl: pull`, model/kv_pull.py): the push's math exactly,
 with memory linear in depth."""
 
+import contextlib
+import functools
+import io
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -8,7 +13,10 @@ import numpy as np
 import pytest
 
 from lime_jax.config import ModelConfig
-from lime_jax.model import stack
+from jax.ad_checkpoint import print_saved_residuals
+
+from lime_jax.model import kv_pull, stack
+from lime_jax.model.mixers import kv_routing
 from lime_jax.model import transformer as M
 from lime_jax.train.loss import mean_loss
 from test_bench import SMALL, _train_step_temp_bytes
@@ -40,7 +48,8 @@ def _push_and_pull(cfg):
 
 @pytest.mark.parametrize("changes", [
     {}, {"R": 4}, {"top_p": 0.8}, {"router_window": 2, "router_dilation": 3},
-    {"router_window": 2}, {"scan_segments": 1}, {"scan_segments": 6}, {"remat_policy": "full"},
+    {"router_window": 2}, {"router_window": 1}, {"router_window": 3, "scan_segments": 3},
+    {"scan_segments": 1}, {"scan_segments": 6}, {"remat_policy": "full"},
 ], ids=str)
 def test_pull_equals_push(changes):
   """Loss and every gradient (routers, kv projections, the rest) as the push form computes
@@ -71,3 +80,87 @@ def test_pull_training_memory_grows_linearly_with_depth(segments):
   assert temp_2L <= 2.1 * temp_L, (temp_L, temp_2L)
   base_2L = _train_step_temp_bytes(cfg.replace(L=8, router="none"))
   assert temp_2L <= 1.5 * base_2L, (temp_2L, base_2L)
+
+
+def _kv_sized_residuals(cfg, router: str) -> int:
+  """How many [B, T, R, 2, Hd]-sized arrays one layer's VJP keeps for its backward (bf16,
+  `remat: dots`, as the accelerator setups train): the pull's layer against the baseline's."""
+  cfg = cfg.replace(router=router, compute_dtype="bfloat16", remat_policy="dots")
+  params_l = jax.tree.map(lambda a: a[1], stack.stacked_layer_params(
+      M.init_params(cfg, jax.random.key(0)), cfg))
+  B = 2
+  x_BxTxD = jnp.ones((B, cfg.T, cfg.D), jnp.float32)
+  positions_BxT = jnp.broadcast_to(jnp.arange(cfg.T), (B, cfg.T))
+  layer_fn = functools.partial(stack._apply_block, cfg)
+  if router == "none":
+    run = lambda p, x: layer_fn(p, x, None, 1, positions_BxT)[0]  # noqa: E731
+    args = (params_l, x_BxTxD)
+  else:
+    partial_BxTxRx2xHd = jnp.ones((B, cfg.T, cfg.R, 2, cfg.Hd), jnp.float32)
+    run = lambda p, x, part: kv_routing._pulled_layer(  # noqa: E731
+        layer_fn, p, x, part, 1, positions_BxT)
+    args = (params_l, x_BxTxD, partial_BxTxRx2xHd)
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):  # JAX's public view: one "dtype[shape] from ..." each
+    print_saved_residuals(run, *args)
+  shapes = [tuple(int(n) for n in dims.split(",") if n)
+            for dims in re.findall(r"^\w+\[([\d,]*)\]", printed.getvalue(), re.MULTILINE)]
+  assert shapes, printed.getvalue()
+  kv_size = B * cfg.T * cfg.R * 2 * cfg.Hd
+  return sum(1 for shape in shapes if np.prod(shape) == kv_size and len(shape) >= 4)
+
+
+def test_pull_layer_keeps_no_more_kv_copies_than_the_baseline_layer():
+  """The routed kv attention reads is the pull layer's one kv-sized residual, as the baseline's
+  own kv is: its raw kv (for its own term's router gradient) is read back from the buffer."""
+  cfg = CFG.replace(D=48, H=3, R=3, Hd=16, T=16)  # sizes where no other array has kv's size
+  assert _kv_sized_residuals(cfg, "none") == 1
+  assert _kv_sized_residuals(cfg, "kv-static") == 1
+
+
+def test_pull_does_not_concatenate_the_segments_parameters():
+  """Each layer's parameters are read from its own segment: no copy of all layers' (a 3.4 GiB
+  temporary per device in the 1.2B setup on TPU v5p)."""
+  cfg = CFG.replace(routing_impl="pull", scan_segments=3)
+  params = M.init_params(cfg, jax.random.key(0))
+  tokens_BxT = jax.random.randint(jax.random.key(1), (2, cfg.T + 1), 0, cfg.V)
+  jaxpr = jax.make_jaxpr(jax.grad(_loss), static_argnums=1)(params, cfg, tokens_BxT)
+  gate_up_shape = stack.stacked_layer_params(params, cfg)["mlp"]["gate_up"].shape  # [L, ...]
+  shapes = [eqn.outvars[0].aval.shape for eqn in _all_eqns(jaxpr.jaxpr)
+            if eqn.primitive.name == "concatenate"]
+  assert shapes, "expected the router concatenation at least"
+  assert gate_up_shape not in shapes, shapes
+
+
+def _all_eqns(jaxpr):
+  """Every equation of `jaxpr` and of the jaxprs nested in its equations (scan, custom_vjp...)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (tuple, list)) else (param,)):
+        inner = getattr(sub, "jaxpr", None)
+        if inner is not None and hasattr(inner, "eqns"):
+          yield from _all_eqns(inner)
+        elif hasattr(sub, "eqns"):
+          yield from _all_eqns(sub)
+
+
+def test_read_groups_cover_exactly_the_live_sources_and_readers():
+  """Every live (reader, source) pair of a window is read by the reader's group forward and by
+  the source's group backward; the window's groups read fewer slots than dense ones."""
+  L, k = 12, 3
+  segments = [(0, 4), (4, 8), (8, 12)]
+  groups = kv_pull.read_groups(segments, L, k)
+  live_LxL = kv_routing.live_mask(L, k, None).T  # [reader, source]
+  for g in groups:
+    read = np.zeros(L, bool)
+    for lo, hi in g.sources:
+      read[lo:hi] = True
+    for l in range(g.start, g.stop):
+      assert read[:l + 1][live_LxL[l, :l + 1]].all(), (g, l)
+      assert np.all(np.arange(L)[live_LxL[:, l]] >= g.readers[0]), (g, l)
+      assert np.all(np.arange(L)[live_LxL[:, l]] < g.readers[1]), (g, l)
+  assert [g.segment for g in groups] == [0, 0, 1, 2]  # layer 0 alone: every reader reads it
+  dense = kv_pull.read_groups(segments, L)
+  count = lambda gs: sum((g.stop - g.start) * sum(hi - lo for lo, hi in g.sources) for g in gs)
+  assert count(groups) < count(dense)

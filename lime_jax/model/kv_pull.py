@@ -2,133 +2,220 @@
 read-modify-written (spec section 10).
 
 The push form (push.py) keeps a float32 accumulator slot per reader and read-modify-writes every
-remaining reader's slot at every layer, then reads it all twice more in the backward. Here the
-stack carries a buffer of the raw kv of every layer in the compute dtype (bf16 in training), and
+remaining reader's slot at every layer, then reads it all twice more in the backward. Here one
+scan over all layers carries a buffer of every layer's raw kv in the compute dtype (bf16 in
+training), and
 
 - forward, layer l: reads the buffer's slots j < l once, mixes them with its router row
   (float32 accumulation inside the contraction) into the partial routed kv, runs the layer on it
   (the layer adds its own kv's self term) and writes its raw kv into slot l;
 - backward, layer l (in reverse): reads the cotangents of the partial routed kv of the later
-  readers i > l, kept in a second buffer, to get its raw kv's cotangent; writes its own partial
-  cotangent into slot l; and reads the forward's final buffer for its router row's gradient.
+  readers i > l to get its raw kv's cotangent, and the raw kv of slots j <= l for its router
+  row's gradient (its own term's included), then overwrites slot l with its own cotangent.
 
-Nothing is read-modify-written across slots, and nothing is recomputed: each layer's backward
-uses the residuals its forward saved (a `jax.vjp` per layer, stacked by the scan), as autodiff
-would. Memory: those residuals, one raw-kv buffer and one cotangent buffer, linear in depth.
-Scans are split into segments like the push's; a segment's layers read only slots < its end.
+One buffer serves both passes: in the backward, slots j <= l still hold raw kv (needed by the
+readers still to go) and slots i > l the cotangents (their raw kv is no longer needed). Each
+layer's backward uses the residuals its forward saved (a `jax.vjp` per layer, stacked by the
+scan), as autodiff would, minus its own kv: the layer's self term takes no router gradient
+(kv_routing.py), which comes from the buffer instead. Per-layer memory is then the baseline's
+(the routed kv that attention reads replaces its kv); the stack adds one buffer: linear in depth.
+
+Reads are bounded by read groups (`read_groups`, one per parameter segment; a window narrows
+them): a layer of a dense segment [start, stop) reads slots < stop forward and i >= start
+backward, through a `lax.switch` on its group, so the masked slots are not read; the same switch
+picks the layer's parameters from its segment's stacked tree, so the segments are never
+concatenated into one copy of all layer parameters (1.2B setup: 3.4 GiB per device). One scan, not one per segment: the TPU compiler kept several layers' attention
+temporaries live across per-segment loops (1.2B setup: +6.6 GiB per device with 4 loops).
 Same parameters, same math as the push (tested equal); init, decoding and analysis use the push.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # layer_fn(params_l, x_BxTxD, partial_BxTxRx2xHd, layer_idx, positions_BxT) -> (x_next, kv_raw):
-# one layer given the routed kv of its sources j < l; it adds its own kv's term itself.
+# one layer given the routed kv of its sources j < l; it adds its own kv's term itself, with no
+# gradient to that term's weight (the pull's backward supplies it).
 LayerFn = Callable[[Any, jax.Array, jax.Array, Any, jax.Array], tuple[jax.Array, jax.Array]]
-# reader_weights(params_L) -> W [L_reader, R, L_src, R], entries j >= i zero (strictly earlier).
+# reader_weights(params_S) -> W [L_reader, R, L_src, R] from the per-segment parameters, entries
+# j > i zero (sources up to the reader itself: the diagonal is each layer's own term, which the
+# gradient needs).
 WeightsFn = Callable[[Any], jax.Array]
 
 
-def _segment(tree: Any, start: int, stop: int) -> Any:
-  return jax.tree.map(lambda a: a[start:stop], tree)
+class ReadGroup(NamedTuple):
+  """Layers [start, stop) of parameter segment `segment`, and the buffer slots they touch:
+  `sources` (slices [lo, hi)) hold every source j <= l of its layers, `readers` every later
+  reader i > l of their kv (the cotangents the backward pulls)."""
+
+  start: int
+  stop: int
+  segment: int
+  sources: tuple[tuple[int, int], ...]
+  readers: tuple[int, int]
 
 
-def _mix(W_RxNxR: jax.Array, buf_NxBxTxRx2xHd: jax.Array) -> jax.Array:
-  """sum_{j, s} W[r, j, s] kv_j[s] in float32, from a compute-dtype buffer."""
-  return jnp.einsum("rjs,jbtscd->btrcd", W_RxNxR, buf_NxBxTxRx2xHd,
-                    preferred_element_type=jnp.float32)
+def read_groups(segments: Sequence[tuple[int, int]], L: int,
+                window: int | None = None) -> tuple[ReadGroup, ...]:
+  """The scan's read plan: one group per parameter segment. Dense routing reads slots < stop
+  forward and i >= start backward. A window of k (reader i reads sources i-k+1..i and layer 0)
+  narrows both to the window, with layer 0, which every reader reads, in a group of its own."""
+  groups = []
+  for b, (start, stop) in enumerate(segments):
+    if window is None:
+      groups.append(ReadGroup(start, stop, b, ((0, stop),), (start, L)))
+      continue
+    if start == 0:
+      groups.append(ReadGroup(0, 1, b, ((0, 1),), (0, L)))
+      start = 1
+      if stop == 1:
+        continue
+    lo = max(1, start - window + 1)
+    sources = ((0, stop),) if lo <= 1 else ((0, 1), (lo, stop))
+    groups.append(ReadGroup(start, stop, b, sources, (start, min(L, stop + window - 1))))
+  return tuple(groups)
+
+
+def _switch_on_group(groups, layer_idx, branch: Callable[[ReadGroup], Callable], *operands):
+  """`branch(group)(*operands)` for the group that holds `layer_idx` (traced): each branch
+  slices the buffer statically, so the slots a group never needs are not read."""
+  group_of_layer = np.concatenate([np.full(g.stop - g.start, i) for i, g in enumerate(groups)])
+  index = jnp.asarray(group_of_layer, jnp.int32)[layer_idx]
+  return jax.lax.switch(index, [branch(g) for g in groups], *operands)
+
+
+def _layer_params(groups, layer_idx, params_S: tuple[Any, ...]) -> Any:
+  """Layer `layer_idx`'s parameters, from the stacked tree of the segment that holds it."""
+  def branch(group: ReadGroup):
+    first = min(g.start for g in groups if g.segment == group.segment)  # segment's layer 0
+    return lambda params_S: jax.tree.map(
+        lambda a: jax.lax.dynamic_index_in_dim(a, layer_idx - first, 0, keepdims=False),
+        params_S[group.segment])
+  return _switch_on_group(groups, layer_idx, branch, params_S)
+
+
+def _mix_sources(group: ReadGroup):
+  """Forward read: sum_{j, s} W[r, j, s] kv_j[s] over the group's source slots, in float32
+  (the strict row is zero from j = l on)."""
+  def mix(W_RxLxR, buf_LxBxTxRx2xHd):
+    return sum(jnp.einsum("rjs,jbtscd->btrcd", W_RxLxR[:, lo:hi], buf_LxBxTxRx2xHd[lo:hi],
+                          preferred_element_type=jnp.float32) for lo, hi in group.sources)
+  return mix
+
+
+def _cotangent_from_readers(group: ReadGroup):
+  """Backward: the raw kv's cotangent sum_{i, r} W[i, r, l, s] dpartial_i[r] over the group's
+  readers (the strict column is zero for i <= l, whose slots still hold raw kv)."""
+  lo, hi = group.readers
+  def pull(W_LxRxR, buf_LxBxTxRx2xHd):
+    return jnp.einsum("irs,ibtrcd->btscd", W_LxRxR[lo:hi], buf_LxBxTxRx2xHd[lo:hi],
+                      preferred_element_type=jnp.float32)
+  return pull
+
+
+def _router_row_gradient(group: ReadGroup):
+  """Backward: reader l's row dW[r, j, s] = <dpartial_l[r], kv_j[s]> over the group's sources,
+  zero elsewhere; entries j > l (slots that hold cotangents by now) are masked by the caller."""
+  def grad(dpartial_BxTxRx2xHd, buf_LxBxTxRx2xHd):
+    L, R = buf_LxBxTxRx2xHd.shape[0], dpartial_BxTxRx2xHd.shape[2]
+    dW_RxLxR = jnp.zeros((R, L, R), jnp.float32)
+    for lo, hi in group.sources:
+      dW_RxLxR = dW_RxLxR.at[:, lo:hi].set(jnp.einsum(
+          "btrcd,jbtscd->rjs", dpartial_BxTxRx2xHd, buf_LxBxTxRx2xHd[lo:hi],
+          preferred_element_type=jnp.float32))
+    return dW_RxLxR
+  return grad
+
+
+def _strict(W_LxRxLxR: jax.Array) -> jax.Array:
+  """Entries j >= i zeroed: what the forward mixes (each layer adds its own term itself)."""
+  L = W_LxRxLxR.shape[0]
+  earlier_LxL = jnp.arange(L)[None, :] < jnp.arange(L)[:, None]  # [reader, source]
+  return W_LxRxLxR * earlier_LxL[:, None, :, None]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def pull_stack(layer_fn: LayerFn, weights_fn: WeightsFn, bounds: tuple[tuple[int, int], ...],
-               kv_shape: tuple[int, ...], unroll: int, params_L: Any, x_BxTxD: jax.Array,
+def pull_stack(layer_fn: LayerFn, weights_fn: WeightsFn, groups: tuple[ReadGroup, ...],
+               kv_shape: tuple[int, ...], unroll: int, params_S: tuple[Any, ...], x_BxTxD: jax.Array,
                positions_BxT: jax.Array) -> jax.Array:
-  """The layers of `params_L` (leading layer axis) over segments `bounds`; the last output.
-  kv_shape: (L, B, T, R, 2, Hd) and the compute dtype's name last; unroll: layers per scan
-  iteration."""
-  x_BxTxD, _, _, _ = _forward(layer_fn, weights_fn, bounds, kv_shape, unroll, params_L,
+  """The layers, segment b's parameters `params_S[b]` (leading layer axis), reads bounded by
+  `groups` (read_groups); the last output. kv_shape: (L, B, T, R, 2, Hd) and the
+  compute dtype's name last; unroll: layers per scan iteration."""
+  x_BxTxD, _, _, _ = _forward(layer_fn, weights_fn, groups, kv_shape, unroll, params_S,
                               x_BxTxD, positions_BxT, save=False)
   return x_BxTxD
 
 
-def _forward(layer_fn, weights_fn, bounds, kv_shape, unroll, params_L, x_BxTxD, positions_BxT,
+def _forward(layer_fn, weights_fn, groups, kv_shape, unroll, params_S, x_BxTxD, positions_BxT,
              save):
   *shape, dtype = kv_shape
-  W_LxRxLxR = weights_fn(params_L)
-  buf_LxBxTxRx2xHd = jnp.zeros(shape, dtype)
-  vjps = []
-  for start, stop in bounds:
-    def body(carry, layer):
-      x_BxTxD, buf_NxBxTxRx2xHd = carry
-      params_l, W_RxNxR, l = layer
-      partial_BxTxRx2xHd = _mix(W_RxNxR, buf_NxBxTxRx2xHd)
-      run = lambda p, x, part: layer_fn(p, x, part, l, positions_BxT)  # noqa: E731
-      if save:
-        (x_next, kv_BxTxRx2xHd), vjp = jax.vjp(run, params_l, x_BxTxD, partial_BxTxRx2xHd)
-      else:
-        (x_next, kv_BxTxRx2xHd), vjp = run(params_l, x_BxTxD, partial_BxTxRx2xHd), None
-      buf_NxBxTxRx2xHd = jax.lax.dynamic_update_index_in_dim(
-          buf_NxBxTxRx2xHd, kv_BxTxRx2xHd.astype(dtype), l, 0)
-      return (x_next, buf_NxBxTxRx2xHd), vjp
-    # Layers of this segment read slots < stop only: the rest are still empty.
-    (x_BxTxD, buf_NxBxTxRx2xHd), vjps_S = jax.lax.scan(
-        body, (x_BxTxD, buf_LxBxTxRx2xHd[:stop]),
-        (_segment(params_L, start, stop), W_LxRxLxR[start:stop, :, :stop], jnp.arange(start, stop)),
-        unroll=min(unroll, stop - start))
-    buf_LxBxTxRx2xHd = jnp.concatenate([buf_NxBxTxRx2xHd, buf_LxBxTxRx2xHd[stop:]])
-    vjps.append(vjps_S)
+  L = shape[0]
+  W_LxRxLxR = weights_fn(params_S)
+
+  def body(carry, layer):
+    x_BxTxD, buf_LxBxTxRx2xHd = carry
+    W_RxLxR, l = layer
+    params_l = _layer_params(groups, l, params_S)
+    partial_BxTxRx2xHd = _switch_on_group(groups, l, _mix_sources, W_RxLxR, buf_LxBxTxRx2xHd)
+    run = lambda p, x, part: layer_fn(p, x, part, l, positions_BxT)  # noqa: E731
+    if save:
+      (x_next, kv_BxTxRx2xHd), vjp = jax.vjp(run, params_l, x_BxTxD, partial_BxTxRx2xHd)
+    else:
+      (x_next, kv_BxTxRx2xHd), vjp = run(params_l, x_BxTxD, partial_BxTxRx2xHd), None
+    buf_LxBxTxRx2xHd = jax.lax.dynamic_update_index_in_dim(
+        buf_LxBxTxRx2xHd, kv_BxTxRx2xHd.astype(dtype), l, 0)
+    return (x_next, buf_LxBxTxRx2xHd), vjp
+
+  (x_BxTxD, buf_LxBxTxRx2xHd), vjps = jax.lax.scan(
+      body, (x_BxTxD, jnp.zeros(shape, dtype)), (_strict(W_LxRxLxR), jnp.arange(L)),
+      unroll=min(unroll, L))
   return x_BxTxD, buf_LxBxTxRx2xHd, W_LxRxLxR, vjps
 
 
-def _pull_stack_fwd(layer_fn, weights_fn, bounds, kv_shape, unroll, params_L, x_BxTxD,
+def _pull_stack_fwd(layer_fn, weights_fn, groups, kv_shape, unroll, params_S, x_BxTxD,
                     positions_BxT):
   x_out, buf_LxBxTxRx2xHd, W_LxRxLxR, vjps = _forward(
-      layer_fn, weights_fn, bounds, kv_shape, unroll, params_L, x_BxTxD, positions_BxT, save=True)
-  return x_out, (params_L, buf_LxBxTxRx2xHd, W_LxRxLxR, tuple(vjps))
+      layer_fn, weights_fn, groups, kv_shape, unroll, params_S, x_BxTxD, positions_BxT, save=True)
+  return x_out, (params_S, buf_LxBxTxRx2xHd, W_LxRxLxR, vjps)
 
 
-def _pull_stack_bwd(layer_fn, weights_fn, bounds, kv_shape, unroll, residuals, dx_BxTxD):
-  del layer_fn
-  params_L, buf_LxBxTxRx2xHd, W_LxRxLxR, vjps = residuals
+def _pull_stack_bwd(layer_fn, weights_fn, groups, kv_shape, unroll, residuals, dx_BxTxD):
+  del layer_fn, kv_shape
+  params_S, buf_LxBxTxRx2xHd, W_LxRxLxR, vjps = residuals
   L = buf_LxBxTxRx2xHd.shape[0]
-  # Cotangents of every reader's partial routed kv (slot i holds reader i's, once it ran).
-  dpartial_LxBxTxRx2xHd = jnp.zeros_like(buf_LxBxTxRx2xHd)
-  dparams, dW_rows = [], []
-  for (start, stop), vjps_S in reversed(list(zip(bounds, vjps))):
-    def body(carry, layer):
-      dx_BxTxD, dpartial_IxBxTxRx2xHd = carry
-      vjp, W_IxRxR, l = layer
-      # Raw kv l fed every later reader i > l (their W[i, :, l, :]; zero for i <= l).
-      dkv_BxTxRx2xHd = jnp.einsum("irs,ibtrcd->btscd", W_IxRxR, dpartial_IxBxTxRx2xHd,
-                                  preferred_element_type=jnp.float32)
-      dparams_l, dx_BxTxD, dpartial_BxTxRx2xHd = vjp(
-          (dx_BxTxD, dkv_BxTxRx2xHd.astype(dpartial_IxBxTxRx2xHd.dtype)))
-      dpartial_IxBxTxRx2xHd = jax.lax.dynamic_update_index_in_dim(
-          dpartial_IxBxTxRx2xHd, dpartial_BxTxRx2xHd.astype(dpartial_IxBxTxRx2xHd.dtype),
-          l - start, 0)
-      # Reader l's router row: its partial's cotangent against the sources it read.
-      dW_RxNxR = jnp.einsum("btrcd,jbtscd->rjs", dpartial_BxTxRx2xHd.astype(jnp.float32),
-                            buf_LxBxTxRx2xHd[:stop], preferred_element_type=jnp.float32)
-      return (dx_BxTxD, dpartial_IxBxTxRx2xHd), (dparams_l, dW_RxNxR)
-    # Readers >= start may have read this segment's layers; earlier ones have not run yet.
-    columns_LxIxRxR = jnp.moveaxis(W_LxRxLxR[start:, :, start:stop], 2, 0)  # [source, reader]
-    (dx_BxTxD, dpartial_IxBxTxRx2xHd), (dparams_S, dW_SxRxNxR) = jax.lax.scan(
-        body, (dx_BxTxD, dpartial_LxBxTxRx2xHd[start:]),
-        (vjps_S, columns_LxIxRxR, jnp.arange(start, stop)), reverse=True,
-        unroll=min(unroll, stop - start))
-    dpartial_LxBxTxRx2xHd = jnp.concatenate([dpartial_LxBxTxRx2xHd[:start],
-                                             dpartial_IxBxTxRx2xHd])
-    dparams.insert(0, dparams_S)
-    dW_rows.insert(0, jnp.pad(dW_SxRxNxR, ((0, 0), (0, 0), (0, L - stop), (0, 0))))
-  dparams_L = jax.tree.map(lambda *parts: jnp.concatenate(parts), *dparams)
-  _, weights_vjp = jax.vjp(weights_fn, params_L)
-  (dparams_from_W,) = weights_vjp(jnp.concatenate(dW_rows))
-  return jax.tree.map(jnp.add, dparams_L, dparams_from_W), dx_BxTxD, None
+  dtype = buf_LxBxTxRx2xHd.dtype
+  source_L = jnp.arange(L)
+
+  def body(carry, layer):
+    # buf: slots j <= l raw kv, slots i > l the cotangents of readers i's partial routed kv.
+    dx_BxTxD, buf_LxBxTxRx2xHd = carry
+    vjp, column_LxRxR, l = layer
+    dkv_BxTxRx2xHd = _switch_on_group(groups, l, _cotangent_from_readers, column_LxRxR,
+                                        buf_LxBxTxRx2xHd)
+    dparams_l, dx_BxTxD, dpartial_BxTxRx2xHd = vjp((dx_BxTxD, dkv_BxTxRx2xHd.astype(dtype)))
+    dW_RxLxR = _switch_on_group(groups, l, _router_row_gradient,
+                                  dpartial_BxTxRx2xHd.astype(jnp.float32), buf_LxBxTxRx2xHd)
+    dW_RxLxR = jnp.where((source_L <= l)[None, :, None], dW_RxLxR, 0.0)
+    buf_LxBxTxRx2xHd = jax.lax.dynamic_update_index_in_dim(
+        buf_LxBxTxRx2xHd, dpartial_BxTxRx2xHd.astype(dtype), l, 0)
+    return (dx_BxTxD, buf_LxBxTxRx2xHd), (dparams_l, dW_RxLxR)
+
+  columns_LxLxRxR = jnp.moveaxis(_strict(W_LxRxLxR), 2, 0)  # [source, reader, R, R]
+  (dx_BxTxD, _), (dparams_L, dW_LxRxLxR) = jax.lax.scan(
+      body, (dx_BxTxD, buf_LxBxTxRx2xHd), (vjps, columns_LxLxRxR, source_L), reverse=True,
+      unroll=min(unroll, L))
+  segments = sorted({g.segment for g in groups})
+  dparams_S = tuple(jax.tree.map(lambda a: a[min(g.start for g in groups if g.segment == b):
+                                             max(g.stop for g in groups if g.segment == b)],
+                                 dparams_L) for b in segments)
+  _, weights_vjp = jax.vjp(weights_fn, params_S)
+  (dparams_from_W,) = weights_vjp(dW_LxRxLxR)
+  return jax.tree.map(jnp.add, dparams_S, dparams_from_W), dx_BxTxD, None
 
 
 pull_stack.defvjp(_pull_stack_fwd, _pull_stack_bwd)

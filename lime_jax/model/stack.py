@@ -67,9 +67,8 @@ class LayerStack(nn.Module):
     if mixer.pulls and not (self.naive or cache is not None or self.is_initializing()
                             or self.is_mutable_collection("intermediates")):
       params = nn.unbox(self.variables["params"])
-      params_L = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[
-          params[f"segment_{b}"]["block"] for b in range(len(mixer.segments()))])
-      stream, carry = mixer.pull(functools.partial(_apply_block, cfg), params_L, stream, carry,
+      params_S = tuple(params[f"segment_{b}"]["block"] for b in range(len(mixer.segments())))
+      stream, carry = mixer.pull(functools.partial(_apply_block, cfg), params_S, stream, carry,
                                  positions_BxT)
       return mixer.finish(self, stream, carry), None
     for b, (start, stop) in enumerate(mixer.segments()):

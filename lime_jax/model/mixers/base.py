@@ -68,12 +68,13 @@ class Mixer:
     del start, stop
     return carry
 
-  def pull(self, layer_fn, params_L: Any, stream: Any, carry: Any,
+  def pull(self, layer_fn, params_S: tuple[Any, ...], stream: Any, carry: Any,
            positions_BxT: jax.Array) -> tuple[Any, Any]:
     """Training's forward for `pulls` methods: the generic pull form (pull.py), which re-runs
     each layer in the backward. layer_fn(params_l, stream, carry, l, positions) -> (stream, carry)
-    is one layer; params_L the scanned parameters stacked over layers. Returns the final
-    (stream, carry)."""
+    is one layer; params_S the scanned parameters of each of `segments()`, stacked over its
+    layers. Returns the final (stream, carry)."""
+    params_L = jax.tree.map(lambda *parts: jnp.concatenate(parts), *params_S)
     bounds = tuple((start, stop, self.pull_slots(stop)) for start, stop in self.pull_segments())
     return pull_lib.pull_stack(layer_fn, bounds, self.cfg.scan_unroll, params_L, stream, carry,
                                positions_BxT)

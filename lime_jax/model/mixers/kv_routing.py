@@ -167,14 +167,6 @@ def _pulled_layer(layer_fn, params_l, x_BxTxD, partial_BxTxRx2xHd, layer_idx, po
   return layer_fn(params_l, x_BxTxD, Pulled(partial_BxTxRx2xHd), layer_idx, positions_BxT)
 
 
-def strict_reader_weights(cfg, params_L: dict[str, Any]) -> jax.Array:
-  """W [L_reader, R, L_src, R] of the stacked layer parameters, entries with j >= i zero: what
-  the pull form mixes from the buffer (each layer adds its own kv's term itself)."""
-  W_LxRxLxR = router_weights_of(params_L, cfg)
-  earlier_LxL = jnp.arange(cfg.L)[None, :] < jnp.arange(cfg.L)[:, None]  # [reader, source]
-  return W_LxRxLxR * earlier_LxL[:, None, :, None]
-
-
 class KvRouting(Mixer):
   """`router: kv-static`. Carry: the float32 accumulator acc [I, R, B, T, 2, Hd], one slot per
   reader layer I still to run (a segment's readers and later ones); a `Ring` for a window; under
@@ -186,16 +178,22 @@ class KvRouting(Mixer):
   def pulls(self) -> bool:
     return self.cfg.routing_impl == "pull"
 
-  def pull(self, layer_fn, params_L, x_BxTxD: jax.Array, carry, positions_BxT: jax.Array):
+  def pull(self, layer_fn, params_S, x_BxTxD: jax.Array, carry, positions_BxT: jax.Array):
     del carry  # the pull form keeps its own buffers
     cfg = self.cfg
     B, T, _ = x_BxTxD.shape
     kv_shape = (cfg.L, B, T, cfg.R, 2, cfg.Hd, cfg.compute_dtype)
     x_BxTxD = kv_pull.pull_stack(functools.partial(_pulled_layer, layer_fn),
-                                 functools.partial(strict_reader_weights, cfg),
-                                 tuple(self.segments()), kv_shape, cfg.scan_unroll, params_L,
+                                 functools.partial(_router_weights, cfg),
+                                 self.read_groups(), kv_shape, cfg.scan_unroll, params_S,
                                  x_BxTxD, positions_BxT)
     return x_BxTxD, None
+
+  def read_groups(self) -> tuple[kv_pull.ReadGroup, ...]:
+    """The pull form's read plan: windowed reads for a window alone (a dilation reads dense)."""
+    cfg = self.cfg
+    window = cfg.router_window if cfg.router_dilation is None else None
+    return kv_pull.read_groups(self.segments(), cfg.L, window)
 
   @property
   def ring(self) -> bool:
@@ -245,6 +243,9 @@ class KvRouting(Mixer):
       own_RxR = jax.lax.dynamic_index_in_dim(effective_push_weights(
           push_LxRxR, layer_idx, cfg.router_window, cfg.router_dilation), layer_idx, 0,
           keepdims=False)
+      # Its gradient comes from the pull's backward, which reads this kv from its buffer:
+      # taken here, it would keep one more copy of the kv per layer (kv_pull.py).
+      own_RxR = jax.lax.stop_gradient(own_RxR)
       routed_BxTxRx2xHd = carry.partial_BxTxRx2xHd + jnp.einsum(
           "rs,btscd->btrcd", own_RxR, kv_BxTxRx2xHd.astype(jnp.float32))
       return routed_BxTxRx2xHd.astype(h_BxTxD.dtype), kv_BxTxRx2xHd
@@ -296,17 +297,27 @@ class KvRouting(Mixer):
     start..L-1), masked ones included: sparse routing saves parameters there, not FLOPs.
     Unrolled, a layer touches only its live slots. The windowed ring: k slots per layer, plus
     the mix of layer 0's kv that every layer computes (used from layer k on). The pull form
-    (training with routing_impl: pull): the forward's reads of the buffer's slots below each
-    segment's end (its backward reads as many again, plus the later readers' cotangents)."""
+    (training with routing_impl: pull): the forward's reads of the buffer, its read group's
+    sources (kv_pull.read_groups: slots below its segment's end, or its window
+    and layer 0; the backward reads as many again, plus the later readers' cotangents)."""
     cfg = self.cfg
     per_slot = 2 * cfg.Hd * cfg.R * cfg.R
-    if self.pulls and cfg.scan_layers:  # training's forward: each layer reads slots < its end
-      return per_slot * sum((stop - start) * stop for start, stop in self.segments())
+    if self.pulls and cfg.scan_layers:  # training's forward: each layer reads its group's slots
+      return per_slot * sum((g.stop - g.start) * sum(hi - lo for lo, hi in g.sources)
+                            for g in self.read_groups())
     if self.ring:
       return per_slot * cfg.L * (cfg.router_window + 1)
     if not cfg.scan_layers:
       return per_slot * int(live_mask(cfg.L, cfg.router_window, cfg.router_dilation).sum())
     return per_slot * sum((stop - start) * (cfg.L - start) for start, stop in self.segments())
+
+
+def _router_weights(cfg, params_S: tuple[dict[str, Any], ...]) -> jax.Array:
+  """All routers from the per-segment layer parameters (only the small router leaves are
+  concatenated)."""
+  routers = {name: jnp.concatenate([params[name] for params in params_S])
+             for name in ("router", "top_p_mask") if name in params_S[0]}
+  return router_weights_of(routers, cfg)
 
 
 def router_weights_of(stacked: dict[str, Any], cfg) -> jax.Array:
