@@ -261,3 +261,27 @@ def test_the_real_fit_check_skips_a_point_that_cannot_fit(tmp_path):
   assert rows[0]["status"].startswith("skipped: does not fit"), rows[0]["status"]
   assert "GiB per device" in rows[0]["status"]
   assert not os.path.exists(os.path.join(cfg.out_dir, "none_L2_D32_s3"))
+
+
+def test_by_depth_tables():
+  """The compact method x depth tables (RESULTS.md's): means, and paired differences in bold
+  where the interval excludes 0, with the seeds the method wins on; budget grids name widths."""
+  def row(router, L, D, seed, loss, acc=None):
+    return {"point": f"{router}{L}{seed}", "variant": "mqar", "router": router, "L": L, "D": D,
+            "seed": seed, "params": 1000, "final_val_loss": loss, "best_val_loss": loss,
+            "final_val_accuracy": acc, "chance": 0.01, "tokens_per_s": 10.0,
+            "train_flops": 1e9, "status": "trained"}
+
+  rows = [row("none", L, 64, s, 2.0 + 0.1 * s, 0.1) for L in (4, 8) for s in range(3)]
+  rows += [row("kv-static", 4, 64, s, 1.8 + 0.1 * s, 0.2) for s in range(3)]  # -0.2 each seed
+  rows += [row("kv-static", 8, 64, s, l, 0.1) for s, l in [(0, 1.9), (1, 2.3), (2, 2.2)]]
+  table = sweep.markdown(rows)
+  assert "| method | L 4 | L 8 |" in table
+  assert "| none | 2.100 ± 0.248 | 2.100 ± 0.248 |" in table
+  # At 8 layers the differences are -0.1, 0.2, 0.0: mean 0.033, sd 0.153, one seed lower.
+  assert "| kv-static | **-0.200 ± 0.000** (3/3) | 0.033 ± 0.379 (1/3) |" in table
+  assert "| kv-static | **0.100 ± 0.000** (3/3) | 0.000 ± 0.000 (0/3) |" in table  # accuracy
+  budget = [dict(r, D=96 if r["L"] == 4 else 64) for r in rows]
+  assert "| method | L 4 (D 96) | L 8 (D 64) |" in sweep.markdown(budget)
+  widths = rows + [row("none", 4, 32, s, 2.0) for s in range(3)]  # two widths at one depth
+  assert "## By depth" not in sweep.markdown(widths)

@@ -510,6 +510,11 @@ def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
             "| variant | method | L | D | pairs | final val loss diff | accuracy diff |"
             " seeds method lower | 95% interval says |",
             "|---|---|---:|---:|---:|---:|---:|---:|---|", *diff_lines]
+  by_depth = _by_depth_lines(rows, groups)
+  if by_depth:
+    out += ["", "## By depth: each method's mean and its difference to the baseline (bold: the"
+            " paired 95% interval excludes 0; (k/n): seeds on which the method is lower, or its"
+            " accuracy higher)", "", *by_depth]
   twice = _twice_depth_lines(groups)
   if twice:
     out += ["", "## Method at L - baseline at 2L, paired by seed (the paper's depth claim in"
@@ -522,6 +527,57 @@ def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     out += ["", "## Not run", "", "| point | status |", "|---|---|",
             *(f"| {r['point']} | {r['status']} |" for r in other)]
   return "\n".join(out) + "\n"
+
+
+def _by_depth_lines(rows, groups: Mapping[tuple, list[dict]]) -> list[str]:
+  """Per variant, method x depth tables (rows in the grid's order, the baseline first): final
+  validation loss, its paired difference to the baseline, and the same for accuracy where the
+  variant has one. A variant with several widths at one depth (a width sweep) has none."""
+  order = list(dict.fromkeys(["none"] + [r["router"] for r in rows]))
+  lines: list[str] = []
+  for variant in sorted({k[0] for k in groups}, key=str):
+    keys = [k for k in groups if k[0] == variant]
+    width_of = {}
+    for _, L, D, _ in keys:
+      width_of.setdefault(L, set()).add(D)
+    if any(len(widths) > 1 for widths in width_of.values()) or len(width_of) < 2:
+      continue
+    depths = sorted(width_of)
+    width_of = {L: next(iter(width_of[L])) for L in depths}
+    same_width = len(set(width_of.values())) == 1
+    header = ["L {}".format(L) if same_width else f"L {L} (D {width_of[L]})" for L in depths]
+    routers = [r for r in order if any(k[3] == r for k in keys)]
+    has_acc = any(r["final_val_accuracy"] is not None for k in keys for r in groups[k])
+    for metric, label, digits in [("final_val_loss", "final val loss", 3)] + (
+        [("final_val_accuracy", "accuracy", 3)] if has_acc else []):
+      means, diffs = [], []
+      for router in routers:
+        cells, diff_cells = [], []
+        for L in depths:
+          members = groups.get((variant, L, width_of[L], router), [])
+          values = [r[metric] for r in members if r[metric] is not None]
+          cells.append(_fmt(*mean_ci(values), digits=digits) if values else "-")
+          base = groups.get((variant, L, width_of[L], "none"), [])
+          by_seed = {r["seed"]: r[metric] for r in base if r[metric] is not None}
+          pairs = [(r[metric], by_seed[r["seed"]]) for r in members
+                   if r[metric] is not None and r["seed"] in by_seed]
+          if router == "none" or not pairs:
+            diff_cells.append("-")
+            continue
+          mean, ci = mean_ci([a - b for a, b in pairs])
+          better = sum((a < b) if metric == "final_val_loss" else (a > b) for a, b in pairs)
+          text = _fmt(mean, ci, digits=digits)
+          if ci is not None and abs(mean) > ci:
+            text = f"**{text}**"
+          diff_cells.append(f"{text} ({better}/{len(pairs)})")
+        means.append(f"| {router} | " + " | ".join(cells) + " |")
+        if router != "none":
+          diffs.append(f"| {router} | " + " | ".join(diff_cells) + " |")
+      rule = "|---|" + "---:|" * len(depths)
+      lines += [f"{variant or '-'}: {label}", "", "| method | " + " | ".join(header) + " |",
+                rule, *means, "", "| method - baseline | " + " | ".join(header) + " |", rule,
+                *diffs, ""]
+  return lines[:-1] if lines else lines
 
 
 def _paired_loss(method_rows, base_rows):
