@@ -49,7 +49,8 @@ def _push_and_pull(cfg):
 @pytest.mark.parametrize("changes", [
     {}, {"R": 4}, {"top_p": 0.8}, {"router_window": 2, "router_dilation": 3},
     {"router_window": 2}, {"router_window": 1}, {"router_window": 3, "scan_segments": 3},
-    {"scan_segments": 1}, {"scan_segments": 6}, {"remat_policy": "full"},
+    {"scan_segments": 1}, {"scan_segments": 6}, {"remat_policy": "full"}, {"scan_unroll": 6},
+    {"scan_unroll": 6, "router_window": 2}, {"scan_unroll": 4},
 ], ids=str)
 def test_pull_equals_push(changes):
   """Loss and every gradient (routers, kv projections, the rest) as the push form computes
@@ -164,3 +165,16 @@ def test_read_groups_cover_exactly_the_live_sources_and_readers():
   dense = kv_pull.read_groups(segments, L)
   count = lambda gs: sum((g.stop - g.start) * sum(hi - lo for lo, hi in g.sources) for g in gs)
   assert count(groups) < count(dense)
+
+
+def test_fully_unrolled_pull_picks_each_layers_reads_at_trace_time():
+  """`plan` counts cost on the program with every layer unrolled: there no `lax.switch` may be
+  left, since XLA keeps it and counts every branch's reads."""
+  cfg = CFG.replace(routing_impl="pull", scan_segments=3)
+  params = M.init_params(cfg, jax.random.key(0))
+  tokens_BxT = jax.random.randint(jax.random.key(1), (2, cfg.T + 1), 0, cfg.V)
+  def switches(cfg):
+    jaxpr = jax.make_jaxpr(jax.grad(_loss), static_argnums=1)(params, cfg, tokens_BxT)
+    return sum(eqn.primitive.name == "cond" for eqn in _all_eqns(jaxpr.jaxpr))
+  assert switches(cfg) > 0  # the scan's per-layer choice of reads
+  assert switches(cfg.replace(scan_unroll=cfg.L)) == 0

@@ -85,6 +85,8 @@ def _switch_on_group(groups, layer_idx, branch: Callable[[ReadGroup], Callable],
   """`branch(group)(*operands)` for the group that holds `layer_idx` (traced): each branch
   slices the buffer statically, so the slots a group never needs are not read."""
   group_of_layer = np.concatenate([np.full(g.stop - g.start, i) for i, g in enumerate(groups)])
+  if isinstance(layer_idx, int):  # fully unrolled: the branch is known
+    return branch(groups[group_of_layer[layer_idx]])(*operands)
   index = jnp.asarray(group_of_layer, jnp.int32)[layer_idx]
   return jax.lax.switch(index, [branch(g) for g in groups], *operands)
 
@@ -157,9 +159,8 @@ def _forward(layer_fn, weights_fn, groups, kv_shape, unroll, params_S, x_BxTxD, 
   L = shape[0]
   W_LxRxLxR = weights_fn(params_S)
 
-  def body(carry, layer):
+  def body(carry, W_RxLxR, l):
     x_BxTxD, buf_LxBxTxRx2xHd = carry
-    W_RxLxR, l = layer
     params_l = _layer_params(groups, l, params_S)
     partial_BxTxRx2xHd = _switch_on_group(groups, l, _mix_sources, W_RxLxR, buf_LxBxTxRx2xHd)
     run = lambda p, x, part: layer_fn(p, x, part, l, positions_BxT)  # noqa: E731
@@ -171,9 +172,17 @@ def _forward(layer_fn, weights_fn, groups, kv_shape, unroll, params_S, x_BxTxD, 
         buf_LxBxTxRx2xHd, kv_BxTxRx2xHd.astype(dtype), l, 0)
     return (x_next, buf_LxBxTxRx2xHd), vjp
 
-  (x_BxTxD, buf_LxBxTxRx2xHd), vjps = jax.lax.scan(
-      body, (x_BxTxD, jnp.zeros(shape, dtype)), (_strict(W_LxRxLxR), jnp.arange(L)),
-      unroll=min(unroll, L))
+  carry = (x_BxTxD, jnp.zeros(shape, dtype))
+  W_LxRxLxR_strict = _strict(W_LxRxLxR)
+  if unroll >= L:  # static layer indices (see pull_stack)
+    vjps = []
+    for l in range(L):
+      carry, vjp = body(carry, W_LxRxLxR_strict[l], l)
+      vjps.append(vjp)
+  else:
+    carry, vjps = jax.lax.scan(lambda carry, layer: body(carry, *layer), carry,
+                               (W_LxRxLxR_strict, jnp.arange(L)), unroll=unroll)
+  x_BxTxD, buf_LxBxTxRx2xHd = carry
   return x_BxTxD, buf_LxBxTxRx2xHd, W_LxRxLxR, vjps
 
 
@@ -191,10 +200,9 @@ def _pull_stack_bwd(layer_fn, weights_fn, groups, kv_shape, unroll, residuals, d
   dtype = buf_LxBxTxRx2xHd.dtype
   source_L = jnp.arange(L)
 
-  def body(carry, layer):
+  def body(carry, vjp, column_LxRxR, l):
     # buf: slots j <= l raw kv, slots i > l the cotangents of readers i's partial routed kv.
     dx_BxTxD, buf_LxBxTxRx2xHd = carry
-    vjp, column_LxRxR, l = layer
     dkv_BxTxRx2xHd = _switch_on_group(groups, l, _cotangent_from_readers, column_LxRxR,
                                         buf_LxBxTxRx2xHd)
     dparams_l, dx_BxTxD, dpartial_BxTxRx2xHd = vjp((dx_BxTxD, dkv_BxTxRx2xHd.astype(dtype)))
@@ -206,9 +214,17 @@ def _pull_stack_bwd(layer_fn, weights_fn, groups, kv_shape, unroll, residuals, d
     return (dx_BxTxD, buf_LxBxTxRx2xHd), (dparams_l, dW_RxLxR)
 
   columns_LxLxRxR = jnp.moveaxis(_strict(W_LxRxLxR), 2, 0)  # [source, reader, R, R]
-  (dx_BxTxD, _), (dparams_L, dW_LxRxLxR) = jax.lax.scan(
-      body, (dx_BxTxD, buf_LxBxTxRx2xHd), (vjps, columns_LxLxRxR, source_L), reverse=True,
-      unroll=min(unroll, L))
+  carry = (dx_BxTxD, buf_LxBxTxRx2xHd)
+  if isinstance(vjps, list):  # the forward ran unrolled
+    outs = [None] * L
+    for l in reversed(range(L)):
+      carry, outs[l] = body(carry, vjps[l], columns_LxLxRxR[l], l)
+    dparams_L, dW_LxRxLxR = jax.tree.map(lambda *layers: jnp.stack(layers), *outs)
+  else:
+    carry, (dparams_L, dW_LxRxLxR) = jax.lax.scan(
+        lambda carry, layer: body(carry, *layer), carry, (vjps, columns_LxLxRxR, source_L),
+        reverse=True, unroll=unroll)
+  dx_BxTxD, _ = carry
   segments = sorted({g.segment for g in groups})
   dparams_S = tuple(jax.tree.map(lambda a: a[min(g.start for g in groups if g.segment == b):
                                              max(g.stop for g in groups if g.segment == b)],
