@@ -73,6 +73,8 @@ def test_paper_config_matches_the_spec():
   assert (o.lr, o.router_lr, o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip) == (
       1e-3, 1e-2, 0.9, 0.95, 1e-8, 0.1, 1.0)
   assert (o.warmup_steps, cfg.run.steps, cfg.data.source) == (200, 20_000, "fineweb")
+  # Accelerators train the pull form over one segment (README: the TPU compiler's HBM and bytes).
+  assert (m.routing_impl, m.scan_segments) == ("pull", 1)
 
 
 def test_cpu_small_configs_are_the_embedded_default():

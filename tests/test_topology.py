@@ -47,8 +47,10 @@ def test_without_libtpu_the_flag_says_how_to_get_it(monkeypatch):
 def test_plan_compiles_a_tiny_model_for_a_tpu_slice(tmp_path):
   """`lime-jax plan --topology`: the TPU compiler's memory and cost, every layer counted."""
   out = tmp_path / "plan.json"
+  dump = tmp_path / "dump"
   proc = subprocess.run([sys.executable, "-m", "lime_jax", "plan", "--topology", "v5p:2x2x1",
-                         "--json", str(out), *TINY, "model.router=kv-static"],
+                         "--json", str(out), "--xla-dump", str(dump), *TINY,
+                         "model.router=kv-static"],
                         capture_output=True, text=True, cwd=REPO, env=child_env(), timeout=600)
   assert proc.returncode == 0, proc.stderr
   plan = json.loads(out.read_text())
@@ -66,6 +68,9 @@ def test_plan_compiles_a_tiny_model_for_a_tpu_slice(tmp_path):
   assert model_flops_per_device < plan["xla_flops"] < 1.5 * model_flops_per_device
   assert 0 < plan["per_device_bytes"] < 2**30 and plan["compiler_step_s"] > 0
   assert "TPU compiler" in proc.stdout and "roofline" in proc.stdout
+  # --xla-dump: the TPU compiler's own account of what holds the memory, for both programs.
+  for program in ("scanned", "unrolled"):
+    assert list((dump / program).glob("*train_step*memory-usage-report.txt")), program
 
 
 @needs_libtpu

@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="a TPU slice, e.g. v5p:2x2x1, v4:2x2x1, v5e:2x2, v6e:2x2: compile with"
                            " the TPU compiler (needs libtpu: pip install 'lime_jax[tpu]')")
   parser.add_argument("--json", default=None, help="also write the plan as JSON here")
+  parser.add_argument("--xla-dump", default=None, metavar="DIR",
+                      help="have the compiler write its HLO, buffer assignment and"
+                           " memory-usage report (what holds the memory) under DIR")
   parser.add_argument("overrides", nargs="*", help="e.g. mesh.fsdp=-1 data.batch_size=256")
 
 
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
   plan_lib.ensure_cpu_devices(args.devices)  # before anything else starts JAX
   cfg = load_experiment(args.config, args.overrides)
   hbm = args.hbm_gib if args.hbm_gib is not None else plan_lib.hbm_gib(args.accelerator)
-  plan = plan_lib.compile_step(cfg, args.devices)
+  plan = plan_lib.compile_step(cfg, args.devices, args.xla_dump)
   fits, line = plan_lib.fit_line(plan, hbm)
   print(f"mesh {plan_lib.mesh_text(plan)} on {plan.num_devices} devices; compiled in"
         f" {plan.compile_s:.1f} s")
@@ -74,7 +77,7 @@ def _run_topology(args: argparse.Namespace) -> int:
   tpu = topology.tpu_slice(args.topology)
   cfg = load_experiment(args.config, args.overrides)
   hbm = args.hbm_gib if args.hbm_gib is not None else tpu.device_hbm_bytes / plan_lib.GIB
-  plan = plan_lib.topology_plan(cfg, tpu)
+  plan = plan_lib.topology_plan(cfg, tpu, args.xla_dump)
   fits, line = plan_lib.fit_line(plan, hbm)
   print(f"{tpu.name}: {len(tpu.devices)} x {tpu.devices[0].device_kind}, mesh"
         f" {plan_lib.mesh_text(plan)}; compiled (scanned + unrolled) in {plan.compile_s:.1f} s")

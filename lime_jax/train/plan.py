@@ -32,6 +32,7 @@ cannot fit.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -125,34 +126,41 @@ def _abstract_batch(cfg: ExperimentConfig, layout: sharding_lib.Layout) -> dict[
       layout.batch_sharding(cfg.batch_size))
 
 
-def _compile(cfg: ExperimentConfig, devices) -> tuple[Any, sharding_lib.Layout, float]:
+def _compile(cfg: ExperimentConfig, devices, dump_dir: str | None = None
+             ) -> tuple[Any, sharding_lib.Layout, float]:
   """(compiled train step, layout, seconds) on `devices`; ValueError if the mesh, batch or a
-  parameter cannot be split over them."""
+  parameter cannot be split over them. `dump_dir`: where the compiler writes its HLO, buffer
+  assignment and memory-usage report (what holds the memory)."""
   cfg.mesh.resolve(len(devices))  # the mesh must use exactly these devices
   layout = sharding_lib.Layout.from_config(cfg.mesh, devices)
   sharding_lib.check_batch(cfg.batch_size, layout,
                            sources.batch_format(cfg.data, cfg.task).batch_size_field)
   start = time.perf_counter()
   init, step, _ = train_lib.jitted_fns(cfg.model, cfg.optim, cfg.run.seed, layout)
-  compiled = step.lower(train_lib.abstract_state(init), _abstract_batch(cfg, layout)).compile()
+  options = {"xla_dump_to": dump_dir} if dump_dir else None
+  compiled = step.lower(train_lib.abstract_state(init), _abstract_batch(cfg, layout)).compile(
+      compiler_options=options)
   return compiled, layout, time.perf_counter() - start
 
 
-def compile_step(cfg: ExperimentConfig, num_devices: int) -> Plan:
+def compile_step(cfg: ExperimentConfig, num_devices: int, dump_dir: str | None = None) -> Plan:
   """Compiles the sharded train step for `num_devices` CPU devices; ValueError if the mesh,
   batch or a parameter cannot be split that way."""
-  return _plan(cfg, *_compile(cfg, ensure_cpu_devices(num_devices)))
+  return _plan(cfg, *_compile(cfg, ensure_cpu_devices(num_devices), dump_dir))
 
 
-def topology_plan(cfg: ExperimentConfig, tpu: Slice) -> Plan:
+def topology_plan(cfg: ExperimentConfig, tpu: Slice, dump_dir: str | None = None) -> Plan:
   """The step compiled by the TPU compiler for `tpu`'s devices: memory of the scanned program,
-  cost (every layer) of the unrolled one; see the module doc."""
-  compiled, layout, compile_s = _compile(cfg, list(tpu.devices))
+  cost (every layer) of the unrolled one; see the module doc. `dump_dir`: the compiler's dumps
+  of both programs, in its `scanned/` and `unrolled/`."""
+  compiled, layout, compile_s = _compile(cfg, list(tpu.devices),
+                                         dump_dir and os.path.join(dump_dir, "scanned"))
   plan = _plan(cfg, compiled, layout, compile_s)
   # The same program with every scan iteration unrolled (segments, pull forms and masked work
   # as training runs them), so that cost_analysis counts every layer.
   unrolled = cfg.replace(model=cfg.model.replace(scan_unroll=cfg.model.L))
-  cost_compiled, _, cost_s = _compile(unrolled, list(tpu.devices))
+  cost_compiled, _, cost_s = _compile(unrolled, list(tpu.devices),
+                                      dump_dir and os.path.join(dump_dir, "unrolled"))
   cost = cost_compiled.cost_analysis()
   xla_flops, xla_bytes = float(cost["flops"]), float(cost["bytes accessed"])
   return dataclasses.replace(
