@@ -15,7 +15,7 @@ import pytest
 from lime_jax.config import ModelConfig
 from jax.ad_checkpoint import print_saved_residuals
 
-from lime_jax.model import kv_pull, stack
+from lime_jax.model import flops, kv_pull, stack
 from lime_jax.model.mixers import kv_routing
 from lime_jax.model import transformer as M
 from lime_jax.train.loss import mean_loss
@@ -50,7 +50,8 @@ def _push_and_pull(cfg):
     {}, {"R": 4}, {"top_p": 0.8}, {"router_window": 2, "router_dilation": 3},
     {"router_window": 2}, {"router_window": 1}, {"router_window": 3, "scan_segments": 3},
     {"scan_segments": 1}, {"scan_segments": 6}, {"remat_policy": "full"}, {"scan_unroll": 6},
-    {"scan_unroll": 6, "router_window": 2}, {"scan_unroll": 4},
+    {"scan_unroll": 6, "router_window": 2}, {"scan_unroll": 4}, {"router_window": 6},
+    {"router_window": 3, "L": 9, "scan_segments": 3}, {"router_window": 4, "top_p": 0.8},
 ], ids=str)
 def test_pull_equals_push(changes):
   """Loss and every gradient (routers, kv projections, the rest) as the push form computes
@@ -146,25 +147,26 @@ def _all_eqns(jaxpr):
           yield from _all_eqns(sub)
 
 
-def test_read_groups_cover_exactly_the_live_sources_and_readers():
-  """Every live (reader, source) pair of a window is read by the reader's group forward and by
-  the source's group backward; the window's groups read fewer slots than dense ones."""
-  L, k = 12, 3
-  segments = [(0, 4), (4, 8), (8, 12)]
-  groups = kv_pull.read_groups(segments, L, k)
-  live_LxL = kv_routing.live_mask(L, k, None).T  # [reader, source]
+def test_read_groups_cover_exactly_the_dense_sources_and_readers():
+  """Every (reader, source) pair j <= i is read by the reader's group forward and by the
+  source's group backward; a group reads no slot past its segment's end."""
+  L = 12
+  groups = kv_pull.read_groups([(0, 4), (4, 8), (8, 12)], L)
   for g in groups:
-    read = np.zeros(L, bool)
-    for lo, hi in g.sources:
-      read[lo:hi] = True
-    for l in range(g.start, g.stop):
-      assert read[:l + 1][live_LxL[l, :l + 1]].all(), (g, l)
-      assert np.all(np.arange(L)[live_LxL[:, l]] >= g.readers[0]), (g, l)
-      assert np.all(np.arange(L)[live_LxL[:, l]] < g.readers[1]), (g, l)
-  assert [g.segment for g in groups] == [0, 0, 1, 2]  # layer 0 alone: every reader reads it
-  dense = kv_pull.read_groups(segments, L)
-  count = lambda gs: sum((g.stop - g.start) * sum(hi - lo for lo, hi in g.sources) for g in gs)
-  assert count(groups) < count(dense)
+    (lo, hi), = g.sources
+    assert (lo, hi) == (0, g.stop) and g.readers == (g.start, L)
+  assert [g.segment for g in groups] == [0, 1, 2]
+
+
+def test_windowed_pull_reads_order_L_k_slots():
+  """A window reads layer 0 and the window's slots: the pull's count is the ring's, L k, where
+  a dense read plan of the same segments is about L^2 / 2."""
+  cfg = CFG.replace(L=16, routing_impl="pull", router_window=3, scan_segments=4)
+  per_slot = 2 * cfg.Hd * cfg.R * cfg.R
+  assert flops.executed_push_macs_per_token(cfg) == per_slot * cfg.L * 3
+  dense = flops.executed_push_macs_per_token(cfg.replace(router_window=None))
+  assert dense == per_slot * (4 * 4 + 4 * 8 + 4 * 12 + 4 * 16)
+
 
 
 def test_fully_unrolled_pull_picks_each_layers_reads_at_trace_time():

@@ -20,9 +20,11 @@ scan), as autodiff would, minus its own kv: the layer's self term takes no route
 (kv_routing.py), which comes from the buffer instead. Per-layer memory is then the baseline's
 (the routed kv that attention reads replaces its kv); the stack adds one buffer: linear in depth.
 
-Reads are bounded by read groups (`read_groups`, one per parameter segment; a window narrows
-them): a layer of a dense segment [start, stop) reads slots < stop forward and i >= start
-backward, through a `lax.switch` on its group, so the masked slots are not read; the same switch
+Reads are bounded by read groups (`read_groups`, one per parameter segment): a layer of segment
+[start, stop) reads slots < stop forward and i >= start backward, through a `lax.switch` on its
+group, so the masked slots are not read. A router window of k reads by dynamic slices instead:
+layer 0's slot and the k slots up to the layer (forward and router gradient), the k - 1 readers
+after it (backward; layer 0's from all): O(L k) slot reads, the ring's count. The same switch
 picks the layer's parameters from its segment's stacked tree, so the segments are never
 concatenated into one copy of all layer parameters (1.2B setup: 3.4 GiB per device). One scan, not one per segment: the TPU compiler kept several layers' attention
 temporaries live across per-segment loops (1.2B setup: +6.6 GiB per device with 4 loops).
@@ -60,25 +62,11 @@ class ReadGroup(NamedTuple):
   readers: tuple[int, int]
 
 
-def read_groups(segments: Sequence[tuple[int, int]], L: int,
-                window: int | None = None) -> tuple[ReadGroup, ...]:
-  """The scan's read plan: one group per parameter segment. Dense routing reads slots < stop
-  forward and i >= start backward. A window of k (reader i reads sources i-k+1..i and layer 0)
-  narrows both to the window, with layer 0, which every reader reads, in a group of its own."""
-  groups = []
-  for b, (start, stop) in enumerate(segments):
-    if window is None:
-      groups.append(ReadGroup(start, stop, b, ((0, stop),), (start, L)))
-      continue
-    if start == 0:
-      groups.append(ReadGroup(0, 1, b, ((0, 1),), (0, L)))
-      start = 1
-      if stop == 1:
-        continue
-    lo = max(1, start - window + 1)
-    sources = ((0, stop),) if lo <= 1 else ((0, 1), (lo, stop))
-    groups.append(ReadGroup(start, stop, b, sources, (start, min(L, stop + window - 1))))
-  return tuple(groups)
+def read_groups(segments: Sequence[tuple[int, int]], L: int) -> tuple[ReadGroup, ...]:
+  """The scan's dense read plan, one group per parameter segment: slots < stop forward, readers
+  i >= start backward."""
+  return tuple(ReadGroup(start, stop, b, ((0, stop),), (start, L))
+               for b, (start, stop) in enumerate(segments))
 
 
 def _switch_on_group(groups, layer_idx, branch: Callable[[ReadGroup], Callable], *operands):
@@ -134,6 +122,67 @@ def _router_row_gradient(group: ReadGroup):
   return grad
 
 
+def _window_start(first, size: int, L: int):
+  """The start of a `size`-slot window that begins at `first` (traced or static), kept within
+  slots 1..L-1 (slot 0 is read on its own)."""
+  if isinstance(first, int):
+    return min(max(first, 1), L - size)
+  return jnp.clip(first, 1, L - size)
+
+
+def _window_slots(a, start, size: int, axis: int):
+  return jax.lax.dynamic_slice_in_dim(a, start, size, axis)
+
+
+def _mix_window(window: int, l, W_RxLxR, buf_LxBxTxRx2xHd):
+  """Forward read of a window of k: layer 0's slot and the k - 1 slots before l (a clipped
+  window reaches past l near the start, where the strict row is zero)."""
+  L = buf_LxBxTxRx2xHd.shape[0]
+  mix = lambda W, kv: jnp.einsum("rjs,jbtscd->btrcd", W, kv,  # noqa: E731
+                                 preferred_element_type=jnp.float32)
+  partial_BxTxRx2xHd = mix(W_RxLxR[:, :1], buf_LxBxTxRx2xHd[:1])
+  size = min(window - 1, L - 1)
+  if size == 0:
+    return partial_BxTxRx2xHd
+  start = _window_start(l - size, size, L)
+  return partial_BxTxRx2xHd + mix(_window_slots(W_RxLxR, start, size, 1),
+                                  _window_slots(buf_LxBxTxRx2xHd, start, size, 0))
+
+
+def _cotangent_from_window(window: int, l, W_LxRxR, buf_LxBxTxRx2xHd):
+  """Backward: the raw kv's cotangent from the readers i = l+1 .. l+k-1 of its window; layer
+  0's from every reader (all of them read it)."""
+  L = buf_LxBxTxRx2xHd.shape[0]
+  pull = lambda W, dp: jnp.einsum("irs,ibtrcd->btscd", W, dp,  # noqa: E731
+                                  preferred_element_type=jnp.float32)
+  size = min(window - 1, L - 1)
+  def from_window(W_LxRxR, buf_LxBxTxRx2xHd):
+    if size == 0:
+      return jnp.zeros(buf_LxBxTxRx2xHd.shape[1:], jnp.float32)
+    start = _window_start(l + 1, size, L)
+    return pull(_window_slots(W_LxRxR, start, size, 0),
+                _window_slots(buf_LxBxTxRx2xHd, start, size, 0))
+  from_all = lambda W_LxRxR, buf_LxBxTxRx2xHd: pull(W_LxRxR, buf_LxBxTxRx2xHd)  # noqa: E731
+  if isinstance(l, int):
+    return (from_all if l == 0 else from_window)(W_LxRxR, buf_LxBxTxRx2xHd)
+  return jax.lax.cond(l == 0, from_all, from_window, W_LxRxR, buf_LxBxTxRx2xHd)
+
+
+def _router_row_gradient_window(window: int, l, dpartial_BxTxRx2xHd, buf_LxBxTxRx2xHd):
+  """Backward: reader l's row over layer 0 and its window's k slots up to l (entries past l,
+  which a clipped window reaches, are masked by the caller)."""
+  L, R = buf_LxBxTxRx2xHd.shape[0], dpartial_BxTxRx2xHd.shape[2]
+  grad = lambda kv: jnp.einsum("btrcd,jbtscd->rjs", dpartial_BxTxRx2xHd, kv,  # noqa: E731
+                               preferred_element_type=jnp.float32)
+  dW_RxLxR = jnp.zeros((R, L, R), jnp.float32).at[:, :1].set(grad(buf_LxBxTxRx2xHd[:1]))
+  size = min(window, L - 1)
+  if size == 0:
+    return dW_RxLxR
+  start = _window_start(l - size + 1, size, L)
+  return jax.lax.dynamic_update_slice_in_dim(
+      dW_RxLxR, grad(_window_slots(buf_LxBxTxRx2xHd, start, size, 0)), start, 1)
+
+
 def _strict(W_LxRxLxR: jax.Array) -> jax.Array:
   """Entries j >= i zeroed: what the forward mixes (each layer adds its own term itself)."""
   L = W_LxRxLxR.shape[0]
@@ -141,20 +190,21 @@ def _strict(W_LxRxLxR: jax.Array) -> jax.Array:
   return W_LxRxLxR * earlier_LxL[:, None, :, None]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
 def pull_stack(layer_fn: LayerFn, weights_fn: WeightsFn, groups: tuple[ReadGroup, ...],
-               kv_shape: tuple[int, ...], unroll: int, params_S: tuple[Any, ...], x_BxTxD: jax.Array,
+               window: int | None, kv_shape: tuple[int, ...], unroll: int, params_S: tuple[Any, ...], x_BxTxD: jax.Array,
                positions_BxT: jax.Array) -> jax.Array:
   """The layers, segment b's parameters `params_S[b]` (leading layer axis), reads bounded by
-  `groups` (read_groups); the last output. kv_shape: (L, B, T, R, 2, Hd) and the
+  `groups` (read_groups), or by a router `window` of k (layer 0 and the k slots up to each
+  layer; None: dense); the last output. kv_shape: (L, B, T, R, 2, Hd) and the
   compute dtype's name last; unroll: layers per scan iteration."""
-  x_BxTxD, _, _, _ = _forward(layer_fn, weights_fn, groups, kv_shape, unroll, params_S,
+  x_BxTxD, _, _, _ = _forward(layer_fn, weights_fn, groups, window, kv_shape, unroll, params_S,
                               x_BxTxD, positions_BxT, save=False)
   return x_BxTxD
 
 
-def _forward(layer_fn, weights_fn, groups, kv_shape, unroll, params_S, x_BxTxD, positions_BxT,
-             save):
+def _forward(layer_fn, weights_fn, groups, window, kv_shape, unroll, params_S, x_BxTxD,
+             positions_BxT, save):
   *shape, dtype = kv_shape
   L = shape[0]
   W_LxRxLxR = weights_fn(params_S)
@@ -162,7 +212,10 @@ def _forward(layer_fn, weights_fn, groups, kv_shape, unroll, params_S, x_BxTxD, 
   def body(carry, W_RxLxR, l):
     x_BxTxD, buf_LxBxTxRx2xHd = carry
     params_l = _layer_params(groups, l, params_S)
-    partial_BxTxRx2xHd = _switch_on_group(groups, l, _mix_sources, W_RxLxR, buf_LxBxTxRx2xHd)
+    if window is None:
+      partial_BxTxRx2xHd = _switch_on_group(groups, l, _mix_sources, W_RxLxR, buf_LxBxTxRx2xHd)
+    else:
+      partial_BxTxRx2xHd = _mix_window(window, l, W_RxLxR, buf_LxBxTxRx2xHd)
     run = lambda p, x, part: layer_fn(p, x, part, l, positions_BxT)  # noqa: E731
     if save:
       (x_next, kv_BxTxRx2xHd), vjp = jax.vjp(run, params_l, x_BxTxD, partial_BxTxRx2xHd)
@@ -186,14 +239,15 @@ def _forward(layer_fn, weights_fn, groups, kv_shape, unroll, params_S, x_BxTxD, 
   return x_BxTxD, buf_LxBxTxRx2xHd, W_LxRxLxR, vjps
 
 
-def _pull_stack_fwd(layer_fn, weights_fn, groups, kv_shape, unroll, params_S, x_BxTxD,
+def _pull_stack_fwd(layer_fn, weights_fn, groups, window, kv_shape, unroll, params_S, x_BxTxD,
                     positions_BxT):
   x_out, buf_LxBxTxRx2xHd, W_LxRxLxR, vjps = _forward(
-      layer_fn, weights_fn, groups, kv_shape, unroll, params_S, x_BxTxD, positions_BxT, save=True)
+      layer_fn, weights_fn, groups, window, kv_shape, unroll, params_S, x_BxTxD, positions_BxT,
+      save=True)
   return x_out, (params_S, buf_LxBxTxRx2xHd, W_LxRxLxR, vjps)
 
 
-def _pull_stack_bwd(layer_fn, weights_fn, groups, kv_shape, unroll, residuals, dx_BxTxD):
+def _pull_stack_bwd(layer_fn, weights_fn, groups, window, kv_shape, unroll, residuals, dx_BxTxD):
   del layer_fn, kv_shape
   params_S, buf_LxBxTxRx2xHd, W_LxRxLxR, vjps = residuals
   L = buf_LxBxTxRx2xHd.shape[0]
@@ -203,11 +257,18 @@ def _pull_stack_bwd(layer_fn, weights_fn, groups, kv_shape, unroll, residuals, d
   def body(carry, vjp, column_LxRxR, l):
     # buf: slots j <= l raw kv, slots i > l the cotangents of readers i's partial routed kv.
     dx_BxTxD, buf_LxBxTxRx2xHd = carry
-    dkv_BxTxRx2xHd = _switch_on_group(groups, l, _cotangent_from_readers, column_LxRxR,
+    if window is None:
+      dkv_BxTxRx2xHd = _switch_on_group(groups, l, _cotangent_from_readers, column_LxRxR,
                                         buf_LxBxTxRx2xHd)
+    else:
+      dkv_BxTxRx2xHd = _cotangent_from_window(window, l, column_LxRxR, buf_LxBxTxRx2xHd)
     dparams_l, dx_BxTxD, dpartial_BxTxRx2xHd = vjp((dx_BxTxD, dkv_BxTxRx2xHd.astype(dtype)))
-    dW_RxLxR = _switch_on_group(groups, l, _router_row_gradient,
-                                  dpartial_BxTxRx2xHd.astype(jnp.float32), buf_LxBxTxRx2xHd)
+    dpartial32_BxTxRx2xHd = dpartial_BxTxRx2xHd.astype(jnp.float32)
+    if window is None:
+      dW_RxLxR = _switch_on_group(groups, l, _router_row_gradient, dpartial32_BxTxRx2xHd,
+                                  buf_LxBxTxRx2xHd)
+    else:
+      dW_RxLxR = _router_row_gradient_window(window, l, dpartial32_BxTxRx2xHd, buf_LxBxTxRx2xHd)
     dW_RxLxR = jnp.where((source_L <= l)[None, :, None], dW_RxLxR, 0.0)
     buf_LxBxTxRx2xHd = jax.lax.dynamic_update_index_in_dim(
         buf_LxBxTxRx2xHd, dpartial_BxTxRx2xHd.astype(dtype), l, 0)

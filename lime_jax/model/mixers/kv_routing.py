@@ -185,15 +185,16 @@ class KvRouting(Mixer):
     kv_shape = (cfg.L, B, T, cfg.R, 2, cfg.Hd, cfg.compute_dtype)
     x_BxTxD = kv_pull.pull_stack(functools.partial(_pulled_layer, layer_fn),
                                  functools.partial(_router_weights, cfg),
-                                 self.read_groups(), kv_shape, cfg.scan_unroll, params_S,
+                                 kv_pull.read_groups(self.segments(), cfg.L), self.pull_window,
+                                 kv_shape, cfg.scan_unroll, params_S,
                                  x_BxTxD, positions_BxT)
     return x_BxTxD, None
 
-  def read_groups(self) -> tuple[kv_pull.ReadGroup, ...]:
-    """The pull form's read plan: windowed reads for a window alone (a dilation reads dense)."""
+  @property
+  def pull_window(self) -> int | None:
+    """The pull form reads a window's slots only for a window alone (a dilation reads dense)."""
     cfg = self.cfg
-    window = cfg.router_window if cfg.router_dilation is None else None
-    return kv_pull.read_groups(self.segments(), cfg.L, window)
+    return cfg.router_window if cfg.router_dilation is None and cfg.router_window else None
 
   @property
   def ring(self) -> bool:
@@ -298,13 +299,16 @@ class KvRouting(Mixer):
     Unrolled, a layer touches only its live slots. The windowed ring: k slots per layer, plus
     the mix of layer 0's kv that every layer computes (used from layer k on). The pull form
     (training with routing_impl: pull): the forward's reads of the buffer, its read group's
-    sources (kv_pull.read_groups: slots below its segment's end, or its window
-    and layer 0; the backward reads as many again, plus the later readers' cotangents)."""
+    sources (kv_pull.read_groups: slots below its segment's end), or for a window of k, layer
+    0 and the k - 1 slots before the layer (the backward reads as many again, plus the later
+    readers' cotangents)."""
     cfg = self.cfg
     per_slot = 2 * cfg.Hd * cfg.R * cfg.R
     if self.pulls and cfg.scan_layers:  # training's forward: each layer reads its group's slots
+      if self.pull_window is not None:  # layer 0 and the window's k - 1 slots before the layer
+        return per_slot * cfg.L * min(self.pull_window, cfg.L)
       return per_slot * sum((g.stop - g.start) * sum(hi - lo for lo, hi in g.sources)
-                            for g in self.read_groups())
+                            for g in kv_pull.read_groups(self.segments(), cfg.L))
     if self.ring:
       return per_slot * cfg.L * (cfg.router_window + 1)
     if not cfg.scan_layers:
