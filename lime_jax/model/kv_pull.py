@@ -23,11 +23,12 @@ scan), as autodiff would, minus its own kv: the layer's self term takes no route
 Reads are bounded by read groups (`read_groups`, one per parameter segment): a layer of segment
 [start, stop) reads slots < stop forward and i >= start backward, through a `lax.switch` on its
 group, so the masked slots are not read. A router window of k reads by dynamic slices instead:
-layer 0's slot and the k slots up to the layer (forward and router gradient), the k - 1 readers
-after it (backward; layer 0's from all): O(L k) slot reads, the ring's count. The same switch
-picks the layer's parameters from its segment's stacked tree, so the segments are never
-concatenated into one copy of all layer parameters (1.2B setup: 3.4 GiB per device). One scan, not one per segment: the TPU compiler kept several layers' attention
-temporaries live across per-segment loops (1.2B setup: +6.6 GiB per device with 4 loops).
+layer 0's slot plus the k - 1 slots before the layer (forward), the k - 1 readers after it
+(backward; layer 0's cotangent from all) and the k slots up to it (router gradient): O(L k)
+slot reads, the ring's count. The same switch picks the layer's parameters from its segment's
+stacked tree, so the segments are never concatenated into one copy of all layer parameters
+(1.2B setup: 3.4 GiB per device). One scan, not one per segment: the TPU compiler kept several
+layers' attention temporaries live across per-segment loops (1.2B: +6.6 GiB with 4 loops).
 Same parameters, same math as the push (tested equal); init, decoding and analysis use the push.
 """
 
@@ -192,7 +193,8 @@ def _strict(W_LxRxLxR: jax.Array) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
 def pull_stack(layer_fn: LayerFn, weights_fn: WeightsFn, groups: tuple[ReadGroup, ...],
-               window: int | None, kv_shape: tuple[int, ...], unroll: int, params_S: tuple[Any, ...], x_BxTxD: jax.Array,
+               window: int | None, kv_shape: tuple[int, ...], unroll: int,
+               params_S: tuple[Any, ...], x_BxTxD: jax.Array,
                positions_BxT: jax.Array) -> jax.Array:
   """The layers, segment b's parameters `params_S[b]` (leading layer axis), reads bounded by
   `groups` (read_groups), or by a router `window` of k (layer 0 and the k slots up to each
