@@ -82,10 +82,9 @@ def _switch_on_group(groups, layer_idx, branch: Callable[[ReadGroup], Callable],
 
 def _layer_params(groups, layer_idx, params_S: tuple[Any, ...]) -> Any:
   """Layer `layer_idx`'s parameters, from the stacked tree of the segment that holds it."""
-  def branch(group: ReadGroup):
-    first = min(g.start for g in groups if g.segment == group.segment)  # segment's layer 0
+  def branch(group: ReadGroup):  # one group per segment: the group starts its segment
     return lambda params_S: jax.tree.map(
-        lambda a: jax.lax.dynamic_index_in_dim(a, layer_idx - first, 0, keepdims=False),
+        lambda a: jax.lax.dynamic_index_in_dim(a, layer_idx - group.start, 0, keepdims=False),
         params_S[group.segment])
   return _switch_on_group(groups, layer_idx, branch, params_S)
 
@@ -288,10 +287,7 @@ def _pull_stack_bwd(layer_fn, weights_fn, groups, window, kv_shape, unroll, resi
         lambda carry, layer: body(carry, *layer), carry, (vjps, columns_LxLxRxR, source_L),
         reverse=True, unroll=unroll)
   dx_BxTxD, _ = carry
-  segments = sorted({g.segment for g in groups})
-  dparams_S = tuple(jax.tree.map(lambda a: a[min(g.start for g in groups if g.segment == b):
-                                             max(g.stop for g in groups if g.segment == b)],
-                                 dparams_L) for b in segments)
+  dparams_S = tuple(jax.tree.map(lambda a: a[g.start:g.stop], dparams_L) for g in groups)
   _, weights_vjp = jax.vjp(weights_fn, params_S)
   (dparams_from_W,) = weights_vjp(dW_LxRxLxR)
   return jax.tree.map(jnp.add, dparams_S, dparams_from_W), dx_BxTxD, None
