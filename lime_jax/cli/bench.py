@@ -8,8 +8,9 @@ import json
 
 from lime_jax.config import CONNECTIONS, ROUTERS
 from lime_jax.parallel import topology
+from lime_jax.studies import torch_reference
 from lime_jax.studies.bench import (bench_decode, bench_point, format_tables, ratio_rows,
-                                    topology_point, topology_table, variant_config)
+                                    topology_point, topology_table, torch_table, variant_config)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="a TPU slice (e.g. v5p:2x2x1): compile each point with the TPU"
                            " compiler (fsdp over the slice, --batch is global) instead of running"
                            " it on the CPU; needs libtpu: pip install 'lime_jax[tpu]'")
+  parser.add_argument("--against-torch", action="store_true",
+                      help="also time transformers' LlamaForCausalLM (PyTorch, float32, AdamW) at"
+                           " each depth's baseline shape, and report ours/PyTorch step ratios;"
+                           " needs pip install 'lime_jax[hf]'")
   parser.add_argument("--json", default=None, help="write the records to this JSON file")
 
 
@@ -52,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
   depths = _parse_ints(args.depths, "--depths")
   routers = [r.strip() for r in args.routers.split(",") if r.strip()]
   tpu = topology.tpu_slice(args.topology) if args.topology is not None else None
+  if args.against_torch and tpu is not None:
+    raise ValueError("--against-torch times steps on this CPU; it does not combine with --topology")
   records = []
   for depth in depths:
     for router in routers:
@@ -74,11 +81,20 @@ def run(args: argparse.Namespace) -> int:
             f" flops={record['flops'] / 1e9:9.2f} G compile={record['compile_s']:6.2f} s"
             f" step={record['step_s']:7.3f} s", flush=True)
       records.append(dict(record, _cfg=cfg))
+    if args.against_torch:
+      base = variant_config("none", V=args.vocab, D=args.width, L=depth, H=args.heads,
+                            R=args.kv_heads, F=args.mlp, T=args.length)
+      record = torch_reference.llama_step_point(base, args.batch, args.steps)
+      print(f"router={record['router']} depth={depth:4d} step={record['step_s']:7.3f} s",
+            flush=True)
+      records.append(record)
   print()
   if tpu is not None:
     print(topology_table(records))
   else:
     print(format_tables(records, ratio_rows(records, args.batch)))
+    if args.against_torch:
+      print("\n" + torch_table(records))
   if args.json:
     with open(args.json, "w") as f:
       json.dump([{k: v for k, v in r.items() if not k.startswith("_")} for r in records], f,

@@ -39,6 +39,7 @@ from lime_jax.train.optimizer import OptimConfig, make_optimizer
 from lime_jax.train.step import init_train_state, train_step
 
 RECORD_KEYS = ("router", "depth", "width", "temp_bytes", "flops", "compile_s", "step_s")
+TORCH_LLAMA = "torch-llama"  # studies/torch_reference.py's records (`--against-torch`)
 
 
 def _cost_flops(lowered_or_compiled) -> float:
@@ -141,7 +142,8 @@ def ratio_rows(records: list[dict[str, Any]], batch: int) -> list[dict[str, Any]
   FLOP overhead against flops.py's formula."""
   by_key = {(r["router"], r["depth"]): r for r in records}
   rows = []
-  routers = [r for r in dict.fromkeys(r["router"] for r in records) if r != "none"]
+  routers = [r for r in dict.fromkeys(r["router"] for r in records)
+             if r not in ("none", TORCH_LLAMA)]
   for depth, router in ((d, r) for d in sorted({r["depth"] for r in records}) for r in routers):
     base, lime = by_key.get(("none", depth)), by_key.get((router, depth))
     if not (base and lime):
@@ -160,6 +162,20 @@ def ratio_rows(records: list[dict[str, Any]], batch: int) -> list[dict[str, Any]
   return rows
 
 
+def torch_table(records: list[dict[str, Any]]) -> str:
+  """Each of our variants' step time over PyTorch Llama's (`--against-torch`) at its depth."""
+  torch_by_depth = {r["depth"]: r for r in records if r["router"] == TORCH_LLAMA}
+  lines = ["| router | depth | step s | PyTorch Llama step s | ours/PyTorch |",
+           "|---|---:|---:|---:|---:|"]
+  for r in records:
+    theirs = torch_by_depth.get(r["depth"])
+    if r["router"] == TORCH_LLAMA or theirs is None:
+      continue
+    lines.append(f"| {r['router']} | {r['depth']} | {r['step_s']:.3f} | {theirs['step_s']:.3f} |"
+                 f" {r['step_s'] / theirs['step_s']:.3f} |")
+  return "\n".join(lines)
+
+
 def format_tables(records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
   decode_lines = []
   if records and "cache_bytes" in records[0]:
@@ -168,7 +184,7 @@ def format_tables(records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> 
                      f" {r['cache_bytes'] / 2**20:.2f} |" for r in records]
   lines = ["| router | depth | width | temp MiB | GFLOPs/step | compile s | step s |",
            "|---|---:|---:|---:|---:|---:|---:|"]
-  for r in records:
+  for r in (r for r in records if r["router"] != TORCH_LLAMA):  # torch's: torch_table
     lines.append(f"| {r['router']} | {r['depth']} | {r['width']} | {r['temp_bytes'] / 2**20:.1f} |"
                  f" {r['flops'] / 1e9:.2f} | {r['compile_s']:.2f} | {r['step_s']:.3f} |")
   lines += ["", "| method | depth | method/base temp mem | method/base step time |"

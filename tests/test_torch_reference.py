@@ -1,0 +1,68 @@
+"""`lime-jax bench --against-torch`: PyTorch Llama timed at our baseline's shape."""
+
+import json
+import sys
+
+import pytest
+
+from lime_jax.cli.main import main
+from lime_jax.model import flops
+from lime_jax.studies import bench, torch_reference
+
+TINY = ["--depths", "2", "--width", "32", "--heads", "2", "--kv-heads", "2", "--mlp", "64",
+        "--vocab", "64", "--batch", "2", "--length", "16", "--steps", "1"]
+
+
+@pytest.mark.integration
+def test_llama_has_our_baselines_shape():
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  for tied in (False, True):
+    cfg = bench.variant_config("none", V=64, D=32, L=3, H=4, R=2, F=48, T=16,
+                               tie_embeddings=tied)
+    model = torch_reference.llama_model(cfg)
+    assert sum(p.numel() for p in model.parameters()) == flops.total_params(cfg)
+
+
+@pytest.mark.integration
+def test_bench_against_torch_reports_ours_over_pytorch(tmp_path, capsys):
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  out = tmp_path / "bench.json"
+  assert main(["bench", *TINY, "--against-torch", "--json", str(out)]) == 0
+  records = json.loads(out.read_text())
+  assert [r["router"] for r in records] == ["none", "kv-static", bench.TORCH_LLAMA]
+  theirs = records[-1]
+  assert set(theirs) == set(bench.RECORD_KEYS) and theirs["depth"] == 2
+  assert theirs["step_s"] > 0
+  printed = capsys.readouterr().out
+  table = printed[printed.index("| router | depth | step s | PyTorch Llama step s"):]
+  ours = records[0]
+  assert f"| none | 2 | {ours['step_s']:.3f} | {theirs['step_s']:.3f} |" \
+         f" {ours['step_s'] / theirs['step_s']:.3f} |" in table
+  assert "| kv-static | 2 |" in table
+  # PyTorch's record stays out of the method/baseline ratios.
+  tables = printed[printed.index("| router |"):printed.index("| router | depth | step s |")]
+  assert "| none | 2 |" in tables and bench.TORCH_LLAMA not in tables
+
+
+def test_against_torch_refuses_a_topology(capsys):
+  with pytest.raises(SystemExit) as err:
+    main(["bench", *TINY, "--against-torch", "--topology", "v5p:2x2x1"])
+  assert err.value.code == 2
+  stderr = capsys.readouterr().err
+  assert stderr.startswith("lime-jax bench: ") and "--against-torch" in stderr
+  assert stderr.count("\n") == 1
+
+
+def test_without_torch_the_error_says_how_to_get_it(monkeypatch):
+  monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
+  cfg = bench.variant_config("none", V=64, D=32, L=2, H=2, R=2, F=64, T=16)
+  with pytest.raises(ValueError, match=r"pip install 'lime_jax\[hf\]'"):
+    torch_reference.llama_step_point(cfg, 2, 1)
+
+
+def test_only_the_baseline_has_a_pytorch_twin():
+  cfg = bench.variant_config("kv-static", V=64, D=32, L=2, H=2, R=2, F=64, T=16)
+  with pytest.raises(ValueError, match="times Llama, the baseline"):
+    torch_reference.llama_step_point(cfg, 2, 1)
