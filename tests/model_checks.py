@@ -78,3 +78,16 @@ def stack_grad_temp_bytes(cfg, naive=False, B=2, T=64) -> int:
 
   x = jax.ShapeDtypeStruct((B, T, cfg.D), jnp.float32)
   return jax.jit(jax.grad(loss)).lower(shapes, x).compile().memory_analysis().temp_size_in_bytes
+
+
+def all_eqns(jaxpr):
+  """Every equation of `jaxpr` and of the jaxprs nested in its equations (scan, custom_vjp...)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (tuple, list)) else (param,)):
+        inner = getattr(sub, "jaxpr", None)
+        if inner is not None and hasattr(inner, "eqns"):
+          yield from all_eqns(inner)
+        elif hasattr(sub, "eqns"):
+          yield from all_eqns(sub)

@@ -19,6 +19,7 @@ from lime_jax.model import flops, kv_pull, stack
 from lime_jax.model.mixers import kv_routing
 from lime_jax.model import transformer as M
 from lime_jax.train.loss import mean_loss
+import model_checks
 from test_bench import SMALL, _train_step_temp_bytes
 
 CFG = ModelConfig(V=64, D=32, L=6, H=4, R=2, F=64, T=8, scan_segments=2)
@@ -128,23 +129,10 @@ def test_pull_does_not_concatenate_the_segments_parameters():
   tokens_BxT = jax.random.randint(jax.random.key(1), (2, cfg.T + 1), 0, cfg.V)
   jaxpr = jax.make_jaxpr(jax.grad(_loss), static_argnums=1)(params, cfg, tokens_BxT)
   gate_up_shape = stack.stacked_layer_params(params, cfg)["mlp"]["gate_up"].shape  # [L, ...]
-  shapes = [eqn.outvars[0].aval.shape for eqn in _all_eqns(jaxpr.jaxpr)
+  shapes = [eqn.outvars[0].aval.shape for eqn in model_checks.all_eqns(jaxpr.jaxpr)
             if eqn.primitive.name == "concatenate"]
   assert shapes, "expected the router concatenation at least"
   assert gate_up_shape not in shapes, shapes
-
-
-def _all_eqns(jaxpr):
-  """Every equation of `jaxpr` and of the jaxprs nested in its equations (scan, custom_vjp...)."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for param in eqn.params.values():
-      for sub in (param if isinstance(param, (tuple, list)) else (param,)):
-        inner = getattr(sub, "jaxpr", None)
-        if inner is not None and hasattr(inner, "eqns"):
-          yield from _all_eqns(inner)
-        elif hasattr(sub, "eqns"):
-          yield from _all_eqns(sub)
 
 
 def test_read_groups_cover_exactly_the_dense_sources_and_readers():
@@ -177,6 +165,6 @@ def test_fully_unrolled_pull_picks_each_layers_reads_at_trace_time():
   tokens_BxT = jax.random.randint(jax.random.key(1), (2, cfg.T + 1), 0, cfg.V)
   def switches(cfg):
     jaxpr = jax.make_jaxpr(jax.grad(_loss), static_argnums=1)(params, cfg, tokens_BxT)
-    return sum(eqn.primitive.name == "cond" for eqn in _all_eqns(jaxpr.jaxpr))
+    return sum(eqn.primitive.name == "cond" for eqn in model_checks.all_eqns(jaxpr.jaxpr))
   assert switches(cfg) > 0  # the scan's per-layer choice of reads
   assert switches(cfg.replace(scan_unroll=cfg.L)) == 0

@@ -7,10 +7,17 @@ saves it once per layer (memory L^2). Here the forward scan saves only each laye
 final buffer; the backward scan recomputes layer l from its input against the final buffer
 (slots > l hold later states, which layer l ignores, so the recomputed layer equals the forward
 one) and carries one buffer-sized cotangent. Memory is linear in depth; the price is one extra
-forward per layer in the backward (like full remat). Scans are split into segments whose buffer
-holds only the slots the segment's layers touch, which cuts the masked work as push.py's
-segments do. A method may write several slots per layer (Attention Residuals: one per
-sub-layer), so each segment states how many leading slots it touches.
+forward per layer in the backward (like full remat).
+
+Segments bound the reads: a layer of segment [start, stop) sees only the buffer's first `slots`
+slots, the ones the segment's layers touch (a method may write several slots per layer:
+Attention Residuals writes one per sub-layer), which cuts the masked work as push.py's segments
+do. All layers run in one scan, forward and backward, and a `lax.switch` on the layer's segment
+slices the buffer statically: the TPU compiler kept several layers' attention temporaries live
+across one loop per segment (kv_pull.py measured +6.6 GiB at 1.2B with 4 loops), and slicing
+the stacked parameters per segment copied them. A fully unrolled stack (`unroll >= L`, the cost
+program of `lime-jax plan`) runs as a Python loop with each layer's segment known at trace time,
+as XLA counted every branch of an unrolled scan's switch.
 """
 
 from __future__ import annotations
@@ -20,15 +27,17 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # layer_fn(params_l, x_BxTxD, buf_NxP, layer_idx, positions_BxT) -> (x_next, buf): one layer
 # that reads only slots written before it (or by itself) and writes its own slots.
 LayerFn = Callable[[Any, jax.Array, jax.Array, Any, jax.Array], tuple[jax.Array, jax.Array]]
+Bounds = tuple[tuple[int, int, int], ...]  # per segment: (start, stop, slots)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def pull_stack(layer_fn: LayerFn, bounds: tuple[tuple[int, int, int], ...], unroll: int,
-               params_L: Any, x_BxTxD: jax.Array, buf_LxP: jax.Array,
+def pull_stack(layer_fn: LayerFn, bounds: Bounds, unroll: int, params_L: Any,
+               x_BxTxD: jax.Array, buf_LxP: jax.Array,
                positions_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Runs the layers of `params_L` (leading layer axis) over segments `bounds` ((start, stop,
   slots): layers start..stop-1 touch the buffer's first `slots` slots), starting from the
@@ -39,26 +48,49 @@ def pull_stack(layer_fn: LayerFn, bounds: tuple[tuple[int, int, int], ...], unro
   return x_BxTxD, buf_LxP
 
 
-def _segment(tree: Any, start: int, stop: int) -> Any:
-  return jax.tree.map(lambda a: a[start:stop], tree)
+def _on_segment(bounds: Bounds, layer_idx, branch: Callable[[int], Callable], *operands):
+  """`branch(slots)(*operands)` for the segment of `layer_idx`: static when the index is a
+  Python int, else a `lax.switch` whose branches slice the buffer statically."""
+  segment_of_layer = np.concatenate([np.full(stop - start, b)
+                                     for b, (start, stop, _) in enumerate(bounds)])
+  if isinstance(layer_idx, int):
+    return branch(bounds[segment_of_layer[layer_idx]][2])(*operands)
+  index = jnp.asarray(segment_of_layer, jnp.int32)[layer_idx]
+  return jax.lax.switch(index, [branch(slots) for _, _, slots in bounds], *operands)
+
+
+def _layers(unroll: int, L: int, body, carry, xs, reverse: bool = False):
+  """jax.lax.scan over the L layers; a Python loop with int layer indices when fully unrolled."""
+  if unroll < L:
+    return jax.lax.scan(body, carry, (*xs, jnp.arange(L)), reverse=reverse, unroll=unroll)
+  ys = [None] * L
+  for l in (reversed(range(L)) if reverse else range(L)):
+    carry, ys[l] = body(carry, (*jax.tree.map(lambda a: a[l], xs), l))
+  return carry, jax.tree.map(lambda *parts: jnp.stack(parts), *ys)
+
+
+def _layer_count(bounds: Bounds) -> int:
+  return bounds[-1][1]
 
 
 def _pull_forward(layer_fn, bounds, unroll, params_L, x_BxTxD, buf_LxP, positions_BxT):
-  inputs = []
-  for start, stop, slots in bounds:
-    def body(carry, layer):
-      x_BxTxD, buf_NxP = carry
-      params_l, l = layer
-      x_next, buf_NxP = layer_fn(params_l, x_BxTxD, buf_NxP, l, positions_BxT)
-      return (x_next, buf_NxP), x_BxTxD  # the layer's input: all the backward needs
-    # Slots >= `slots` are still empty and touched by no layer of this segment.
-    (x_BxTxD, buf_NxP), inputs_SxBxTxD = jax.lax.scan(
-        body, (x_BxTxD, buf_LxP[:slots]),
-        (_segment(params_L, start, stop), jnp.arange(start, stop)),
-        unroll=min(unroll, stop - start))
-    buf_LxP = jnp.concatenate([buf_NxP, buf_LxP[slots:]])
-    inputs.append(inputs_SxBxTxD)
-  return x_BxTxD, buf_LxP, jnp.concatenate(inputs)
+  def body(carry, layer):
+    x_BxTxD, buf_LxP = carry
+    params_l, l = layer
+
+    def branch(slots: int):
+      def run(params_l, x_BxTxD, buf_LxP):
+        # Slots >= `slots` are still empty and touched by no layer of this segment.
+        x_next, prefix_NxP = layer_fn(params_l, x_BxTxD, buf_LxP[:slots], l, positions_BxT)
+        return x_next, jax.lax.dynamic_update_slice_in_dim(buf_LxP, prefix_NxP, 0, 0)
+      return run
+
+    x_next, buf_LxP = _on_segment(bounds, l, branch, params_l, x_BxTxD, buf_LxP)
+    return (x_next, buf_LxP), x_BxTxD  # the layer's input: all the backward needs
+
+  (x_BxTxD, buf_LxP), inputs_LxBxTxD = _layers(unroll, _layer_count(bounds), body,
+                                               (x_BxTxD, buf_LxP), (params_L,))
+  return x_BxTxD, buf_LxP, inputs_LxBxTxD
 
 
 def _pull_stack_fwd(layer_fn, bounds, unroll, params_L, x_BxTxD, buf_LxP, positions_BxT):
@@ -68,33 +100,33 @@ def _pull_stack_fwd(layer_fn, bounds, unroll, params_L, x_BxTxD, buf_LxP, positi
 
 
 def _pull_stack_bwd(layer_fn, bounds, unroll, residuals, cotangents):
-  params_L, inputs_LxBxTxD, buf_LxP, positions_BxT = residuals
+  params_L, inputs_LxBxTxD, final_LxP, positions_BxT = residuals
   dx_BxTxD, dbuf_LxP = cotangents  # dbuf: zeros unless the caller reads the final buffer
-  dparams = []
-  for start, stop, slots in reversed(bounds):
-    final_NxP = buf_LxP[:slots]
+  L = _layer_count(bounds)
 
-    def body(carry, layer):
-      dx_BxTxD, dbuf_NxP = carry
-      params_l, x_BxTxD, l = layer
-      # Recompute layer l against the final buffer: its slots > l have weight exactly zero.
-      _, vjp = jax.vjp(lambda p, x, b: layer_fn(p, x, b, l, positions_BxT),
-                       params_l, x_BxTxD, final_NxP)
-      dparams_l, dx_BxTxD, dbuf_NxP = vjp((dx_BxTxD, dbuf_NxP))
-      return (dx_BxTxD, dbuf_NxP), dparams_l
+  def body(carry, layer):
+    dx_BxTxD, dbuf_LxP = carry
+    params_l, x_BxTxD, l = layer
 
-    # Slots >= `slots` were written by later segments, whose VJPs moved their cotangents to
-    # what those layers wrote; the initial buffer gets none, so they are dropped here.
-    (dx_BxTxD, dbuf_LxP), dparams_S = jax.lax.scan(
-        body, (dx_BxTxD, dbuf_LxP[:slots]),
-        (_segment(params_L, start, stop), inputs_LxBxTxD[start:stop], jnp.arange(start, stop)),
-        reverse=True, unroll=min(unroll, stop - start))
-    dparams.insert(0, dparams_S)
-  dparams_L = jax.tree.map(lambda *parts: jnp.concatenate(parts), *dparams)
-  # What is left is the initial buffer's cotangent (slots no layer wrote over).
-  dbuf_LxP = jnp.concatenate(
-      [dbuf_LxP, jnp.zeros((buf_LxP.shape[0] - dbuf_LxP.shape[0],) + buf_LxP.shape[1:],
-                           dbuf_LxP.dtype)])
+    def branch(slots: int):
+      def run(params_l, x_BxTxD, dx_BxTxD, dbuf_LxP):
+        # Recompute layer l against the final buffer: its slots > l have weight exactly zero.
+        _, vjp = jax.vjp(lambda p, x, b: layer_fn(p, x, b, l, positions_BxT),
+                         params_l, x_BxTxD, final_LxP[:slots])
+        dparams_l, dx_BxTxD, dprefix_NxP = vjp((dx_BxTxD, dbuf_LxP[:slots]))
+        # Slots >= `slots` passed through the layer untouched, and so do their cotangents.
+        return dparams_l, dx_BxTxD, jax.lax.dynamic_update_slice_in_dim(dbuf_LxP, dprefix_NxP,
+                                                                        0, 0)
+      return run
+
+    dparams_l, dx_BxTxD, dbuf_LxP = _on_segment(bounds, l, branch, params_l, x_BxTxD, dx_BxTxD,
+                                                dbuf_LxP)
+    return (dx_BxTxD, dbuf_LxP), dparams_l
+
+  (dx_BxTxD, dbuf_LxP), dparams_L = _layers(unroll, L, body, (dx_BxTxD, dbuf_LxP),
+                                             (params_L, inputs_LxBxTxD), reverse=True)
+  # What is left is the initial buffer's cotangent (every written slot's was zeroed by its
+  # writer's VJP).
   return dparams_L, dx_BxTxD, dbuf_LxP, None
 
 

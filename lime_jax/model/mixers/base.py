@@ -74,7 +74,8 @@ class Mixer:
     each layer in the backward. layer_fn(params_l, stream, carry, l, positions) -> (stream, carry)
     is one layer; params_S the scanned parameters of each of `segments()`, stacked over its
     layers. Returns the final (stream, carry)."""
-    params_L = jax.tree.map(lambda *parts: jnp.concatenate(parts), *params_S)
+    params_L = (params_S[0] if len(params_S) == 1  # one stacked tree: no copy
+                else jax.tree.map(lambda *parts: jnp.concatenate(parts), *params_S))
     bounds = tuple((start, stop, self.pull_slots(stop)) for start, stop in self.pull_segments())
     return pull_lib.pull_stack(layer_fn, bounds, self.cfg.scan_unroll, params_L, stream, carry,
                                positions_BxT)
