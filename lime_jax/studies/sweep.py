@@ -494,7 +494,7 @@ def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     base = groups.get((variant, L, D, "none"))
     if router == "none" or base is None:
       continue
-    pairs, loss, lime_wins = _paired_loss(lime, base)
+    pairs, loss, lime_wins = _paired(lime, base)
     if not pairs:
       continue
     acc_pairs = [(a["final_val_accuracy"], b["final_val_accuracy"]) for a, b in pairs
@@ -557,15 +557,12 @@ def _by_depth_lines(rows, groups: Mapping[tuple, list[dict]]) -> list[str]:
           members = groups.get((variant, L, width_of[L], router), [])
           values = [r[metric] for r in members if r[metric] is not None]
           cells.append(_fmt(*mean_ci(values), digits=digits) if values else "-")
-          base = groups.get((variant, L, width_of[L], "none"), [])
-          by_seed = {r["seed"]: r[metric] for r in base if r[metric] is not None}
-          pairs = [(r[metric], by_seed[r["seed"]]) for r in members
-                   if r[metric] is not None and r["seed"] in by_seed]
+          pairs, diff, better = _paired(
+              members, groups.get((variant, L, width_of[L], "none"), []), metric)
           if router == "none" or not pairs:
             diff_cells.append("-")
             continue
-          mean, ci = mean_ci([a - b for a, b in pairs])
-          better = sum((a < b) if metric == "final_val_loss" else (a > b) for a, b in pairs)
+          mean, ci = diff
           text = _fmt(mean, ci, digits=digits)
           if ci is not None and abs(mean) > ci:
             text = f"**{text}**"
@@ -580,15 +577,18 @@ def _by_depth_lines(rows, groups: Mapping[tuple, list[dict]]) -> list[str]:
   return lines[:-1] if lines else lines
 
 
-def _paired_loss(method_rows, base_rows):
-  """(pairs of rows with the same seed, mean_ci of method - baseline final val loss, how many
-  seeds the method is lower on); no pairs: ([], None, 0)."""
-  by_seed = {r["seed"]: r for r in base_rows}
-  pairs = [(r, by_seed[r["seed"]]) for r in method_rows if r["seed"] in by_seed]
+def _paired(method_rows, base_rows, metric: str = "final_val_loss"):
+  """(pairs of rows with the same seed and a value of `metric` in both, mean_ci of method -
+  baseline, how many seeds the method is better on: lower loss, higher accuracy); no pairs:
+  ([], None, 0)."""
+  by_seed = {r["seed"]: r for r in base_rows if r[metric] is not None}
+  pairs = [(r, by_seed[r["seed"]]) for r in method_rows
+           if r[metric] is not None and r["seed"] in by_seed]
   if not pairs:
     return [], None, 0
-  loss = mean_ci([a["final_val_loss"] - b["final_val_loss"] for a, b in pairs])
-  return pairs, loss, sum(a["final_val_loss"] < b["final_val_loss"] for a, b in pairs)
+  diffs = [a[metric] - b[metric] for a, b in pairs]
+  better = sum((d < 0) if metric == "final_val_loss" else (d > 0) for d in diffs)
+  return pairs, mean_ci(diffs), better
 
 
 def _twice_depth_lines(groups: Mapping[tuple, list[dict]]) -> list[str]:
@@ -603,7 +603,7 @@ def _twice_depth_lines(groups: Mapping[tuple, list[dict]]) -> list[str]:
     key = same_width[0] if same_width else (deeper[0] if len(deeper) == 1 else None)
     if key is None:
       continue
-    pairs, loss, wins = _paired_loss(members, groups[key])
+    pairs, loss, wins = _paired(members, groups[key])
     if not pairs:
       continue
     flops_ratio = pairs[0][0]["train_flops"] / pairs[0][1]["train_flops"]
