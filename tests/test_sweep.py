@@ -285,3 +285,23 @@ def test_by_depth_tables():
   assert "| method | L 4 (D 96) | L 8 (D 64) |" in sweep.markdown(budget)
   widths = rows + [row("none", 4, 32, s, 2.0) for s in range(3)]  # two widths at one depth
   assert "## By depth" not in sweep.markdown(widths)
+
+
+def test_final_vs_depth_draws_one_line_per_router_across_a_budgets_widths():
+  """A fixed budget sets one width per depth: each router is one line over the depths (not one
+  single-point line per width); a width sweep keeps one line per router and width."""
+  def row(router, L, D, seed, loss):
+    return {"variant": "", "router": router, "L": L, "D": D, "seed": seed,
+            "final_val_loss": loss, "status": "trained"}
+  budget = [row(r, L, D, s, 5.0 + L / 10 + (r == "kv-static") + s / 100)
+            for r in ("none", "kv-static") for L, D in ((4, 96), (8, 64), (16, 48))
+            for s in (0, 1)]
+  lines = sweep._depth_series(sweep._groups(budget), "", ["none", "kv-static"], "final_val_loss")
+  assert [name for name, _ in lines] == ["none", "kv-static"]
+  none_pts = dict(lines)["none"]
+  assert [p[0] for p in none_pts] == [4, 8, 16]
+  assert none_pts[0][1] == pytest.approx(5.405)
+  widths = [row("none", L, D, 0, 5.0 + L + D / 1000) for L in (4, 8) for D in (32, 64)]
+  lines = sweep._depth_series(sweep._groups(widths), "", ["none"], "final_val_loss")
+  assert [(name, [p[0] for p in pts]) for name, pts in lines] == [
+      ("none D 32", [4, 8]), ("none D 64", [4, 8])]

@@ -681,20 +681,10 @@ def plot(rows: Sequence[Mapping[str, Any]], out_dirs: Mapping[str, str], out_dir
       panels.append(("final_val_accuracy", "test exact-match accuracy"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), dpi=110,
                              squeeze=False)
-    widths = sorted({D for _, D in shapes})
     for ax, (key, ylabel) in zip(axes[0], panels):
-      for router in routers:
-        for D in widths:
-          pts = []
-          for L in sorted({L for L, d in shapes if d == D}):
-            values = [r[key] for r in groups.get((variant, L, D, router), []) if r[key] is not None]
-            if values:
-              pts.append((L, *mean_ci(values)))
-          if not pts:
-            continue
-          name = router if len(widths) == 1 else f"{router} D {D}"
-          ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
-                      yerr=[p[2] or 0.0 for p in pts], marker="o", capsize=3, label=name)
+      for name, pts in _depth_series(groups, variant, routers, key):
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                    yerr=[p[2] or 0.0 for p in pts], marker="o", capsize=3, label=name)
       if key == "final_val_accuracy":
         chance = next((r["chance"] for k, m in groups.items() if k[0] == variant for r in m
                        if r["chance"] is not None), None)
@@ -702,7 +692,9 @@ def plot(rows: Sequence[Mapping[str, Any]], out_dirs: Mapping[str, str], out_dir
           ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
       ax.set_xscale("log", base=2)
       depths = sorted({L for L, _ in shapes})
-      ax.set_xticks(depths, [str(L) for L in depths])
+      width_of = dict(shapes)  # one width per depth (budget mode), or the first of several
+      per_depth = len(width_of) == len(shapes) and len(set(width_of.values())) > 1
+      ax.set_xticks(depths, [f"{L}\n(D {width_of[L]})" if per_depth else str(L) for L in depths])
       ax.minorticks_off()
       ax.set_xlabel("layers")
       ax.set_ylabel(ylabel)
@@ -715,6 +707,30 @@ def plot(rows: Sequence[Mapping[str, Any]], out_dirs: Mapping[str, str], out_dir
     plt.close(fig)
     written.append(path)
   return written
+
+
+def _depth_series(groups: Mapping[tuple, list[dict]], variant, routers: Sequence[str],
+                  key: str) -> list[tuple[str, list[tuple[int, float, float | None]]]]:
+  """The final-vs-depth plot's lines: (label, [(L, mean, ci)]) per router, and per width when
+  a depth has several (a width sweep); with one width per depth (a fixed budget, the width
+  set by the depth) one line per router runs across the widths."""
+  shapes = sorted({(L, D) for v, L, D, _ in groups if v == variant})
+  depths = sorted({L for L, _ in shapes})
+  one_per_depth = len(depths) == len(shapes)
+  lines = []
+  for router in routers:
+    for D in [None] if one_per_depth else sorted({D for _, D in shapes}):
+      pts = []
+      for L in depths:
+        values = [r[key] for (v, L2, D2, router2), members in groups.items()
+                  if (v, L2, router2) == (variant, L, router) and D in (None, D2)
+                  for r in members if r[key] is not None]
+        if values:
+          pts.append((L, *mean_ci(values)))
+      if pts:
+        lines.append((router if D is None or len({D for _, D in shapes}) == 1
+                      else f"{router} D {D}", pts))
+  return lines
 
 
 def report(cfg: SweepConfig, points: Sequence[Point], rows: Sequence[Mapping[str, Any]]) -> list[str]:
