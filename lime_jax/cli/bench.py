@@ -59,11 +59,12 @@ def run(args: argparse.Namespace) -> int:
   tpu = topology.tpu_slice(args.topology) if args.topology is not None else None
   if args.against_torch and tpu is not None:
     raise ValueError("--against-torch times steps on this CPU; it does not combine with --topology")
+  shape = dict(V=args.vocab, D=args.width, H=args.heads, R=args.kv_heads, F=args.mlp,
+               T=args.length)
   records = []
   for depth in depths:
     for router in routers:
-      cfg = variant_config(router, V=args.vocab, D=args.width, L=depth, H=args.heads,
-                           R=args.kv_heads, F=args.mlp, T=args.length, remat_policy=args.remat)
+      cfg = variant_config(router, L=depth, remat_policy=args.remat, **shape)
       if tpu is not None:
         record = dict(topology_point(cfg, tpu, args.batch), router=router)
         print(f"router={router:9s} depth={depth:4d} {tpu.name}: HBM"
@@ -82,9 +83,8 @@ def run(args: argparse.Namespace) -> int:
             f" step={record['step_s']:7.3f} s", flush=True)
       records.append(dict(record, _cfg=cfg))
     if args.against_torch:
-      base = variant_config("none", V=args.vocab, D=args.width, L=depth, H=args.heads,
-                            R=args.kv_heads, F=args.mlp, T=args.length)
-      record = torch_reference.llama_step_point(base, args.batch, args.steps)
+      record = torch_reference.llama_step_point(variant_config("none", L=depth, **shape),
+                                                args.batch, args.steps)
       print(f"router={record['router']} depth={depth:4d} step={record['step_s']:7.3f} s",
             flush=True)
       records.append(record)

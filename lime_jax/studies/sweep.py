@@ -715,21 +715,20 @@ def _depth_series(groups: Mapping[tuple, list[dict]], variant, routers: Sequence
   a depth has several (a width sweep); with one width per depth (a fixed budget, the width
   set by the depth) one line per router runs across the widths."""
   shapes = sorted({(L, D) for v, L, D, _ in groups if v == variant})
-  depths = sorted({L for L, _ in shapes})
-  one_per_depth = len(depths) == len(shapes)
+  width_of = dict(shapes)  # with one width per depth: that width
+  one_per_depth = len(width_of) == len(shapes)
+  widths = sorted({D for _, D in shapes})
   lines = []
   for router in routers:
-    for D in [None] if one_per_depth else sorted({D for _, D in shapes}):
+    for D in [None] if one_per_depth else widths:
       pts = []
-      for L in depths:
-        values = [r[key] for (v, L2, D2, router2), members in groups.items()
-                  if (v, L2, router2) == (variant, L, router) and D in (None, D2)
-                  for r in members if r[key] is not None]
+      for L in sorted(width_of):
+        members = groups.get((variant, L, width_of[L] if D is None else D, router), [])
+        values = [r[key] for r in members if r[key] is not None]
         if values:
           pts.append((L, *mean_ci(values)))
       if pts:
-        lines.append((router if D is None or len({D for _, D in shapes}) == 1
-                      else f"{router} D {D}", pts))
+        lines.append((router if D is None else f"{router} D {D}", pts))
   return lines
 
 
