@@ -15,9 +15,10 @@ Attention Residuals writes one per sub-layer), which cuts the masked work as pus
 do. All layers run in one scan, forward and backward, and a `lax.switch` on the layer's segment
 slices the buffer statically: the TPU compiler kept several layers' attention temporaries live
 across one loop per segment (kv_pull.py measured +6.6 GiB at 1.2B with 4 loops), and slicing
-the stacked parameters per segment copied them. A fully unrolled stack (`unroll >= L`, the cost
-program of `lime-jax plan`) runs as a Python loop with each layer's segment known at trace time,
-as XLA counted every branch of an unrolled scan's switch.
+the stacked parameters per segment copied them. A fully unrolled stack of several segments
+(`unroll >= L`, the cost program of `lime-jax plan`) runs as a Python loop with each layer's
+segment known at trace time, as XLA counted every branch of an unrolled scan's switch; one
+segment has no switch and stays a scan.
 """
 
 from __future__ import annotations
@@ -53,15 +54,19 @@ def _on_segment(bounds: Bounds, layer_idx, branch: Callable[[int], Callable], *o
   Python int, else a `lax.switch` whose branches slice the buffer statically."""
   segment_of_layer = np.concatenate([np.full(stop - start, b)
                                      for b, (start, stop, _) in enumerate(bounds)])
+  if len(bounds) == 1:
+    return branch(bounds[0][2])(*operands)
   if isinstance(layer_idx, int):
     return branch(bounds[segment_of_layer[layer_idx]][2])(*operands)
   index = jnp.asarray(segment_of_layer, jnp.int32)[layer_idx]
   return jax.lax.switch(index, [branch(slots) for _, _, slots in bounds], *operands)
 
 
-def _layers(unroll: int, L: int, body, carry, xs, reverse: bool = False):
-  """jax.lax.scan over the L layers; a Python loop with int layer indices when fully unrolled."""
-  if unroll < L:
+def _layers(bounds: Bounds, unroll: int, body, carry, xs, reverse: bool = False):
+  """jax.lax.scan over the layers; a Python loop with int layer indices when fully unrolled
+  over several segments, where a scan would keep the switch."""
+  L = _layer_count(bounds)
+  if unroll < L or len(bounds) == 1:
     return jax.lax.scan(body, carry, (*xs, jnp.arange(L)), reverse=reverse, unroll=unroll)
   ys = [None] * L
   for l in (reversed(range(L)) if reverse else range(L)):
@@ -88,8 +93,8 @@ def _pull_forward(layer_fn, bounds, unroll, params_L, x_BxTxD, buf_LxP, position
     x_next, buf_LxP = _on_segment(bounds, l, branch, params_l, x_BxTxD, buf_LxP)
     return (x_next, buf_LxP), x_BxTxD  # the layer's input: all the backward needs
 
-  (x_BxTxD, buf_LxP), inputs_LxBxTxD = _layers(unroll, _layer_count(bounds), body,
-                                               (x_BxTxD, buf_LxP), (params_L,))
+  (x_BxTxD, buf_LxP), inputs_LxBxTxD = _layers(bounds, unroll, body, (x_BxTxD, buf_LxP),
+                                               (params_L,))
   return x_BxTxD, buf_LxP, inputs_LxBxTxD
 
 
@@ -102,7 +107,6 @@ def _pull_stack_fwd(layer_fn, bounds, unroll, params_L, x_BxTxD, buf_LxP, positi
 def _pull_stack_bwd(layer_fn, bounds, unroll, residuals, cotangents):
   params_L, inputs_LxBxTxD, final_LxP, positions_BxT = residuals
   dx_BxTxD, dbuf_LxP = cotangents  # dbuf: zeros unless the caller reads the final buffer
-  L = _layer_count(bounds)
 
   def body(carry, layer):
     dx_BxTxD, dbuf_LxP = carry
@@ -123,7 +127,7 @@ def _pull_stack_bwd(layer_fn, bounds, unroll, residuals, cotangents):
                                                 dbuf_LxP)
     return (dx_BxTxD, dbuf_LxP), dparams_l
 
-  (dx_BxTxD, dbuf_LxP), dparams_L = _layers(unroll, L, body, (dx_BxTxD, dbuf_LxP),
+  (dx_BxTxD, dbuf_LxP), dparams_L = _layers(bounds, unroll, body, (dx_BxTxD, dbuf_LxP),
                                              (params_L, inputs_LxBxTxD), reverse=True)
   # What is left is the initial buffer's cotangent (every written slot's was zeroed by its
   # writer's VJP).
