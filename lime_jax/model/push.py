@@ -8,8 +8,8 @@ DenseFormer's depth-weighted average) carries one float32 slot per reader still 
 
 after which layer l reads its own slot. Additions need no saved copies under reverse-mode
 autodiff, unlike a carried buffer that every layer reads (that buffer is saved once per layer:
-memory L^2). Heads r, s lead the slot so the mix is one plain matmul [I*R, S] x [S, rest];
-a method without heads uses R = S = 1.
+memory L^2). Heads r, s lead the slot so the mix is one plain matmul [I*R, S] x [S, rest]
+(on the CPU, S fused multiply-adds: see `_mixed`); a method without heads uses R = S = 1.
 
 Scans are split into segments (`segment_bounds`): each segment's accumulator only holds readers
 >= its start, which cuts the work of a traced layer index (it updates every slot of its
