@@ -54,8 +54,6 @@ def _on_segment(bounds: Bounds, layer_idx, branch: Callable[[int], Callable], *o
   Python int, else a `lax.switch` whose branches slice the buffer statically."""
   segment_of_layer = np.concatenate([np.full(stop - start, b)
                                      for b, (start, stop, _) in enumerate(bounds)])
-  if len(bounds) == 1:
-    return branch(bounds[0][2])(*operands)
   if isinstance(layer_idx, int):
     return branch(bounds[segment_of_layer[layer_idx]][2])(*operands)
   index = jnp.asarray(segment_of_layer, jnp.int32)[layer_idx]

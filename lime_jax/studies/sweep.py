@@ -681,6 +681,10 @@ def plot(rows: Sequence[Mapping[str, Any]], out_dirs: Mapping[str, str], out_dir
       panels.append(("final_val_accuracy", "test exact-match accuracy"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), dpi=110,
                              squeeze=False)
+    depths = sorted({L for L, _ in shapes})
+    width_of = _width_per_depth(shapes)
+    name_widths = width_of is not None and len(set(width_of.values())) > 1
+    depth_labels = [f"{L}\n(D {width_of[L]})" if name_widths else str(L) for L in depths]
     for ax, (key, ylabel) in zip(axes[0], panels):
       for name, pts in _depth_series(groups, variant, routers, key):
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
@@ -691,10 +695,7 @@ def plot(rows: Sequence[Mapping[str, Any]], out_dirs: Mapping[str, str], out_dir
         if chance is not None:
           ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
       ax.set_xscale("log", base=2)
-      depths = sorted({L for L, _ in shapes})
-      width_of = dict(shapes)  # one width per depth (budget mode), or the first of several
-      per_depth = len(width_of) == len(shapes) and len(set(width_of.values())) > 1
-      ax.set_xticks(depths, [f"{L}\n(D {width_of[L]})" if per_depth else str(L) for L in depths])
+      ax.set_xticks(depths, depth_labels)
       ax.minorticks_off()
       ax.set_xlabel("layers")
       ax.set_ylabel(ylabel)
@@ -709,20 +710,25 @@ def plot(rows: Sequence[Mapping[str, Any]], out_dirs: Mapping[str, str], out_dir
   return written
 
 
+def _width_per_depth(shapes: Sequence[tuple[int, int]]) -> dict[int, int] | None:
+  """{L: D} when every depth has one width (a fixed budget sets it), else None (a width sweep)."""
+  width_of = dict(shapes)
+  return width_of if len(width_of) == len(shapes) else None
+
+
 def _depth_series(groups: Mapping[tuple, list[dict]], variant, routers: Sequence[str],
                   key: str) -> list[tuple[str, list[tuple[int, float, float | None]]]]:
   """The final-vs-depth plot's lines: (label, [(L, mean, ci)]) per router, and per width when
   a depth has several (a width sweep); with one width per depth (a fixed budget, the width
   set by the depth) one line per router runs across the widths."""
   shapes = sorted({(L, D) for v, L, D, _ in groups if v == variant})
-  width_of = dict(shapes)  # with one width per depth: that width
-  one_per_depth = len(width_of) == len(shapes)
-  widths = sorted({D for _, D in shapes})
+  width_of = _width_per_depth(shapes)
+  depths = sorted({L for L, _ in shapes})
   lines = []
   for router in routers:
-    for D in [None] if one_per_depth else widths:
+    for D in [None] if width_of is not None else sorted({D for _, D in shapes}):
       pts = []
-      for L in sorted(width_of):
+      for L in depths:
         members = groups.get((variant, L, width_of[L] if D is None else D, router), [])
         values = [r[key] for r in members if r[key] is not None]
         if values:
