@@ -9,7 +9,8 @@ DenseFormer's depth-weighted average) carries one float32 slot per reader still 
 after which layer l reads its own slot. Additions need no saved copies under reverse-mode
 autodiff, unlike a carried buffer that every layer reads (that buffer is saved once per layer:
 memory L^2). Heads r, s lead the slot so the mix is one plain matmul [I*R, S] x [S, rest]
-(on the CPU, S fused multiply-adds: see `_mixed`); a method without heads uses R = S = 1.
+(on the CPU, S fused multiply-adds: see `_mixed`; its backward works on the accumulator as
+rows [I*R, rest]: see `_cotangents_on_rows`); a method without heads uses R = S = 1.
 
 Scans are split into segments (`segment_bounds`): each segment's accumulator only holds readers
 >= its start, which cuts the work of a traced layer index (it updates every slot of its
@@ -107,12 +108,39 @@ def _push_read_bwd(residuals, cotangents):
   # scatters it into a zero buffer and adds that to the whole carry cotangent (2.6x slower).
   weights_IxRxS, payload_SxP, slot = residuals
   dacc_IxRxP, dread_RxP = cotangents
+  return (*jax.lax.platform_dependent(dacc_IxRxP, dread_RxP, weights_IxRxS, payload_SxP, slot,
+                                      cpu=_cotangents_on_rows, default=_cotangents),
+          None)
+
+
+def _cotangents(dacc_IxRxP, dread_RxP, weights_IxRxS, payload_SxP, slot):
+  """(accumulator, weights, payload) cotangents: the read's lands in its slot, then two dots
+  over the updated accumulator cotangent."""
   slot_RxP = jax.lax.dynamic_index_in_dim(dacc_IxRxP, slot, 0, keepdims=False)
   dacc_IxRxP = jax.lax.dynamic_update_index_in_dim(dacc_IxRxP, slot_RxP + dread_RxP, slot, 0)
   p = _payload_axes(payload_SxP)
   dweights_IxRxS = jnp.einsum(f"ir{p},s{p}->irs", dacc_IxRxP, payload_SxP)
   dpayload_SxP = jnp.einsum(f"irs,ir{p}->s{p}", weights_IxRxS, dacc_IxRxP)
-  return dacc_IxRxP, dweights_IxRxS, dpayload_SxP, None
+  return dacc_IxRxP, dweights_IxRxS, dpayload_SxP
+
+
+def _cotangents_on_rows(dacc_IxRxP, dread_RxP, weights_IxRxS, payload_SxP, slot):
+  """`_cotangents` for XLA:CPU, on the accumulator flattened to rows [I*R, P]: the update and
+  both products are 2-D. On the nested shape XLA:CPU fused the update once for the scan's carry
+  and again, flattened, for the products, and copied the whole accumulator 5 times per layer to
+  serve both; its dots with several contracting dimensions also ran 3x slower alone (75
+  against 31 ms at I*R = 224, the bench's shape). Other platforms keep `_cotangents`, the form
+  their compilers were measured with (there flattening could force a relayout copy)."""
+  I, R, S = weights_IxRxS.shape
+  dacc_IRxP = dacc_IxRxP.reshape(I * R, -1)
+  slot_RxP = jax.lax.dynamic_slice_in_dim(dacc_IRxP, slot * R, R)
+  dacc_IRxP = jax.lax.dynamic_update_slice_in_dim(
+      dacc_IRxP, slot_RxP + dread_RxP.reshape(R, -1), slot * R, 0)
+  flat_payload_SxP = payload_SxP.reshape(S, -1)
+  dweights_IRxS = dacc_IRxP @ flat_payload_SxP.T
+  dpayload_SxP = weights_IxRxS.reshape(I * R, S).T @ dacc_IRxP
+  return (dacc_IRxP.reshape(dacc_IxRxP.shape), dweights_IRxS.reshape(I, R, S),
+          dpayload_SxP.reshape(payload_SxP.shape))
 
 
 _push_read.defvjp(_push_read_fwd, _push_read_bwd)
