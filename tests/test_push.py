@@ -97,7 +97,8 @@ def _scanned_push_gradient_hlo(I, R, S, P):
 def test_cpu_backward_is_two_dots_and_no_accumulator_copies():
   """On the CPU the backward's products contract one flattened axis each (the einsums'
   multi-axis contractions are the slow form this guards against), and the scanned backward
-  never copies the accumulator's cotangent (the nested form copied it 5 times per layer)."""
+  never copies the accumulator's cotangent (the nested form copied it on every layer: 4 times
+  here, 5 at the bench's shape)."""
   I, R, S, P = SHAPES[0]
   hlo = _scanned_push_gradient_hlo(I, R, S, P)
   contractions = re.findall(r"lhs_contracting_dims=\{([0-9,]*)\}", hlo)
