@@ -222,6 +222,11 @@ def _forward(layer_fn, weights_fn, groups, window, kv_shape, unroll, params_S, x
       (x_next, kv_BxTxRx2xHd), vjp = jax.vjp(run, params_l, x_BxTxD, partial_BxTxRx2xHd)
     else:
       (x_next, kv_BxTxRx2xHd), vjp = run(params_l, x_BxTxD, partial_BxTxRx2xHd), None
+    # The write of slot l below must follow this layer's reads: its raw kv does not depend on
+    # them, and a compiler that schedules the write first keeps the old buffer by copying all of
+    # it (the TPU compiler did, in every layer of the unrolled program). The barrier is on the
+    # values, not the buffer: on the buffer it kept the reads from fusing into their products.
+    kv_BxTxRx2xHd, _ = jax.lax.optimization_barrier((kv_BxTxRx2xHd, partial_BxTxRx2xHd))
     buf_LxBxTxRx2xHd = jax.lax.dynamic_update_index_in_dim(
         buf_LxBxTxRx2xHd, kv_BxTxRx2xHd.astype(dtype), l, 0)
     return (x_next, buf_LxBxTxRx2xHd), vjp
@@ -271,6 +276,10 @@ def _pull_stack_bwd(layer_fn, weights_fn, groups, window, kv_shape, unroll, resi
     else:
       dW_RxLxR = _router_row_gradient_window(window, l, dpartial32_BxTxRx2xHd, buf_LxBxTxRx2xHd)
     dW_RxLxR = jnp.where((source_L <= l)[None, :, None], dW_RxLxR, 0.0)
+    # Overwrite slot l after this layer's reads, as in the forward: the readers' cotangents
+    # (dkv) do not feed dpartial, and the router gradient reads slot l's raw kv.
+    dpartial_BxTxRx2xHd, _, _ = jax.lax.optimization_barrier(
+        (dpartial_BxTxRx2xHd, dkv_BxTxRx2xHd, dW_RxLxR))
     buf_LxBxTxRx2xHd = jax.lax.dynamic_update_index_in_dim(
         buf_LxBxTxRx2xHd, dpartial_BxTxRx2xHd.astype(dtype), l, 0)
     return (dx_BxTxD, buf_LxBxTxRx2xHd), (dparams_l, dW_RxLxR)
