@@ -80,14 +80,18 @@ def stack_grad_temp_bytes(cfg, naive=False, B=2, T=64) -> int:
   return jax.jit(jax.grad(loss)).lower(shapes, x).compile().memory_analysis().temp_size_in_bytes
 
 
-def all_eqns(jaxpr):
-  """Every equation of `jaxpr` and of the jaxprs nested in its equations (scan, custom_vjp...)."""
+def all_jaxprs(jaxpr):
+  """`jaxpr` and every jaxpr nested in its equations (scan, custom_vjp, jit...)."""
+  yield jaxpr
   for eqn in jaxpr.eqns:
-    yield eqn
     for param in eqn.params.values():
       for sub in (param if isinstance(param, (tuple, list)) else (param,)):
-        inner = getattr(sub, "jaxpr", None)
-        if inner is not None and hasattr(inner, "eqns"):
-          yield from all_eqns(inner)
-        elif hasattr(sub, "eqns"):
-          yield from all_eqns(sub)
+        inner = getattr(sub, "jaxpr", sub)  # a closed jaxpr, or a jaxpr itself
+        if hasattr(inner, "eqns"):
+          yield from all_jaxprs(inner)
+
+
+def all_eqns(jaxpr):
+  """Every equation of `jaxpr` and of the jaxprs nested in its equations."""
+  for each in all_jaxprs(jaxpr):
+    yield from each.eqns

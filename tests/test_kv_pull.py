@@ -171,16 +171,6 @@ def test_fully_unrolled_pull_picks_each_layers_reads_at_trace_time():
   assert switches(cfg.replace(scan_unroll=cfg.L)) == 0
 
 
-def _all_jaxprs(jaxpr):
-  yield jaxpr
-  for eqn in jaxpr.eqns:
-    for param in eqn.params.values():
-      for sub in (param if isinstance(param, (tuple, list)) else (param,)):
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          yield from _all_jaxprs(inner)
-
-
 def _writes_not_after_reads(jaxpr, is_buffer) -> tuple[int, int]:
   """(in-place writes of the buffer, those that some read of the same buffer value does not
   precede by data dependency) in one jaxpr, values passed through an optimization barrier being
@@ -208,8 +198,10 @@ def _writes_not_after_reads(jaxpr, is_buffer) -> tuple[int, int]:
   unordered = 0
   for write in writes:
     buffer = root(write.invars[0])
-    reads = [e for e in jaxpr.eqns if e is not write and e.primitive.name != "optimization_barrier"
-             and any(not isinstance(v, jax.extend.core.Literal) and root(v) == buffer for v in e.invars)]
+    reads = [e for e in jaxpr.eqns
+             if e is not write and e.primitive.name != "optimization_barrier"
+             and any(not isinstance(v, jax.extend.core.Literal) and root(v) == buffer
+                     for v in e.invars)]
     before = ancestors(write)
     unordered += any(id(r) not in before for r in reads)
   return len(writes), unordered
@@ -227,8 +219,10 @@ def test_each_layers_buffer_write_follows_its_reads(changes):
   params = M.init_params(cfg, jax.random.key(0))
   tokens_BxT = jax.random.randint(jax.random.key(1), (2, cfg.T + 1), 0, cfg.V)
   jaxpr = jax.make_jaxpr(jax.grad(_loss), static_argnums=1)(params, cfg, tokens_BxT)
-  is_buffer = lambda v: getattr(v.aval, "shape", ())[:1] == (cfg.L,) and v.aval.ndim == 6  # noqa: E731
-  counts = [_writes_not_after_reads(j, is_buffer) for j in _all_jaxprs(jaxpr.jaxpr)]
+  def is_buffer(v):  # [L, B, T, R, 2, Hd]
+    return getattr(v.aval, "shape", ())[:1] == (cfg.L,) and v.aval.ndim == 6
+  counts = [_writes_not_after_reads(each, is_buffer)
+            for each in model_checks.all_jaxprs(jaxpr.jaxpr)]
   writes, unordered = map(sum, zip(*counts))
   assert writes >= 2 * cfg.L  # each layer writes once forward and once backward
   assert unordered == 0
