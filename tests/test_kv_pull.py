@@ -207,6 +207,34 @@ def _writes_not_after_reads(jaxpr, is_buffer) -> tuple[int, int]:
   return len(writes), unordered
 
 
+def _static_slot_reads(jaxpr, is_buffer) -> tuple[int, int]:
+  """(slices of the buffer, those whose slot range is fixed at compile time) in one jaxpr."""
+  reads = [e for e in jaxpr.eqns if e.primitive.name in ("slice", "dynamic_slice")
+           and is_buffer(e.invars[0])]
+  static = [e for e in reads if e.primitive.name == "slice"
+            or isinstance(e.invars[1], jax.extend.core.Literal)]
+  return len(reads), len(static)
+
+
+@pytest.mark.parametrize("changes", [{"router_window": 3, "scan_segments": 1},
+                                     {"scan_segments": 3}], ids=["window", "dense-segments"])
+def test_buffer_slot_reads_start_where_the_compiler_cannot_see(changes):
+  """From a static slice of the buffer the TPU compiler made a convolution over the whole
+  buffer with negative padding, and charged it all the buffer's bytes (deep setup, 64 layers:
+  7 of 64 slots for 280 MiB instead of 52). Every slot read must be a dynamic slice with a
+  start that is not a constant, in the unrolled program too, where the layer index is."""
+  cfg = CFG.replace(routing_impl="pull", scan_unroll=CFG.L, **changes)
+  params = M.init_params(cfg, jax.random.key(0))
+  tokens_BxT = jax.random.randint(jax.random.key(1), (2, cfg.T + 1), 0, cfg.V)
+  jaxpr = jax.make_jaxpr(jax.grad(_loss), static_argnums=1)(params, cfg, tokens_BxT)
+  def is_buffer(v):  # [L, B, T, R, 2, Hd]
+    return getattr(v.aval, "shape", ())[:1] == (cfg.L,) and v.aval.ndim == 6
+  counts = [_static_slot_reads(each, is_buffer) for each in model_checks.all_jaxprs(jaxpr.jaxpr)]
+  reads, static = map(sum, zip(*counts))
+  assert reads >= 2 * cfg.L  # each layer reads slots forward and backward
+  assert static == 0
+
+
 @pytest.mark.parametrize("changes", [{"router_window": 3}, {}], ids=["window", "dense"])
 def test_each_layers_buffer_write_follows_its_reads(changes):
   """A layer's raw kv (forward) does not depend on its reads of the buffer, nor its partial
@@ -226,3 +254,20 @@ def test_each_layers_buffer_write_follows_its_reads(changes):
   writes, unordered = map(sum, zip(*counts))
   assert writes >= 2 * cfg.L  # each layer writes once forward and once backward
   assert unordered == 0
+
+
+def test_unrolled_pull_recomputes_what_remat_dropped():
+  """The scanned pull's backward loop recomputes what remat did not save, apart from the
+  forward loop. Run unrolled (the cost program of `lime-jax plan`) the layers are straight-line
+  code, where XLA would merge that recomputation with the forward (remat keeps CSE on under
+  scan_layers) and count a program that training never runs: full remat must cost FLOPs."""
+  cfg = CFG.replace(routing_impl="pull", scan_segments=1, scan_unroll=CFG.L, router_window=3)
+  tokens_BxT = jax.random.randint(jax.random.key(1), (2, cfg.T + 1), 0, cfg.V)
+  def compiled_flops(cfg):
+    params = M.init_params(cfg, jax.random.key(0))
+    grad = jax.jit(jax.grad(_loss), static_argnums=1)
+    cost = grad.lower(params, cfg, tokens_BxT).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+  saved_all, recomputed = (compiled_flops(cfg.replace(remat_policy=p)) for p in ("none", "full"))
+  attention_and_mlp = 2 * cfg.L * cfg.D * (4 * cfg.D + 3 * cfg.F) * 2 * cfg.T
+  assert recomputed - saved_all >= 0.5 * attention_and_mlp

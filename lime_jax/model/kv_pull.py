@@ -93,7 +93,8 @@ def _mix_sources(group: ReadGroup):
   """Forward read: sum_{j, s} W[r, j, s] kv_j[s] over the group's source slots, in float32
   (the strict row is zero from j = l on)."""
   def mix(W_RxLxR, buf_LxBxTxRx2xHd):
-    return sum(jnp.einsum("rjs,jbtscd->btrcd", W_RxLxR[:, lo:hi], buf_LxBxTxRx2xHd[lo:hi],
+    return sum(jnp.einsum("rjs,jbtscd->btrcd", _slots(W_RxLxR, lo, hi - lo, 1),
+                          _slots(buf_LxBxTxRx2xHd, lo, hi - lo),
                           preferred_element_type=jnp.float32) for lo, hi in group.sources)
   return mix
 
@@ -103,8 +104,8 @@ def _cotangent_from_readers(group: ReadGroup):
   readers (the strict column is zero for i <= l, whose slots still hold raw kv)."""
   lo, hi = group.readers
   def pull(W_LxRxR, buf_LxBxTxRx2xHd):
-    return jnp.einsum("irs,ibtrcd->btscd", W_LxRxR[lo:hi], buf_LxBxTxRx2xHd[lo:hi],
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum("irs,ibtrcd->btscd", _slots(W_LxRxR, lo, hi - lo),
+                      _slots(buf_LxBxTxRx2xHd, lo, hi - lo), preferred_element_type=jnp.float32)
   return pull
 
 
@@ -116,7 +117,7 @@ def _router_row_gradient(group: ReadGroup):
     dW_RxLxR = jnp.zeros((R, L, R), jnp.float32)
     for lo, hi in group.sources:
       dW_RxLxR = dW_RxLxR.at[:, lo:hi].set(jnp.einsum(
-          "btrcd,jbtscd->rjs", dpartial_BxTxRx2xHd, buf_LxBxTxRx2xHd[lo:hi],
+          "btrcd,jbtscd->rjs", dpartial_BxTxRx2xHd, _slots(buf_LxBxTxRx2xHd, lo, hi - lo),
           preferred_element_type=jnp.float32))
     return dW_RxLxR
   return grad
@@ -130,7 +131,16 @@ def _window_start(first, size: int, L: int):
   return jnp.clip(first, 1, L - size)
 
 
-def _window_slots(a, start, size: int, axis: int):
+def _slots(a, start, size: int, axis: int = 0):
+  """Slots [start, start + size) of `a` on `axis`, by a dynamic slice whose start the compiler
+  cannot see. From a static slice of the buffer the TPU compiler makes a convolution over the
+  whole buffer with negative padding, and charges it the whole buffer: 7 of 64 slots cost
+  280 MiB against 52 MiB this way (one read in the deep setup, 4 MiB per slot), so the
+  unrolled program's reads grew as L^2."""
+  if isinstance(start, int):
+    if start == 0 and size == a.shape[axis]:
+      return a
+    start = jax.lax.optimization_barrier(jnp.int32(start))
   return jax.lax.dynamic_slice_in_dim(a, start, size, axis)
 
 
@@ -140,13 +150,13 @@ def _mix_window(window: int, l, W_RxLxR, buf_LxBxTxRx2xHd):
   L = buf_LxBxTxRx2xHd.shape[0]
   mix = lambda W, kv: jnp.einsum("rjs,jbtscd->btrcd", W, kv,  # noqa: E731
                                  preferred_element_type=jnp.float32)
-  partial_BxTxRx2xHd = mix(W_RxLxR[:, :1], buf_LxBxTxRx2xHd[:1])
+  partial_BxTxRx2xHd = mix(_slots(W_RxLxR, 0, 1, 1), _slots(buf_LxBxTxRx2xHd, 0, 1))
   size = min(window - 1, L - 1)
   if size == 0:
     return partial_BxTxRx2xHd
   start = _window_start(l - size, size, L)
-  return partial_BxTxRx2xHd + mix(_window_slots(W_RxLxR, start, size, 1),
-                                  _window_slots(buf_LxBxTxRx2xHd, start, size, 0))
+  return partial_BxTxRx2xHd + mix(_slots(W_RxLxR, start, size, 1),
+                                  _slots(buf_LxBxTxRx2xHd, start, size))
 
 
 def _cotangent_from_window(window: int, l, W_LxRxR, buf_LxBxTxRx2xHd):
@@ -160,8 +170,7 @@ def _cotangent_from_window(window: int, l, W_LxRxR, buf_LxBxTxRx2xHd):
     if size == 0:
       return jnp.zeros(buf_LxBxTxRx2xHd.shape[1:], jnp.float32)
     start = _window_start(l + 1, size, L)
-    return pull(_window_slots(W_LxRxR, start, size, 0),
-                _window_slots(buf_LxBxTxRx2xHd, start, size, 0))
+    return pull(_slots(W_LxRxR, start, size), _slots(buf_LxBxTxRx2xHd, start, size))
   from_all = lambda W_LxRxR, buf_LxBxTxRx2xHd: pull(W_LxRxR, buf_LxBxTxRx2xHd)  # noqa: E731
   if isinstance(l, int):
     return (from_all if l == 0 else from_window)(W_LxRxR, buf_LxBxTxRx2xHd)
@@ -174,13 +183,14 @@ def _router_row_gradient_window(window: int, l, dpartial_BxTxRx2xHd, buf_LxBxTxR
   L, R = buf_LxBxTxRx2xHd.shape[0], dpartial_BxTxRx2xHd.shape[2]
   grad = lambda kv: jnp.einsum("btrcd,jbtscd->rjs", dpartial_BxTxRx2xHd, kv,  # noqa: E731
                                preferred_element_type=jnp.float32)
-  dW_RxLxR = jnp.zeros((R, L, R), jnp.float32).at[:, :1].set(grad(buf_LxBxTxRx2xHd[:1]))
+  from_first_RxR = grad(_slots(buf_LxBxTxRx2xHd, 0, 1))
+  dW_RxLxR = jnp.zeros((R, L, R), jnp.float32).at[:, :1].set(from_first_RxR)
   size = min(window, L - 1)
   if size == 0:
     return dW_RxLxR
   start = _window_start(l - size + 1, size, L)
   return jax.lax.dynamic_update_slice_in_dim(
-      dW_RxLxR, grad(_window_slots(buf_LxBxTxRx2xHd, start, size, 0)), start, 1)
+      dW_RxLxR, grad(_slots(buf_LxBxTxRx2xHd, start, size)), start, 1)
 
 
 def _strict(W_LxRxLxR: jax.Array) -> jax.Array:
@@ -289,7 +299,12 @@ def _pull_stack_bwd(layer_fn, weights_fn, groups, window, kv_shape, unroll, resi
   if isinstance(vjps, list):  # the forward ran unrolled
     outs = [None] * L
     for l in reversed(range(L)):
-      carry, outs[l] = body(carry, vjps[l], columns_LxLxRxR[l], l)
+      # In straight-line code XLA merges a rematerialized layer's recomputation with its
+      # forward (remat keeps CSE on under scan_layers), which the scanned program, whose
+      # backward loop is apart from its forward, cannot: the barrier keeps this cost program
+      # doing the scanned program's work.
+      vjp = jax.lax.optimization_barrier(vjps[l])
+      carry, outs[l] = body(carry, vjp, columns_LxLxRxR[l], l)
     dparams_L, dW_LxRxLxR = jax.tree.map(lambda *layers: jnp.stack(layers), *outs)
   else:
     carry, (dparams_L, dW_LxRxLxR) = jax.lax.scan(
