@@ -74,6 +74,39 @@ def test_plan_compiles_a_tiny_model_for_a_tpu_slice(tmp_path):
 
 
 @needs_libtpu
+def test_scaled_cost_counts_every_layer_of_the_scanned_program(tmp_path):
+  """`--cost scaled`: the scanned program at 1 and 2 layers per loop body, scaled to L layers,
+  does the unrolled program's FLOPs (the same layers; bytes differ with the program's shape)."""
+  plans = {}
+  for method in ("unrolled", "scaled"):
+    out = tmp_path / f"{method}.json"
+    proc = subprocess.run([sys.executable, "-m", "lime_jax", "plan", "--topology", "v5p:2x2x1",
+                           "--cost", method, "--json", str(out), *TINY, "model.L=4",
+                           "model.router=none"],
+                          capture_output=True, text=True, cwd=REPO, env=child_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    plans[method] = json.loads(out.read_text())
+  assert plans["scaled"]["cost_method"] == "scaled"
+  assert plans["scaled"]["xla_flops"] == pytest.approx(plans["unrolled"]["xla_flops"], rel=0.03)
+  assert plans["scaled"]["xla_bytes"] > 0 and plans["scaled"]["compiler_step_s"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--topology", "v5p:2x2x1", "model.router=kv-static", "model.scan_segments=2"],
+     "needs one scanned layer loop"),
+    (["model.L=3"], "needs --topology")])
+def test_scaled_cost_refuses_what_it_cannot_scale(args, message):
+  if "--topology" in args and not HAS_LIBTPU:
+    pytest.skip("libtpu not installed")
+  proc = subprocess.run([sys.executable, "-m", "lime_jax", "plan", "--cost", "scaled", *args,
+                         *TINY], capture_output=True, text=True, cwd=REPO, env=child_env(),
+                        timeout=300)
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+@needs_libtpu
 def test_unknown_topology_is_a_one_line_error():
   proc = subprocess.run([sys.executable, "-m", "lime_jax", "plan", "--topology", "v6e:1x1", *TINY],
                         capture_output=True, text=True, cwd=REPO, env=child_env(), timeout=300)

@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--topology", default=None,
                       help="a TPU slice, e.g. v5p:2x2x1, v4:2x2x1, v5e:2x2, v6e:2x2: compile with"
                            " the TPU compiler (needs libtpu: pip install 'lime_jax[tpu]')")
+  parser.add_argument("--cost", default="unrolled", choices=plan_lib.COST_METHODS,
+                      help="with --topology: count every layer's cost on the unrolled program"
+                           " (default) or on the scanned one, scaled from unroll 1 and 2")
   parser.add_argument("--json", default=None, help="also write the plan as JSON here")
   parser.add_argument("--xla-dump", default=None, metavar="DIR",
                       help="have the compiler write its HLO, buffer assignment and"
@@ -47,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
                                + " --xla_backend_optimization_level=0").strip()
   if args.topology is not None:
     return _run_topology(args)
+  if args.cost != "unrolled":
+    raise ValueError(f"--cost {args.cost}: needs --topology (a CPU plan reports no compiler cost)")
   plan_lib.ensure_cpu_devices(args.devices)  # before anything else starts JAX
   cfg = load_experiment(args.config, args.overrides)
   hbm = args.hbm_gib if args.hbm_gib is not None else plan_lib.hbm_gib(args.accelerator)
@@ -77,13 +82,15 @@ def _run_topology(args: argparse.Namespace) -> int:
   tpu = topology.tpu_slice(args.topology)
   cfg = load_experiment(args.config, args.overrides)
   hbm = args.hbm_gib if args.hbm_gib is not None else tpu.device_hbm_bytes / plan_lib.GIB
-  plan = plan_lib.topology_plan(cfg, tpu, args.xla_dump)
+  plan = plan_lib.topology_plan(cfg, tpu, args.xla_dump, args.cost)
   fits, line = plan_lib.fit_line(plan, hbm)
   print(f"{tpu.name}: {len(tpu.devices)} x {tpu.devices[0].device_kind}, mesh"
-        f" {plan_lib.mesh_text(plan)}; compiled (scanned + unrolled) in {plan.compile_s:.1f} s")
+        f" {plan_lib.mesh_text(plan)}; compiled ({'scanned + unrolled' if args.cost == 'unrolled' else 'scanned at 1 and 2 layers per body'}) in {plan.compile_s:.1f} s")
   print(f"HBM per device (TPU compiler, scanned step): {plan.per_device_bytes / plan_lib.GIB:.3f}"
         f" GiB = {plan_lib.breakdown(plan)}")
-  print(f"per device, every layer counted (unrolled step): XLA FLOPs {plan.xla_flops:.4g},"
+  program = ("unrolled step" if args.cost == "unrolled"
+             else "scanned step, scaled from 1 and 2 layers per loop body")
+  print(f"per device, every layer counted ({program}): XLA FLOPs {plan.xla_flops:.4g},"
         f" bytes accessed {plan.xla_bytes:.4g}")
   print(f"step estimate: TPU compiler {plan.compiler_step_s:.4g} s; roofline"
         f" {plan.roofline_step_s:.4g} s (peak {tpu.device_peak_flops / 1e12:.0f} TFLOP/s,"

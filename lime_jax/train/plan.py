@@ -11,7 +11,12 @@ same segments, push or pull forms and masked work) for the cost, because XLA's
 `cost_analysis()` counts a while-loop (scan) body once. The unrolled step's `flops`,
 `bytes accessed` and `optimal_seconds` (the compiler's step estimate) are per device with every
 layer counted; the roofline is max(flops / peak, bytes / HBM bandwidth) with the chip's
-published figures.
+published figures. `cost="scaled"` counts the scanned program itself instead: compiled with
+`scan_unroll` 1 and 2 (one and two layers per loop body), a layer's cost is the difference and
+the step's is c1 + (L - 1) (c2 - c1). That is the program training runs, and deep stacks compile
+in a minute where unrolling takes several; it needs one layer loop of the same body each way
+(one scan segment, an even L) and counts both branches of a `lax.cond` in the body (the windowed
+pull's backward has one for layer 0).
 
 CPU plans report per device:
 
@@ -38,9 +43,11 @@ from typing import Any
 
 import jax
 
+from lime_jax.config import ModelConfig
 from lime_jax.data import sources
 from lime_jax.errors import one_line
 from lime_jax.model import flops as flops_lib
+from lime_jax.model import mixers
 from lime_jax.parallel import sharding as sharding_lib
 from lime_jax.parallel.topology import Slice
 from lime_jax.train import loop as train_lib
@@ -105,6 +112,7 @@ class Plan:
   xla_bytes: float | None = None
   compiler_step_s: float | None = None  # cost_analysis()["optimal_seconds"]
   roofline_step_s: float | None = None
+  cost_method: str | None = None  # "unrolled" or "scaled" (module doc)
 
   @property
   def per_device_bytes(self) -> int:
@@ -149,24 +157,58 @@ def compile_step(cfg: ExperimentConfig, num_devices: int, dump_dir: str | None =
   return _plan(cfg, *_compile(cfg, ensure_cpu_devices(num_devices), dump_dir))
 
 
-def topology_plan(cfg: ExperimentConfig, tpu: Slice, dump_dir: str | None = None) -> Plan:
+COST_METHODS = ("unrolled", "scaled")
+
+
+def topology_plan(cfg: ExperimentConfig, tpu: Slice, dump_dir: str | None = None,
+                  cost: str = "unrolled") -> Plan:
   """The step compiled by the TPU compiler for `tpu`'s devices: memory of the scanned program,
-  cost (every layer) of the unrolled one; see the module doc. `dump_dir`: the compiler's dumps
-  of both programs, in its `scanned/` and `unrolled/`."""
-  compiled, layout, compile_s = _compile(cfg, list(tpu.devices),
-                                         dump_dir and os.path.join(dump_dir, "scanned"))
+  cost (every layer) of the unrolled one, or of the scanned one scaled (`cost`); see the module
+  doc. `dump_dir`: the compiler's dumps of each program, in its `scanned/` and `unrolled/` (or
+  `unroll2/`)."""
+  if cost not in COST_METHODS:
+    raise ValueError(f"--cost: expected one of {', '.join(COST_METHODS)}, got {cost!r}")
+  if cost == "scaled":
+    _check_scalable(cfg.model)
+  dump = lambda name: dump_dir and os.path.join(dump_dir, name)  # noqa: E731
+  compiled, layout, compile_s = _compile(cfg, list(tpu.devices), dump("scanned"))
   plan = _plan(cfg, compiled, layout, compile_s)
-  # The same program with every scan iteration unrolled (segments, pull forms and masked work
-  # as training runs them), so that cost_analysis counts every layer.
-  unrolled = cfg.replace(model=cfg.model.replace(scan_unroll=cfg.model.L))
-  cost_compiled, _, cost_s = _compile(unrolled, list(tpu.devices),
-                                      dump_dir and os.path.join(dump_dir, "unrolled"))
-  cost = cost_compiled.cost_analysis()
-  xla_flops, xla_bytes = float(cost["flops"]), float(cost["bytes accessed"])
+  if cost == "unrolled":
+    # The same program with every scan iteration unrolled (segments, pull forms and masked
+    # work as training runs them), so that cost_analysis counts every layer.
+    unrolled = cfg.replace(model=cfg.model.replace(scan_unroll=cfg.model.L))
+    cost_compiled, _, cost_s = _compile(unrolled, list(tpu.devices), dump("unrolled"))
+    flops, bytes_, step_s = _cost(cost_compiled)
+  else:
+    one = compiled
+    cost_s = 0.0
+    if cfg.model.scan_unroll != 1:
+      one, _, cost_s = _compile(cfg.replace(model=cfg.model.replace(scan_unroll=1)),
+                                list(tpu.devices))
+    two, _, two_s = _compile(cfg.replace(model=cfg.model.replace(scan_unroll=2)),
+                             list(tpu.devices), dump("unroll2"))
+    cost_s += two_s
+    c1, c2 = _cost(one), _cost(two)
+    flops, bytes_, step_s = (a + (cfg.model.L - 1) * (b - a) for a, b in zip(c1, c2))
   return dataclasses.replace(
-      plan, compile_s=compile_s + cost_s, topology=tpu.name, xla_flops=xla_flops,
-      xla_bytes=xla_bytes, compiler_step_s=float(cost["optimal_seconds"]),
-      roofline_step_s=tpu.roofline_s(xla_flops, xla_bytes))
+      plan, compile_s=compile_s + cost_s, topology=tpu.name, xla_flops=flops, xla_bytes=bytes_,
+      compiler_step_s=step_s, roofline_step_s=tpu.roofline_s(flops, bytes_), cost_method=cost)
+
+
+def _cost(compiled) -> tuple[float, float, float]:
+  """(flops, bytes accessed, the compiler's step estimate) of a compiled program, per device."""
+  cost = compiled.cost_analysis()
+  return (float(cost["flops"]), float(cost["bytes accessed"]), float(cost["optimal_seconds"]))
+
+
+def _check_scalable(model: ModelConfig) -> None:
+  """The scaled cost needs one loop over the layers each way, every iteration the same body."""
+  segments = len(mixers.build(model).segments())
+  if not model.scan_layers or segments != 1 or model.L % 2:
+    raise ValueError(
+        "--cost scaled: needs one scanned layer loop over an even number of layers"
+        " (model.scan_layers true, one scan segment, model.L even); got scan_layers"
+        f" {model.scan_layers}, {segments} segments (model.scan_segments), L {model.L}")
 
 
 def _plan(cfg: ExperimentConfig, compiled, layout: sharding_lib.Layout, compile_s: float) -> Plan:
