@@ -171,6 +171,18 @@ def test_fully_unrolled_pull_picks_each_layers_reads_at_trace_time():
   assert switches(cfg.replace(scan_unroll=cfg.L)) == 0
 
 
+def _grad_jaxpr(cfg):
+  """The jaxpr of the loss's gradient for `cfg` (a small random batch)."""
+  params = M.init_params(cfg, jax.random.key(0))
+  tokens_BxT = jax.random.randint(jax.random.key(1), (2, cfg.T + 1), 0, cfg.V)
+  return jax.make_jaxpr(jax.grad(_loss), static_argnums=1)(params, cfg, tokens_BxT).jaxpr
+
+
+def _buffer_test(cfg):
+  """Whether a jaxpr value is shaped like the pull's buffer [L, B, T, R, 2, Hd]."""
+  return lambda v: getattr(v.aval, "shape", ())[:1] == (cfg.L,) and v.aval.ndim == 6
+
+
 def _writes_not_after_reads(jaxpr, is_buffer) -> tuple[int, int]:
   """(in-place writes of the buffer, those that some read of the same buffer value does not
   precede by data dependency) in one jaxpr, values passed through an optimization barrier being
@@ -224,12 +236,8 @@ def test_buffer_slot_reads_start_where_the_compiler_cannot_see(changes):
   7 of 64 slots for 280 MiB instead of 52). Every slot read must be a dynamic slice with a
   start that is not a constant, in the unrolled program too, where the layer index is."""
   cfg = CFG.replace(routing_impl="pull", scan_unroll=CFG.L, **changes)
-  params = M.init_params(cfg, jax.random.key(0))
-  tokens_BxT = jax.random.randint(jax.random.key(1), (2, cfg.T + 1), 0, cfg.V)
-  jaxpr = jax.make_jaxpr(jax.grad(_loss), static_argnums=1)(params, cfg, tokens_BxT)
-  def is_buffer(v):  # [L, B, T, R, 2, Hd]
-    return getattr(v.aval, "shape", ())[:1] == (cfg.L,) and v.aval.ndim == 6
-  counts = [_static_slot_reads(each, is_buffer) for each in model_checks.all_jaxprs(jaxpr.jaxpr)]
+  counts = [_static_slot_reads(each, _buffer_test(cfg))
+            for each in model_checks.all_jaxprs(_grad_jaxpr(cfg))]
   reads, static = map(sum, zip(*counts))
   assert reads >= 2 * cfg.L  # each layer reads slots forward and backward
   assert static == 0
@@ -244,13 +252,8 @@ def test_each_layers_buffer_write_follows_its_reads(changes):
   window 8: 29 copies, about 10% of the step's bytes). Checked on the unrolled program, where
   each layer's reads and write are separate equations."""
   cfg = CFG.replace(routing_impl="pull", scan_segments=1, scan_unroll=CFG.L, **changes)
-  params = M.init_params(cfg, jax.random.key(0))
-  tokens_BxT = jax.random.randint(jax.random.key(1), (2, cfg.T + 1), 0, cfg.V)
-  jaxpr = jax.make_jaxpr(jax.grad(_loss), static_argnums=1)(params, cfg, tokens_BxT)
-  def is_buffer(v):  # [L, B, T, R, 2, Hd]
-    return getattr(v.aval, "shape", ())[:1] == (cfg.L,) and v.aval.ndim == 6
-  counts = [_writes_not_after_reads(each, is_buffer)
-            for each in model_checks.all_jaxprs(jaxpr.jaxpr)]
+  counts = [_writes_not_after_reads(each, _buffer_test(cfg))
+            for each in model_checks.all_jaxprs(_grad_jaxpr(cfg))]
   writes, unordered = map(sum, zip(*counts))
   assert writes >= 2 * cfg.L  # each layer writes once forward and once backward
   assert unordered == 0

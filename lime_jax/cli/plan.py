@@ -84,13 +84,15 @@ def _run_topology(args: argparse.Namespace) -> int:
   hbm = args.hbm_gib if args.hbm_gib is not None else tpu.device_hbm_bytes / plan_lib.GIB
   plan = plan_lib.topology_plan(cfg, tpu, args.xla_dump, args.cost)
   fits, line = plan_lib.fit_line(plan, hbm)
+  compiled, counted = {"unrolled": ("scanned + unrolled", "unrolled step"),
+                       "scaled": ("scanned at 1 and 2 layers per body",
+                                  "scanned step, scaled from 1 and 2 layers per loop body")
+                       }[args.cost]
   print(f"{tpu.name}: {len(tpu.devices)} x {tpu.devices[0].device_kind}, mesh"
-        f" {plan_lib.mesh_text(plan)}; compiled ({'scanned + unrolled' if args.cost == 'unrolled' else 'scanned at 1 and 2 layers per body'}) in {plan.compile_s:.1f} s")
+        f" {plan_lib.mesh_text(plan)}; compiled ({compiled}) in {plan.compile_s:.1f} s")
   print(f"HBM per device (TPU compiler, scanned step): {plan.per_device_bytes / plan_lib.GIB:.3f}"
         f" GiB = {plan_lib.breakdown(plan)}")
-  program = ("unrolled step" if args.cost == "unrolled"
-             else "scanned step, scaled from 1 and 2 layers per loop body")
-  print(f"per device, every layer counted ({program}): XLA FLOPs {plan.xla_flops:.4g},"
+  print(f"per device, every layer counted ({counted}): XLA FLOPs {plan.xla_flops:.4g},"
         f" bytes accessed {plan.xla_bytes:.4g}")
   print(f"step estimate: TPU compiler {plan.compiler_step_s:.4g} s; roofline"
         f" {plan.roofline_step_s:.4g} s (peak {tpu.device_peak_flops / 1e12:.0f} TFLOP/s,"
