@@ -1,4 +1,5 @@
-"""layers.py: the fused attention option computes what our einsum attention computes."""
+"""layers.py: the fused attention option computes what our einsum attention computes; remat
+recomputes in straight-line code too."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import pytest
 from lime_jax.model import layers
 from lime_jax.model import transformer as M
 from lime_jax.config import ModelConfig
+from lime_jax.train.loss import mean_loss
 
 
 @pytest.mark.parametrize("R", [4, 2])  # MHA and GQA
@@ -40,3 +42,25 @@ def test_model_logits_do_not_depend_on_the_attention_impl():
 def test_unknown_attention_impl_is_a_one_line_error():
   with pytest.raises(ValueError, match="attention_impl: unknown 'flash'"):
     ModelConfig(attention_impl="flash")
+
+
+@pytest.mark.parametrize("layout", [dict(router="none", scan_unroll=4),
+                                    # the push's one-layer segments: scans of one layer
+                                    dict(router="kv-static", scan_segments=4)])
+def test_remat_recomputes_in_straight_line_code(layout):
+  """A scan unrolled over all its layers is straight-line code, where XLA would merge remat's
+  recomputation in the backward with the forward if CSE were allowed, and run (and count) a
+  step without it: full remat must cost FLOPs there."""
+  cfg = ModelConfig(V=64, D=32, L=4, H=4, R=2, F=64, T=8).replace(**layout)
+  tokens_BxT = jax.random.randint(jax.random.key(1), (2, cfg.T + 1), 0, cfg.V)
+
+  def compiled_flops(cfg):
+    params = M.init_params(cfg, jax.random.key(0))
+    loss = lambda p: mean_loss(M.Transformer(cfg).apply({"params": p}, tokens_BxT[:, :-1]),
+                               tokens_BxT[:, 1:])
+    cost = jax.jit(jax.grad(loss)).lower(params).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+  saved_all, recomputed = (compiled_flops(cfg.replace(remat_policy=p)) for p in ("none", "full"))
+  attention_and_mlp = 2 * cfg.L * cfg.D * (4 * cfg.D + 3 * cfg.F) * 2 * cfg.T
+  assert recomputed - saved_all >= 0.5 * attention_and_mlp

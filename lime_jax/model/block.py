@@ -26,12 +26,16 @@ class Block(nn.Module):
 
   cfg: ModelConfig
   first_reader: int = 0  # the first layer of this block's scan segment (push accumulators)
+  # Its layers run as straight-line code although `layer_idx` is traced: a scan unrolled over
+  # all of them (layers.maybe_remat). A Python-int `layer_idx` says so by itself.
+  unrolled_scan: bool = False
 
   @nn.compact
   def __call__(self, stream: Any, carry: Any, layer_idx, positions_BxT: jax.Array,
                cache: KVCache | None = None):
     cfg = self.cfg
     mixer = mixers.build(cfg)
+    straight_line = self.unrolled_scan or isinstance(layer_idx, int)
     x_BxTxD, mix = mixer.enter(self, stream, carry, 2 * layer_idx, "attn")
     h_BxTxD = RMSNorm(cfg, name="attn_norm")(x_BxTxD)
     kv_BxTxRx2xHd, carry = mixer.kv(self, x_BxTxD, h_BxTxD, carry, layer_idx)
@@ -40,7 +44,7 @@ class Block(nn.Module):
     # Depth-Attention mixes the kv by the layer's query: inside Attention, given the carry.
     mixes_by_query = mixer.query_mix is not None
     if cache is None:
-      attention = maybe_remat(Attention, cfg)(cfg, mixer.query_mix, name="attn")
+      attention = maybe_remat(Attention, cfg, straight_line)(cfg, mixer.query_mix, name="attn")
       attn_BxTxD, _ = attention(h_BxTxD, kv_BxTxRx2xHd, positions_BxT, positions_BxT,
                                 *((None, layer_idx, carry) if mixes_by_query else ()))
     else:  # decoding takes no gradients, so no remat
@@ -49,7 +53,7 @@ class Block(nn.Module):
           carry if mixes_by_query else None)
     stream, carry = mixer.leave(stream, carry, attn_BxTxD, mix)
     x_BxTxD, mix = mixer.enter(self, stream, carry, 2 * layer_idx + 1, "mlp")
-    mlp = maybe_remat(Mlp, cfg)(cfg, name="mlp")
+    mlp = maybe_remat(Mlp, cfg, straight_line)(cfg, name="mlp")
     stream, carry = mixer.leave(stream, carry, mlp(RMSNorm(cfg, name="mlp_norm")(x_BxTxD)), mix)
     stream, carry = mixer.after_layer(self, stream, carry, layer_idx)
     stream = constrain(stream, *mixer.stream_axes())

@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lime_jax.model.pull import read_slots
+
 # layer_fn(params_l, x_BxTxD, partial_BxTxRx2xHd, layer_idx, positions_BxT) -> (x_next, kv_raw):
 # one layer given the routed kv of its sources j < l; it adds its own kv's term itself, with no
 # gradient to that term's weight (the pull's backward supplies it).
@@ -72,7 +74,7 @@ def read_groups(segments: Sequence[tuple[int, int]], L: int) -> tuple[ReadGroup,
 
 def _switch_on_group(groups, layer_idx, branch: Callable[[ReadGroup], Callable], *operands):
   """`branch(group)(*operands)` for the group that holds `layer_idx` (traced): each branch
-  slices the buffer statically, so the slots a group never needs are not read."""
+  reads slots of static bounds (`read_slots`), so the slots a group never needs are not read."""
   group_of_layer = np.concatenate([np.full(g.stop - g.start, i) for i, g in enumerate(groups)])
   if isinstance(layer_idx, int):  # fully unrolled: the branch is known
     return branch(groups[group_of_layer[layer_idx]])(*operands)
@@ -93,8 +95,8 @@ def _mix_sources(group: ReadGroup):
   """Forward read: sum_{j, s} W[r, j, s] kv_j[s] over the group's source slots, in float32
   (the strict row is zero from j = l on)."""
   def mix(W_RxLxR, buf_LxBxTxRx2xHd):
-    return sum(jnp.einsum("rjs,jbtscd->btrcd", _slots(W_RxLxR, lo, hi - lo, 1),
-                          _slots(buf_LxBxTxRx2xHd, lo, hi - lo),
+    return sum(jnp.einsum("rjs,jbtscd->btrcd", read_slots(W_RxLxR, lo, hi - lo, 1),
+                          read_slots(buf_LxBxTxRx2xHd, lo, hi - lo),
                           preferred_element_type=jnp.float32) for lo, hi in group.sources)
   return mix
 
@@ -104,8 +106,8 @@ def _cotangent_from_readers(group: ReadGroup):
   readers (the strict column is zero for i <= l, whose slots still hold raw kv)."""
   lo, hi = group.readers
   def pull(W_LxRxR, buf_LxBxTxRx2xHd):
-    return jnp.einsum("irs,ibtrcd->btscd", _slots(W_LxRxR, lo, hi - lo),
-                      _slots(buf_LxBxTxRx2xHd, lo, hi - lo), preferred_element_type=jnp.float32)
+    return jnp.einsum("irs,ibtrcd->btscd", read_slots(W_LxRxR, lo, hi - lo),
+                      read_slots(buf_LxBxTxRx2xHd, lo, hi - lo), preferred_element_type=jnp.float32)
   return pull
 
 
@@ -117,7 +119,7 @@ def _router_row_gradient(group: ReadGroup):
     dW_RxLxR = jnp.zeros((R, L, R), jnp.float32)
     for lo, hi in group.sources:
       dW_RxLxR = dW_RxLxR.at[:, lo:hi].set(jnp.einsum(
-          "btrcd,jbtscd->rjs", dpartial_BxTxRx2xHd, _slots(buf_LxBxTxRx2xHd, lo, hi - lo),
+          "btrcd,jbtscd->rjs", dpartial_BxTxRx2xHd, read_slots(buf_LxBxTxRx2xHd, lo, hi - lo),
           preferred_element_type=jnp.float32))
     return dW_RxLxR
   return grad
@@ -131,32 +133,19 @@ def _window_start(first, size: int, L: int):
   return jnp.clip(first, 1, L - size)
 
 
-def _slots(a, start, size: int, axis: int = 0):
-  """Slots [start, start + size) of `a` on `axis`, by a dynamic slice whose start the compiler
-  cannot see. From a static slice of the buffer the TPU compiler makes a convolution over the
-  whole buffer with negative padding, and charges it the whole buffer: 7 of 64 slots cost
-  280 MiB against 52 MiB this way (one read in the deep setup, 4 MiB per slot), so the
-  unrolled program's reads grew as L^2."""
-  if isinstance(start, int):
-    if start == 0 and size == a.shape[axis]:
-      return a
-    start = jax.lax.optimization_barrier(jnp.int32(start))
-  return jax.lax.dynamic_slice_in_dim(a, start, size, axis)
-
-
 def _mix_window(window: int, l, W_RxLxR, buf_LxBxTxRx2xHd):
   """Forward read of a window of k: layer 0's slot and the k - 1 slots before l (a clipped
   window reaches past l near the start, where the strict row is zero)."""
   L = buf_LxBxTxRx2xHd.shape[0]
   mix = lambda W, kv: jnp.einsum("rjs,jbtscd->btrcd", W, kv,  # noqa: E731
                                  preferred_element_type=jnp.float32)
-  partial_BxTxRx2xHd = mix(_slots(W_RxLxR, 0, 1, 1), _slots(buf_LxBxTxRx2xHd, 0, 1))
+  partial_BxTxRx2xHd = mix(read_slots(W_RxLxR, 0, 1, 1), read_slots(buf_LxBxTxRx2xHd, 0, 1))
   size = min(window - 1, L - 1)
   if size == 0:
     return partial_BxTxRx2xHd
   start = _window_start(l - size, size, L)
-  return partial_BxTxRx2xHd + mix(_slots(W_RxLxR, start, size, 1),
-                                  _slots(buf_LxBxTxRx2xHd, start, size))
+  return partial_BxTxRx2xHd + mix(read_slots(W_RxLxR, start, size, 1),
+                                  read_slots(buf_LxBxTxRx2xHd, start, size))
 
 
 def _cotangent_from_window(window: int, l, W_LxRxR, buf_LxBxTxRx2xHd):
@@ -170,7 +159,7 @@ def _cotangent_from_window(window: int, l, W_LxRxR, buf_LxBxTxRx2xHd):
     if size == 0:
       return jnp.zeros(buf_LxBxTxRx2xHd.shape[1:], jnp.float32)
     start = _window_start(l + 1, size, L)
-    return pull(_slots(W_LxRxR, start, size), _slots(buf_LxBxTxRx2xHd, start, size))
+    return pull(read_slots(W_LxRxR, start, size), read_slots(buf_LxBxTxRx2xHd, start, size))
   from_all = lambda W_LxRxR, buf_LxBxTxRx2xHd: pull(W_LxRxR, buf_LxBxTxRx2xHd)  # noqa: E731
   if isinstance(l, int):
     return (from_all if l == 0 else from_window)(W_LxRxR, buf_LxBxTxRx2xHd)
@@ -183,14 +172,14 @@ def _router_row_gradient_window(window: int, l, dpartial_BxTxRx2xHd, buf_LxBxTxR
   L, R = buf_LxBxTxRx2xHd.shape[0], dpartial_BxTxRx2xHd.shape[2]
   grad = lambda kv: jnp.einsum("btrcd,jbtscd->rjs", dpartial_BxTxRx2xHd, kv,  # noqa: E731
                                preferred_element_type=jnp.float32)
-  from_first_RxR = grad(_slots(buf_LxBxTxRx2xHd, 0, 1))
+  from_first_RxR = grad(read_slots(buf_LxBxTxRx2xHd, 0, 1))
   dW_RxLxR = jnp.zeros((R, L, R), jnp.float32).at[:, :1].set(from_first_RxR)
   size = min(window, L - 1)
   if size == 0:
     return dW_RxLxR
   start = _window_start(l - size + 1, size, L)
   return jax.lax.dynamic_update_slice_in_dim(
-      dW_RxLxR, grad(_slots(buf_LxBxTxRx2xHd, start, size)), start, 1)
+      dW_RxLxR, grad(read_slots(buf_LxBxTxRx2xHd, start, size)), start, 1)
 
 
 def _strict(W_LxRxLxR: jax.Array) -> jax.Array:
@@ -298,13 +287,8 @@ def _pull_stack_bwd(layer_fn, weights_fn, groups, window, kv_shape, unroll, resi
   carry = (dx_BxTxD, buf_LxBxTxRx2xHd)
   if isinstance(vjps, list):  # the forward ran unrolled
     outs = [None] * L
-    for l in reversed(range(L)):
-      # In straight-line code XLA merges a rematerialized layer's recomputation with its
-      # forward (remat keeps CSE on under scan_layers), which the scanned program, whose
-      # backward loop is apart from its forward, cannot: the barrier keeps this cost program
-      # doing the scanned program's work.
-      vjp = jax.lax.optimization_barrier(vjps[l])
-      carry, outs[l] = body(carry, vjp, columns_LxLxRxR[l], l)
+    for l in reversed(range(L)):  # the layers' remat keeps CSE off here (layers.maybe_remat)
+      carry, outs[l] = body(carry, vjps[l], columns_LxLxRxR[l], l)
     dparams_L, dW_LxRxLxR = jax.tree.map(lambda *layers: jnp.stack(layers), *outs)
   else:
     carry, (dparams_L, dW_LxRxLxR) = jax.lax.scan(

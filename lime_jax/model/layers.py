@@ -63,16 +63,20 @@ REMAT_POLICY_FNS = {
 }
 
 
-def maybe_remat(module_cls, cfg: ModelConfig):
+def maybe_remat(module_cls, cfg: ModelConfig, straight_line: bool):
   """`module_cls`, rematerialized by the config's policy.
 
   Only sub-blocks that do not own a cross-layer carry are rematerialized: a checkpoint whose
   input is LIMe's accumulator would save one copy of it per layer (spec section 5).
+  `straight_line`: the layers run as straight-line code (a Python loop, or a scan unrolled
+  over all its layers), where the backward's recomputation sits beside the forward and XLA
+  would merge the two (undoing the remat) unless CSE is prevented; inside a scan loop the
+  forward and backward are apart, and the barriers that prevent it would only cost fusion.
   """
   if cfg.remat_policy == "none":
     return module_cls
   return nn.remat(module_cls, policy=REMAT_POLICY_FNS[cfg.remat_policy],
-                  prevent_cse=not cfg.scan_layers)
+                  prevent_cse=straight_line)
 
 
 def apply_rope(x_BxTxNxHd: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:

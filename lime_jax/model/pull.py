@@ -13,12 +13,13 @@ Segments bound the reads: a layer of segment [start, stop) sees only the buffer'
 slots, the ones the segment's layers touch (a method may write several slots per layer:
 Attention Residuals writes one per sub-layer), which cuts the masked work as push.py's segments
 do. All layers run in one scan, forward and backward, and a `lax.switch` on the layer's segment
-slices the buffer statically: the TPU compiler kept several layers' attention temporaries live
-across one loop per segment (kv_pull.py measured +6.6 GiB at 1.2B with 4 loops), and slicing
-the stacked parameters per segment copied them. A fully unrolled stack of several segments
-(`unroll >= L`, the cost program of `lime-jax plan`) runs as a Python loop with each layer's
-segment known at trace time, as XLA counted every branch of an unrolled scan's switch; one
-segment has no switch and stays a scan.
+reads a buffer prefix of static size (`read_slots`): the TPU compiler kept several layers'
+attention temporaries live across one loop per segment (kv_pull.py measured +6.6 GiB at 1.2B
+with 4 loops), and slicing the stacked parameters per segment copied them. A fully unrolled
+stack of several segments (`unroll >= L`, the cost program of `lime-jax plan`) runs as a
+Python loop with each layer's segment known at trace time, as XLA counted every branch of an
+unrolled scan's switch; one segment has no switch and stays a scan. Unrolled, the backward's
+re-run of each layer passes an optimization barrier, or XLA would merge it with the forward.
 """
 
 from __future__ import annotations
@@ -49,9 +50,22 @@ def pull_stack(layer_fn: LayerFn, bounds: Bounds, unroll: int, params_L: Any,
   return x_BxTxD, buf_LxP
 
 
+def read_slots(a: jax.Array, start, size: int, axis: int = 0) -> jax.Array:
+  """Slots [start, start + size) of a layer buffer `a` on `axis`, by a dynamic slice whose
+  start the compiler cannot see. From a static slice of the buffer the TPU compiler makes a
+  convolution over the whole buffer with negative padding, and charges it the whole buffer:
+  7 of 64 slots cost 280 MiB against 52 MiB this way (one read in the deep setup, 4 MiB per
+  slot), so an unrolled program's reads grew as L^2. All of `a` is `a` itself."""
+  if isinstance(start, int):
+    if start == 0 and size == a.shape[axis]:
+      return a
+    start = jax.lax.optimization_barrier(jnp.int32(start))
+  return jax.lax.dynamic_slice_in_dim(a, start, size, axis)
+
+
 def _on_segment(bounds: Bounds, layer_idx, branch: Callable[[int], Callable], *operands):
   """`branch(slots)(*operands)` for the segment of `layer_idx`: static when the index is a
-  Python int, else a `lax.switch` whose branches slice the buffer statically."""
+  Python int, else a `lax.switch` whose branches read prefixes of static sizes."""
   segment_of_layer = np.concatenate([np.full(stop - start, b)
                                      for b, (start, stop, _) in enumerate(bounds)])
   if isinstance(layer_idx, int):
@@ -84,7 +98,8 @@ def _pull_forward(layer_fn, bounds, unroll, params_L, x_BxTxD, buf_LxP, position
     def branch(slots: int):
       def run(params_l, x_BxTxD, buf_LxP):
         # Slots >= `slots` are still empty and touched by no layer of this segment.
-        x_next, prefix_NxP = layer_fn(params_l, x_BxTxD, buf_LxP[:slots], l, positions_BxT)
+        x_next, prefix_NxP = layer_fn(params_l, x_BxTxD, read_slots(buf_LxP, 0, slots), l,
+                                      positions_BxT)
         return x_next, jax.lax.dynamic_update_slice_in_dim(buf_LxP, prefix_NxP, 0, 0)
       return run
 
@@ -109,13 +124,18 @@ def _pull_stack_bwd(layer_fn, bounds, unroll, residuals, cotangents):
   def body(carry, layer):
     dx_BxTxD, dbuf_LxP = carry
     params_l, x_BxTxD, l = layer
+    if unroll >= _layer_count(bounds):
+      # Straight-line code: XLA would merge this recomputation with the forward's layer l
+      # (same parameters and input) and skip it, a program cheaper than the scanned one that
+      # training runs, whose backward loop is apart from its forward.
+      params_l, x_BxTxD = jax.lax.optimization_barrier((params_l, x_BxTxD))
 
     def branch(slots: int):
       def run(params_l, x_BxTxD, dx_BxTxD, dbuf_LxP):
         # Recompute layer l against the final buffer: its slots > l have weight exactly zero.
         _, vjp = jax.vjp(lambda p, x, b: layer_fn(p, x, b, l, positions_BxT),
-                         params_l, x_BxTxD, final_LxP[:slots])
-        dparams_l, dx_BxTxD, dprefix_NxP = vjp((dx_BxTxD, dbuf_LxP[:slots]))
+                         params_l, x_BxTxD, read_slots(final_LxP, 0, slots))
+        dparams_l, dx_BxTxD, dprefix_NxP = vjp((dx_BxTxD, read_slots(dbuf_LxP, 0, slots)))
         # Slots >= `slots` passed through the layer untouched, and so do their cotangents.
         return dparams_l, dx_BxTxD, jax.lax.dynamic_update_slice_in_dim(dbuf_LxP, dprefix_NxP,
                                                                         0, 0)

@@ -32,18 +32,20 @@ class _ScanBody(nn.Module):
 
   cfg: ModelConfig
   first_reader: int = 0
+  unrolled_scan: bool = False  # the scan is unrolled over all its layers (Block)
 
   @nn.compact
   def __call__(self, carry, layer_idx, positions_BxT):
     stream, mixer_carry, cache = carry
-    block = Block(self.cfg, self.first_reader, name="block")
+    block = Block(self.cfg, self.first_reader, self.unrolled_scan, name="block")
     return block(stream, mixer_carry, layer_idx, positions_BxT, cache), None
 
 
 def _apply_block(cfg: ModelConfig, params_l, x_BxTxD, carry, layer_idx, positions_BxT):
-  """One layer as a pure function of its parameters (the pull form's layer_fn)."""
-  x_BxTxD, carry, _ = Block(cfg).apply({"params": params_l}, x_BxTxD, carry, layer_idx,
-                                       positions_BxT)
+  """One layer as a pure function of its parameters (the pull form's layer_fn); the pull's
+  one scan over all layers is straight-line code when unrolled over them."""
+  block = Block(cfg, unrolled_scan=cfg.scan_unroll >= cfg.L)
+  x_BxTxD, carry, _ = block.apply({"params": params_l}, x_BxTxD, carry, layer_idx, positions_BxT)
   return x_BxTxD, carry
 
 
@@ -76,7 +78,8 @@ class LayerStack(nn.Module):
           _ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
           metadata_params={nn.PARTITION_NAME: "layers"},
           in_axes=(0, nn.broadcast), length=stop - start,
-          unroll=min(cfg.scan_unroll, stop - start))(cfg, start, name=f"segment_{b}")
+          unroll=min(cfg.scan_unroll, stop - start))(
+              cfg, start, cfg.scan_unroll >= stop - start, name=f"segment_{b}")
       (stream, carry, cache), _ = segment((stream, carry, cache), jnp.arange(start, stop),
                                           positions_BxT)
       carry = mixer.after_segment(carry, start, stop)
