@@ -262,8 +262,9 @@ def test_each_layers_buffer_write_follows_its_reads(changes):
 def test_unrolled_pull_recomputes_what_remat_dropped():
   """The scanned pull's backward loop recomputes what remat did not save, apart from the
   forward loop. Run unrolled (the cost program of `lime-jax plan`) the layers are straight-line
-  code, where XLA would merge that recomputation with the forward (remat keeps CSE on under
-  scan_layers) and count a program that training never runs: full remat must cost FLOPs."""
+  code, where XLA would merge that recomputation with the forward unless remat prevents CSE
+  there (layers.maybe_remat), and count a program that training never runs: full remat must
+  cost FLOPs."""
   cfg = CFG.replace(routing_impl="pull", scan_segments=1, scan_unroll=CFG.L, router_window=3)
   tokens_BxT = jax.random.randint(jax.random.key(1), (2, cfg.T + 1), 0, cfg.V)
   def compiled_flops(cfg):
