@@ -22,6 +22,23 @@ def next_token_loss(params, cfg, tokens_BxT):
   return mean_loss(logits_BxTxV, tokens_BxT[:, 1:])
 
 
+def assert_full_remat_recomputes(cfg):
+  """Full remat must cost FLOPs in `cfg`'s compiled gradient step: at least half of the layers'
+  attention and MLP products again, which a program that merged the backward's recomputation
+  with the forward (straight-line code without CSE prevented) does not do."""
+  tokens_BxT = tokens(cfg, T=cfg.T + 1)
+
+  def compiled_flops(cfg):
+    params = M.init_params(cfg, jax.random.key(0))
+    grad = jax.jit(jax.grad(next_token_loss), static_argnums=1)
+    cost = grad.lower(params, cfg, tokens_BxT).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+  saved_all, recomputed = (compiled_flops(cfg.replace(remat_policy=p)) for p in ("none", "full"))
+  attention_and_mlp = 2 * cfg.L * cfg.D * (4 * cfg.D + 3 * cfg.F) * 2 * cfg.T
+  assert recomputed - saved_all >= 0.5 * attention_and_mlp
+
+
 def assert_causal(cfg, params, t=6):
   """The log-prob at position t has exactly zero gradient w.r.t. embeddings after t, and some
   gradient w.r.t. every embedding up to t."""

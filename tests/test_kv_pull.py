@@ -265,13 +265,5 @@ def test_unrolled_pull_recomputes_what_remat_dropped():
   code, where XLA would merge that recomputation with the forward unless remat prevents CSE
   there (layers.maybe_remat), and count a program that training never runs: full remat must
   cost FLOPs."""
-  cfg = CFG.replace(routing_impl="pull", scan_segments=1, scan_unroll=CFG.L, router_window=3)
-  tokens_BxT = jax.random.randint(jax.random.key(1), (2, cfg.T + 1), 0, cfg.V)
-  def compiled_flops(cfg):
-    params = M.init_params(cfg, jax.random.key(0))
-    grad = jax.jit(jax.grad(_loss), static_argnums=1)
-    cost = grad.lower(params, cfg, tokens_BxT).compile().cost_analysis()
-    return (cost[0] if isinstance(cost, list) else cost)["flops"]
-  saved_all, recomputed = (compiled_flops(cfg.replace(remat_policy=p)) for p in ("none", "full"))
-  attention_and_mlp = 2 * cfg.L * cfg.D * (4 * cfg.D + 3 * cfg.F) * 2 * cfg.T
-  assert recomputed - saved_all >= 0.5 * attention_and_mlp
+  model_checks.assert_full_remat_recomputes(
+      CFG.replace(routing_impl="pull", scan_segments=1, scan_unroll=CFG.L, router_window=3))

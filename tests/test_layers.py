@@ -6,10 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import model_checks
+
 from lime_jax.model import layers
 from lime_jax.model import transformer as M
 from lime_jax.config import ModelConfig
-from lime_jax.train.loss import mean_loss
 
 
 @pytest.mark.parametrize("R", [4, 2])  # MHA and GQA
@@ -51,16 +52,5 @@ def test_remat_recomputes_in_straight_line_code(layout):
   """A scan unrolled over all its layers is straight-line code, where XLA would merge remat's
   recomputation in the backward with the forward if CSE were allowed, and run (and count) a
   step without it: full remat must cost FLOPs there."""
-  cfg = ModelConfig(V=64, D=32, L=4, H=4, R=2, F=64, T=8).replace(**layout)
-  tokens_BxT = jax.random.randint(jax.random.key(1), (2, cfg.T + 1), 0, cfg.V)
-
-  def compiled_flops(cfg):
-    params = M.init_params(cfg, jax.random.key(0))
-    loss = lambda p: mean_loss(M.Transformer(cfg).apply({"params": p}, tokens_BxT[:, :-1]),
-                               tokens_BxT[:, 1:])
-    cost = jax.jit(jax.grad(loss)).lower(params).compile().cost_analysis()
-    return (cost[0] if isinstance(cost, list) else cost)["flops"]
-
-  saved_all, recomputed = (compiled_flops(cfg.replace(remat_policy=p)) for p in ("none", "full"))
-  attention_and_mlp = 2 * cfg.L * cfg.D * (4 * cfg.D + 3 * cfg.F) * 2 * cfg.T
-  assert recomputed - saved_all >= 0.5 * attention_and_mlp
+  model_checks.assert_full_remat_recomputes(
+      ModelConfig(V=64, D=32, L=4, H=4, R=2, F=64, T=8).replace(**layout))
