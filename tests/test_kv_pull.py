@@ -75,14 +75,16 @@ def test_pull_in_bfloat16_stays_close_to_push():
       jnp.max(jnp.abs(router_push))))
 
 
-@pytest.mark.parametrize("segments", [1, 2])
-def test_pull_training_memory_grows_linearly_with_depth(segments):
-  """test_bench.py's criterion (which catches the quadratic carried buffer)."""
-  cfg = SMALL.replace(scan_segments=segments, routing_impl="pull")
+@pytest.mark.parametrize("changes", [{"scan_segments": 1}, {"scan_segments": 2},
+                                     {"scan_segments": 1, "router_window": 3}], ids=str)
+def test_pull_training_memory_grows_linearly_with_depth(changes):
+  """test_bench.py's criterion (which catches the quadratic carried buffer), for the window's
+  reads too."""
+  cfg = SMALL.replace(routing_impl="pull", **changes)
   temp_L = _train_step_temp_bytes(cfg.replace(L=4))
   temp_2L = _train_step_temp_bytes(cfg.replace(L=8))
   assert temp_2L <= 2.1 * temp_L, (temp_L, temp_2L)
-  base_2L = _train_step_temp_bytes(cfg.replace(L=8, router="none"))
+  base_2L = _train_step_temp_bytes(cfg.replace(L=8, router="none", router_window=None))
   assert temp_2L <= 1.5 * base_2L, (temp_2L, base_2L)
 
 
