@@ -19,16 +19,10 @@ from jax.ad_checkpoint import print_saved_residuals
 from lime_jax.model import flops, kv_pull, stack
 from lime_jax.model.mixers import kv_routing
 from lime_jax.model import transformer as M
-from lime_jax.train.loss import mean_loss
 import model_checks
 from test_bench import SMALL, _train_step_temp_bytes
 
 CFG = ModelConfig(V=64, D=32, L=6, H=4, R=2, F=64, T=8, scan_segments=2)
-
-
-def _loss(params, cfg, tokens_BxT):
-  logits = M.Transformer(cfg).apply({"params": params}, tokens_BxT[:, :-1])
-  return mean_loss(logits, tokens_BxT[:, 1:])
 
 
 def _random_router_params(cfg):
@@ -42,8 +36,8 @@ def _random_router_params(cfg):
 def _push_and_pull(cfg):
   """(loss, grads) of the push and of the pull, on random routers and tokens."""
   params = _random_router_params(cfg)
-  tokens_BxT = jax.random.randint(jax.random.key(1), (2, cfg.T + 1), 0, cfg.V)
-  value_and_grad = jax.jit(jax.value_and_grad(_loss), static_argnums=1)
+  tokens_BxT = model_checks.tokens(cfg, T=cfg.T + 1)
+  value_and_grad = jax.jit(jax.value_and_grad(model_checks.next_token_loss), static_argnums=1)
   return (value_and_grad(params, cfg, tokens_BxT),
           value_and_grad(params, cfg.replace(routing_impl="pull"), tokens_BxT))
 
@@ -129,8 +123,9 @@ def test_pull_does_not_concatenate_the_segments_parameters():
   temporary per device in the 1.2B setup on TPU v5p)."""
   cfg = CFG.replace(routing_impl="pull", scan_segments=3)
   params = M.init_params(cfg, jax.random.key(0))
-  tokens_BxT = jax.random.randint(jax.random.key(1), (2, cfg.T + 1), 0, cfg.V)
-  jaxpr = jax.make_jaxpr(jax.grad(_loss), static_argnums=1)(params, cfg, tokens_BxT)
+  tokens_BxT = model_checks.tokens(cfg, T=cfg.T + 1)
+  jaxpr = jax.make_jaxpr(jax.grad(model_checks.next_token_loss), static_argnums=1)(
+      params, cfg, tokens_BxT)
   gate_up_shape = stack.stacked_layer_params(params, cfg)["mlp"]["gate_up"].shape  # [L, ...]
   shapes = [eqn.outvars[0].aval.shape for eqn in model_checks.all_eqns(jaxpr.jaxpr)
             if eqn.primitive.name == "concatenate"]
@@ -165,9 +160,10 @@ def test_fully_unrolled_pull_picks_each_layers_reads_at_trace_time():
   left, since XLA keeps it and counts every branch's reads."""
   cfg = CFG.replace(routing_impl="pull", scan_segments=3)
   params = M.init_params(cfg, jax.random.key(0))
-  tokens_BxT = jax.random.randint(jax.random.key(1), (2, cfg.T + 1), 0, cfg.V)
+  tokens_BxT = model_checks.tokens(cfg, T=cfg.T + 1)
   def switches(cfg):
-    jaxpr = jax.make_jaxpr(jax.grad(_loss), static_argnums=1)(params, cfg, tokens_BxT)
+    jaxpr = jax.make_jaxpr(jax.grad(model_checks.next_token_loss), static_argnums=1)(
+      params, cfg, tokens_BxT)
     return sum(eqn.primitive.name == "cond" for eqn in model_checks.all_eqns(jaxpr.jaxpr))
   assert switches(cfg) > 0  # the scan's per-layer choice of reads
   assert switches(cfg.replace(scan_unroll=cfg.L)) == 0
@@ -176,8 +172,9 @@ def test_fully_unrolled_pull_picks_each_layers_reads_at_trace_time():
 def _grad_jaxpr(cfg):
   """The jaxpr of the loss's gradient for `cfg` (a small random batch)."""
   params = M.init_params(cfg, jax.random.key(0))
-  tokens_BxT = jax.random.randint(jax.random.key(1), (2, cfg.T + 1), 0, cfg.V)
-  return jax.make_jaxpr(jax.grad(_loss), static_argnums=1)(params, cfg, tokens_BxT).jaxpr
+  tokens_BxT = model_checks.tokens(cfg, T=cfg.T + 1)
+  return jax.make_jaxpr(jax.grad(model_checks.next_token_loss), static_argnums=1)(
+      params, cfg, tokens_BxT).jaxpr
 
 
 def _buffer_test(cfg):
