@@ -2,7 +2,7 @@
 
 import pytest
 
-from lime_jax.cli.main import build_parser, main
+from lime_jax.cli.main import build_parser, main, parse
 
 
 def test_subcommands_are_registered():
@@ -94,3 +94,21 @@ def test_import_out_writes_a_training_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("lime-jax import: ") and message in err and "\n" not in err, err
   assert not (tmp_path / "x").exists()
+
+
+def test_overrides_are_taken_on_either_side_of_an_option():
+  args = parse(["plan", "--config", "c.yaml", "model.L=4", "--cost", "scaled", "mesh.fsdp=-1",
+                "--json", "p.json", "model.L=8"])
+  assert args.overrides == ["model.L=4", "mesh.fsdp=-1", "model.L=8"]  # in order: last wins
+  assert (args.cost, args.json) == ("scaled", "p.json")
+
+
+@pytest.mark.parametrize("argv", [["plan", "model.L=4", "--cost", "scaled", "typo"],
+                                  ["plan", "--bogus"],
+                                  ["tokenizer", "train", "--embedded", "--vocab-size", "300",
+                                   "--out", "t.json", "model.L=4"]])
+def test_other_stray_arguments_are_still_refused(argv, capsys):
+  with pytest.raises(SystemExit) as exit_:
+    parse(argv)
+  assert exit_.value.code == 2
+  assert "unrecognized arguments" in capsys.readouterr().err

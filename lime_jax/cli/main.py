@@ -51,9 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+  """The command line, `section.key=value` overrides accepted on either side of an option
+  (`plan --config X model.L=4 --cost scaled mesh.fsdp=-1`): argparse takes only the first run
+  of positionals, and would call the later overrides unrecognized."""
+  parser = build_parser()
+  args, extra = parser.parse_known_args(argv)
+  overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+  if overrides != extra or (overrides and not hasattr(args, "overrides")):
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
+  if overrides:
+    args.overrides = [*(args.overrides or []), *overrides]
+  return args
+
+
 def main(argv: list[str] | None = None) -> int:
   avoid_absent_tpu()  # before any command queries a device
-  args = build_parser().parse_args(argv)
+  args = parse(argv)
   quiet_libraries()
   try:
     return args.func(args)
