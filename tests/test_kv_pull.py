@@ -123,11 +123,8 @@ def test_pull_does_not_concatenate_the_segments_parameters():
   temporary per device in the 1.2B setup on TPU v5p)."""
   cfg = CFG.replace(routing_impl="pull", scan_segments=3)
   params = M.init_params(cfg, jax.random.key(0))
-  tokens_BxT = model_checks.tokens(cfg, T=cfg.T + 1)
-  jaxpr = jax.make_jaxpr(jax.grad(model_checks.next_token_loss), static_argnums=1)(
-      params, cfg, tokens_BxT)
   gate_up_shape = stack.stacked_layer_params(params, cfg)["mlp"]["gate_up"].shape  # [L, ...]
-  shapes = [eqn.outvars[0].aval.shape for eqn in model_checks.all_eqns(jaxpr.jaxpr)
+  shapes = [eqn.outvars[0].aval.shape for eqn in model_checks.all_eqns(_grad_jaxpr(cfg))
             if eqn.primitive.name == "concatenate"]
   assert shapes, "expected the router concatenation at least"
   assert gate_up_shape not in shapes, shapes
@@ -159,12 +156,8 @@ def test_fully_unrolled_pull_picks_each_layers_reads_at_trace_time():
   """`plan` counts cost on the program with every layer unrolled: there no `lax.switch` may be
   left, since XLA keeps it and counts every branch's reads."""
   cfg = CFG.replace(routing_impl="pull", scan_segments=3)
-  params = M.init_params(cfg, jax.random.key(0))
-  tokens_BxT = model_checks.tokens(cfg, T=cfg.T + 1)
   def switches(cfg):
-    jaxpr = jax.make_jaxpr(jax.grad(model_checks.next_token_loss), static_argnums=1)(
-      params, cfg, tokens_BxT)
-    return sum(eqn.primitive.name == "cond" for eqn in model_checks.all_eqns(jaxpr.jaxpr))
+    return sum(eqn.primitive.name == "cond" for eqn in model_checks.all_eqns(_grad_jaxpr(cfg)))
   assert switches(cfg) > 0  # the scan's per-layer choice of reads
   assert switches(cfg.replace(scan_unroll=cfg.L)) == 0
 
