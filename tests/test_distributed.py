@@ -83,7 +83,8 @@ def test_two_processes_on_localhost_match_one_process(tmp_path):
     assert proc.returncode == 0, err[-3000:]
   # Only process 0 logs: the summary line and metrics.jsonl.
   assert f"{out_two}: step 3" in outputs[0][0] and "step 3" not in outputs[1][0]
-  assert sorted(os.listdir(out_two)) == ["checkpoints", "config.yaml", "metrics.jsonl"]
+  assert sorted(os.listdir(out_two)) == ["checkpoints", "config.yaml", "environment.jsonl",
+                                         "metrics.jsonl"]
   assert os.listdir(out_two / "checkpoints") == ["3"]
 
   # The same global batch in one process, on the same mesh over this process's 8 devices.

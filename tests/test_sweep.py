@@ -9,6 +9,7 @@ import types
 import pytest
 
 from lime_jax.train import checkpoint as ckpt
+from lime_jax.train import environment
 from lime_jax.model import flops as flops_lib
 from lime_jax.studies import sweep
 from lime_jax.cli.main import main
@@ -191,6 +192,27 @@ def test_sweep_trains_resumes_and_reports_measured_numbers(swept):
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert sorted(os.path.basename(p) for p in swept["paths"][2:]) == [
       "final_vs_depth.png", "val_loss_vs_flops.png"]
+  here = environment.numeric_signature(environment.describe())
+  assert {row["environment"] for row in csv_rows.values()} == {here}
+  assert f"## Environments\n\n- 2 points: {here}\n" in table
+  assert "different environments" not in table
+
+
+def test_points_from_different_environments_are_flagged():
+  def row(point, env):
+    return {"point": point, "variant": "", "router": "none", "L": 2, "D": 32, "seed": 0,
+            "params": 10, "final_val_loss": 1.0, "best_val_loss": 1.0,
+            "final_val_accuracy": None, "chance": None, "tokens_per_s": 1.0,
+            "train_flops": 1.0, "environment": env, "status": "trained"}
+
+  same = sweep.markdown([row("a", "jax 1, jaxlib 1, cpu (X)"), row("b", "jax 1, jaxlib 1, cpu (X)")])
+  assert "- 2 points: jax 1, jaxlib 1, cpu (X)" in same and "different environments" not in same
+  mixed = sweep.markdown([row("a", "jax 1, jaxlib 1, cpu (X)"), row("b", "jax 2, jaxlib 2, cpu (X)"),
+                          row("c", None)])
+  assert "**The points ran on different environments**" in mixed
+  for line in ("- 1 point: jax 1, jaxlib 1, cpu (X)", "- 1 point: jax 2, jaxlib 2, cpu (X)",
+               "- 1 point: not recorded"):
+    assert line in mixed
 
 
 def test_finished_points_are_skipped(swept, capsys):

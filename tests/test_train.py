@@ -15,6 +15,7 @@ import pytest
 from conftest import REPO, child_env
 
 from lime_jax.train import checkpoint as ckpt
+from lime_jax.train import environment
 from lime_jax.data import text as data_lib
 from lime_jax.model import flops as flops_lib
 from lime_jax.train import loop as train_lib
@@ -69,7 +70,8 @@ def runs(tmp_path_factory):
        f"run.out_dir={split}"], cwd=REPO, env=child_env(),
       capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return {"straight": straight, "split": split, "child_stdout": proc.stdout}
+  return {"straight": straight, "split": split, "child_stdout": proc.stdout,
+          "child_stderr": proc.stderr}
 
 
 def test_resume_in_a_fresh_process_is_bit_identical(runs):
@@ -84,6 +86,11 @@ def test_resume_in_a_fresh_process_is_bit_identical(runs):
   for x, y in zip(jax.tree.leaves(state_a.state), jax.tree.leaves(state_b.state)):
     assert np.array_equal(np.asarray(x), np.asarray(y))  # params, opt_state, step, rng
   assert int(state_a.state["step"]) == 2 * N * 2  # micro-steps with accumulation 2
+  # Both starts recorded their environment; the same one, so the resume did not warn.
+  starts = environment.read(str(runs["split"]))
+  assert [r["start_step"] for r in starts] == [0, N]
+  assert not environment.changed_fields(starts[0], starts[1])
+  assert "different environment" not in runs["child_stderr"]
 
 
 def test_metrics_records(runs):

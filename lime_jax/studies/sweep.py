@@ -36,8 +36,10 @@ reuse the compiled step). A point whose final checkpoint (step run.steps) exists
 again; an interrupted one resumes from its latest checkpoint (run.resume=auto). Results:
 `results.csv` (one row per point), `results.md` (mean and 95% t-interval over seeds, the
 method - baseline difference paired by seed, and each method at L against the baseline at 2L
-where the grid has both depths), and PNGs per variant: validation loss vs training
-FLOPs per depth, final validation loss (and task accuracy) vs depth. FLOPs come from flops.py.
+where the grid has both depths, and the environments the points trained on: points from
+different jaxlibs or host CPUs are not bitwise comparable), and PNGs per variant: validation
+loss vs training FLOPs per depth, final validation loss (and task accuracy) vs depth. FLOPs
+come from flops.py.
 
 Every error in a sweep file is a one-line ValueError naming the file and the key.
 """
@@ -61,6 +63,7 @@ from lime_jax.errors import one_line
 from lime_jax.model import flops as flops_lib
 from lime_jax.train import plan
 from lime_jax.train import checkpoint as ckpt
+from lime_jax.train import environment
 from lime_jax.train import loop as train_lib
 from lime_jax.train.experiment import ExperimentConfig, load_experiment, read_yaml, read_yaml_file
 from lime_jax.train.metrics import read_metrics
@@ -74,7 +77,7 @@ BUDGET_TOLERANCE = 0.25  # a derived width further than this from the budget is 
 CSV_FIELDS = ("point", "variant", "router", "L", "D", "H", "R", "F", "seed", "params",
               "non_embedding_params", "steps", "tokens", "train_flops", "final_val_loss",
               "best_val_loss", "final_val_accuracy", "chance", "tokens_per_s",
-              "compiled_temp_mib", "wall_s", "status")
+              "compiled_temp_mib", "wall_s", "environment", "status")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,6 +384,17 @@ def run_points(cfg: SweepConfig, points: Sequence[Point], *, log=None) -> list[d
   return rows
 
 
+def point_environment(out_dir: str) -> str | None:
+  """The numeric environment a point trained on ('A + B' when its starts differed), None for a
+  run that recorded none (trained before environment.jsonl existed)."""
+  labels = []
+  for env in environment.read(out_dir):
+    label = environment.numeric_signature(env)
+    if label not in labels:
+      labels.append(label)
+  return " + ".join(labels) or None
+
+
 def collect(point: Point, status: str, compiled_temp_mib: float | None = None) -> dict[str, Any]:
   """The results row of a point, from its metrics.jsonl and flops.py."""
   cfg = point.cfg
@@ -405,6 +419,7 @@ def collect(point: Point, status: str, compiled_temp_mib: float | None = None) -
       "tokens_per_s": rates[len(rates) // 2] if rates else None,  # median: robust to hiccups
       "compiled_temp_mib": compiled_temp_mib,
       "wall_s": _read_point_file(cfg.run.out_dir).get("wall_s"),
+      "environment": point_environment(cfg.run.out_dir),
       "status": status,
   }
 
@@ -522,11 +537,28 @@ def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
             "| variant | method | L, D | baseline L, D | pairs | final val loss diff |"
             " train FLOPs method/baseline | seeds method lower | 95% interval says |",
             "|---|---|---|---|---:|---:|---:|---:|---|", *twice]
+  out += _environment_lines(rows)
   other = [r for r in rows if r["status"].startswith(("skipped", "failed", "not run"))]
   if other:
     out += ["", "## Not run", "", "| point | status |", "|---|---|",
             *(f"| {r['point']} | {r['status']} |" for r in other)]
   return "\n".join(out) + "\n"
+
+
+def _environment_lines(rows) -> list[str]:
+  """Which environments the reported points trained on; a warning when they differ, since
+  runs are bitwise reproducible on one environment only (train/environment.py)."""
+  counts: dict[str, int] = {}
+  for row in _done(rows):
+    label = row.get("environment") or "not recorded"
+    counts[label] = counts.get(label, 0) + 1
+  if not counts:
+    return []
+  lines = ["", "## Environments", ""]
+  if len(counts) > 1:
+    lines += ["**The points ran on different environments**: a re-run on one environment"
+              " will not reproduce every point bit for bit.", ""]
+  return lines + [f"- {n} point{'s' * (n != 1)}: {label}" for label, n in counts.items()]
 
 
 def _by_depth_lines(rows, groups: Mapping[tuple, list[dict]]) -> list[str]:

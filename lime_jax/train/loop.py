@@ -1,6 +1,7 @@
 """The training loop: data -> jitted, donating train step -> metrics, evals and checkpoints.
 
-A run lives in `run.out_dir`: `config.yaml` (resolved), `metrics.jsonl`, `tensorboard/` and
+A run lives in `run.out_dir`: `config.yaml` (resolved), `metrics.jsonl`, `environment.jsonl`
+(versions, device and commit of every start; environment.py), `tensorboard/` and
 `checkpoints/<step>/`. Steps are optimizer steps; with `optim.grad_accum_steps = k` each is k
 micro-batches through optax.MultiSteps.
 
@@ -48,6 +49,7 @@ import jax.numpy as jnp
 import yaml
 
 from lime_jax.train import checkpoint as ckpt
+from lime_jax.train import environment
 from lime_jax.data import sources
 from lime_jax.model import flops as flops_lib
 from lime_jax.train import metrics as metrics_lib
@@ -255,6 +257,9 @@ class Trainer:
       os.makedirs(run.out_dir, exist_ok=True)
       with open(os.path.join(run.out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+      changed = environment.record(run.out_dir, start)
+      if changed:
+        print(changed, file=sys.stderr)
     if self.start is not None and run.progress and self.is_main:
       print(f"resuming {run.out_dir} from step {self.start}", file=sys.stderr)
 

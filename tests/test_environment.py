@@ -1,0 +1,42 @@
+"""A run's environment record: what it holds, and the warning on a resume elsewhere."""
+
+import json
+
+import jax
+
+from lime_jax.train import environment
+
+
+def test_describe_names_the_versions_backend_and_host():
+  env = environment.describe()
+  assert env["jax"] == jax.__version__
+  assert env["jaxlib"] and env["flax"] and env["optax"]
+  assert env["backend"] == jax.default_backend() == "cpu"
+  assert env["device_kind"] == jax.devices()[0].device_kind
+  assert env["device_count"] == jax.device_count()
+  assert env["host_cpu"]
+  label = environment.numeric_signature(env)
+  assert label.startswith(f"jax {jax.__version__}, jaxlib {env['jaxlib']}, cpu ({env['host_cpu']})")
+
+
+def test_each_start_is_appended_and_a_resume_on_another_environment_warns(tmp_path):
+  out = str(tmp_path)
+  assert environment.record(out, 0) is None
+  assert environment.record(out, 4) is None  # the same environment: nothing to say
+  records = environment.read(out)
+  assert [r["start_step"] for r in records] == [0, 4]
+  assert {k: v for k, v in records[0].items() if k != "start_step"} == {
+      k: v for k, v in records[1].items() if k != "start_step"}
+
+  older = dict(records[-1], start_step=4, jaxlib="0.4.1", host_cpu="Some Other CPU")
+  with open(tmp_path / environment.ENVIRONMENT_FILE, "a", encoding="utf-8") as f:
+    f.write(json.dumps(older) + "\n")
+  warning = environment.record(out, 8)
+  assert warning.startswith(f"warning: {out}: resuming at step 8 on a different environment")
+  assert "jaxlib: '0.4.1' -> " in warning and "host_cpu: 'Some Other CPU' -> " in warning
+  assert "\n" not in warning
+  assert len(environment.read(out)) == 4  # recorded even when it warns
+
+
+def test_a_run_without_a_record_reads_empty(tmp_path):
+  assert environment.read(str(tmp_path)) == []
