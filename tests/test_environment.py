@@ -1,8 +1,12 @@
 """A run's environment record: what it holds, and the warning on a resume elsewhere."""
 
 import json
+import os
+import subprocess
 
 import jax
+
+from conftest import REPO
 
 from lime_jax.train import environment
 
@@ -25,8 +29,8 @@ def test_each_start_is_appended_and_a_resume_on_another_environment_warns(tmp_pa
   assert environment.record(out, 4) is None  # the same environment: nothing to say
   records = environment.read(out)
   assert [r["start_step"] for r in records] == [0, 4]
-  assert {k: v for k, v in records[0].items() if k != "start_step"} == {
-      k: v for k, v in records[1].items() if k != "start_step"}
+  assert {k: v for k, v in records[0].items() if k not in ("start_step", "time")} == {
+      k: v for k, v in records[1].items() if k not in ("start_step", "time")}
 
   older = dict(records[-1], start_step=4, jaxlib="0.4.1", host_cpu="Some Other CPU")
   with open(tmp_path / environment.ENVIRONMENT_FILE, "a", encoding="utf-8") as f:
@@ -40,3 +44,19 @@ def test_each_start_is_appended_and_a_resume_on_another_environment_warns(tmp_pa
 
 def test_a_run_without_a_record_reads_empty(tmp_path):
   assert environment.read(str(tmp_path)) == []
+
+
+def test_the_commit_is_the_checkouts_own_and_none_for_a_package_inside_another_repo(
+    tmp_path, monkeypatch):
+  expected = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+  assert environment.code_commit() == expected
+  # A package installed under site-packages of a venv inside some repository is not that
+  # repository's code: no commit.
+  repo = tmp_path / "other"
+  module = repo / "venv" / "site-packages" / "lime_jax" / "train" / "environment.py"
+  module.parent.mkdir(parents=True)
+  module.write_text("")
+  subprocess.run(["git", "init", "-q", str(repo)], check=True)
+  monkeypatch.setattr(environment, "__file__", str(module))
+  assert environment.code_commit() is None

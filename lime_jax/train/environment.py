@@ -10,6 +10,8 @@ on (studies/sweep.py).
 
 from __future__ import annotations
 
+import datetime
+import functools
 import importlib.metadata
 import json
 import os
@@ -45,13 +47,10 @@ def host_cpu() -> str:
   return platform.processor() or platform.machine()
 
 
-def code_commit() -> str | None:
-  """`git describe --always --dirty` of the checkout lime_jax is imported from, None outside
-  git (an installed wheel)."""
-  package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def _git(root: str, *args: str) -> str | None:
   try:
-    out = subprocess.run(["git", "-C", package_dir, "describe", "--always", "--dirty"],
-                         capture_output=True, text=True, timeout=10, check=False)
+    out = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
+                         timeout=10, check=False)
   except (OSError, subprocess.TimeoutExpired):
     return None
   if out.returncode != 0:
@@ -59,10 +58,29 @@ def code_commit() -> str | None:
   return out.stdout.strip() or None
 
 
+def code_commit() -> str | None:
+  """`git describe --always --dirty` of the checkout lime_jax is imported from; None when it
+  is not imported from a checkout's top level (an installed wheel, even one installed into a
+  virtual environment that lives inside some other repository)."""
+  package = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))  # .../lime_jax
+  return _checkout_commit(os.path.dirname(package))
+
+
+@functools.lru_cache(maxsize=None)
+def _checkout_commit(root: str) -> str | None:
+  # Read once per process: the checkout may move on while a long sweep runs the code it
+  # imported at the start.
+  top = _git(root, "rev-parse", "--show-toplevel")
+  if top is None or os.path.realpath(top) != root:
+    return None
+  return _git(root, "describe", "--always", "--dirty")
+
+
 def describe() -> dict[str, Any]:
   """This process's environment (starts JAX's backend if it is not started yet)."""
   device = jax.devices()[0]
   return {
+      "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "python": platform.python_version(),
       **{name.replace("-", "_"): _version(name) for name in PACKAGES},
       "backend": jax.default_backend(),
