@@ -232,6 +232,28 @@ def test_finished_points_are_skipped(swept, capsys):
     assert rows[old["point"]]["status"] == "finished earlier"
 
 
+def test_a_finished_point_of_another_config_is_failed_not_reported(tmp_path):
+  """The sweep's overrides changed after its points trained: their runs must not stand for the
+  new config's points, whether this invocation selects them (s4) or --only leaves them out (s3)."""
+  path = _write(tmp_path, "{routers: [none], depths: [2], seeds: [3, 4]}")
+  assert main(["sweep", "--config", path]) == 0
+  with open(path, "a", encoding="utf-8") as f:
+    f.write("overrides: [optim.lr=0.01]\n")
+  rows, paths = sweep.run_sweep(sweep.load_sweep(path), ["none_L2_D32_s4"])
+  assert len(rows) == 1
+  csv_rows = _rows(paths[0])
+  table = open(paths[1], encoding="utf-8").read()
+  for name in ("none_L2_D32_s3", "none_L2_D32_s4"):
+    row = csv_rows[name]
+    assert row["status"].startswith("failed: run.out_dir: "), row["status"]
+    assert "of a different config: optim.lr: 0.001 -> 0.01" in row["status"]
+    assert row["final_val_loss"] == row["best_val_loss"] == row["wall_s"] == ""
+    assert row["environment"] == ""
+    assert f"| {name} | {row['status']} |" in table
+  assert rows[0]["status"] == csv_rows["none_L2_D32_s4"]["status"]
+  assert "## Environments" not in table  # no point is reported
+
+
 def test_mean_ci_and_paired_table():
   mean, half = sweep.mean_ci([1.0, 2.0, 3.0])
   assert mean == 2.0 and half == pytest.approx(4.303 / math.sqrt(3))

@@ -33,7 +33,8 @@ achieved count.
 
 Points run in order variant, depth, width, router, seed (seeds innermost, so consecutive points
 reuse the compiled step). A point whose final checkpoint (step run.steps) exists is not trained
-again; an interrupted one resumes from its latest checkpoint (run.resume=auto). Results:
+again (unless its checkpoint holds another config: then it is reported failed, with none of
+that run's numbers); an interrupted one resumes from its latest checkpoint (run.resume=auto). Results:
 `results.csv` (one row per point), `results.md` (mean and 95% t-interval over seeds, the
 method - baseline difference paired by seed, and each method at L against the baseline at 2L
 where the grid has both depths, and the environments the points trained on: points from
@@ -331,6 +332,19 @@ def _finished(point: Point) -> bool:
   return latest is not None and latest >= point.cfg.run.steps
 
 
+def _finished_status(point: Point) -> tuple[str, bool]:
+  """A finished point's (status, foreign): "finished earlier", or "failed: ..." when its
+  checkpoint does not read or holds a run of another config (foreign: the sweep's overrides
+  changed since it trained), whose numbers must not be reported as this point's."""
+  try:
+    train_lib.resume_step(point.cfg, "auto")
+  except train_lib.ConfigMismatchError as err:
+    return f"failed: {one_line(err)}", True
+  except ValueError as err:  # an unreadable checkpoint (CheckpointError)
+    return f"failed: {one_line(err)}", False
+  return "finished earlier", False
+
+
 def _read_point_file(out_dir: str) -> dict[str, Any]:
   path = os.path.join(out_dir, POINT_FILE)
   if not os.path.isfile(path):
@@ -366,7 +380,7 @@ def run_points(cfg: SweepConfig, points: Sequence[Point], *, log=None) -> list[d
     if not fits:
       status = f"skipped: {reason}"
     elif _finished(point):
-      status = "finished earlier"
+      status, extra["foreign"] = _finished_status(point)
     else:
       print(f"[{i + 1}/{len(points)}] {point.name}", file=log, flush=True)
       try:
@@ -395,11 +409,13 @@ def point_environment(out_dir: str) -> str | None:
   return " + ".join(labels) or None
 
 
-def collect(point: Point, status: str, compiled_temp_mib: float | None = None) -> dict[str, Any]:
-  """The results row of a point, from its metrics.jsonl and flops.py."""
+def collect(point: Point, status: str, foreign: bool = False,
+            compiled_temp_mib: float | None = None) -> dict[str, Any]:
+  """The results row of a point, from its metrics.jsonl and flops.py; none of its run's numbers
+  when the run directory holds another config's run."""
   cfg = point.cfg
   model = cfg.model
-  records = read_metrics(cfg.run.out_dir)
+  records = [] if foreign else read_metrics(cfg.run.out_dir)
   evals = [r for r in records if r.get("val_loss") is not None]
   steps = max((r["step"] for r in records), default=0)
   rates = sorted(r["tokens_per_s"] for r in records if r.get("tokens_per_s") is not None)
@@ -418,8 +434,8 @@ def collect(point: Point, status: str, compiled_temp_mib: float | None = None) -
       "chance": last.get("chance"),
       "tokens_per_s": rates[len(rates) // 2] if rates else None,  # median: robust to hiccups
       "compiled_temp_mib": compiled_temp_mib,
-      "wall_s": _read_point_file(cfg.run.out_dir).get("wall_s"),
-      "environment": point_environment(cfg.run.out_dir),
+      "wall_s": None if foreign else _read_point_file(cfg.run.out_dir).get("wall_s"),
+      "environment": None if foreign else point_environment(cfg.run.out_dir),
       "status": status,
   }
 
@@ -794,6 +810,11 @@ def run_sweep(cfg: SweepConfig, only: Sequence[str] | None = None, *,
   print(f"sweep: {len(chosen)} points in {time.perf_counter() - t0:.1f} s", file=log)
   by_name = {row["point"]: row for row in rows}
   # Points left out by --only still appear in the report, as their run dirs hold them.
-  every = [by_name.get(p.name) or collect(p, "finished earlier" if _finished(p)
-                                          else "not run (--only)") for p in points]
+  every = [by_name.get(p.name) or _row_of_unselected(p) for p in points]
   return rows, report(cfg, points, every)
+
+
+def _row_of_unselected(point: Point) -> dict[str, Any]:
+  if _finished(point):
+    return collect(point, *_finished_status(point))
+  return collect(point, "not run (--only)")

@@ -64,6 +64,10 @@ from lime_jax.data.tokenizers import load_tokenizer
 CONFIG_FILE = "config.yaml"
 
 
+class ConfigMismatchError(ValueError):
+  """run.out_dir holds a checkpoint of another config (resume_step)."""
+
+
 class NonFiniteLossError(RuntimeError):
   """Training produced NaN/inf; the message names the step and the last good checkpoint."""
 
@@ -175,7 +179,7 @@ def resume_step(cfg: ExperimentConfig, mode: str) -> int | None:
   diffs = config_differences(saved, cfg.to_dict())
   if diffs:
     more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
-    raise ValueError(
+    raise ConfigMismatchError(
         f"run.out_dir: {cfg.run.out_dir} holds a checkpoint (step {latest}) of a different"
         f" config: {'; '.join(diffs[:3])}{more}; use the same config or another run.out_dir")
   return latest
