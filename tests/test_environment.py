@@ -42,8 +42,13 @@ def test_each_start_is_appended_and_a_resume_on_another_environment_warns(tmp_pa
   assert len(environment.read(out)) == 4  # recorded even when it warns
 
 
-def test_a_run_without_a_record_reads_empty(tmp_path):
+def test_a_run_without_a_record_reads_empty_and_a_cut_line_is_skipped(tmp_path):
   assert environment.read(str(tmp_path)) == []
+  assert environment.record(str(tmp_path), 0) is None
+  with open(tmp_path / environment.ENVIRONMENT_FILE, "a", encoding="utf-8") as f:
+    f.write('{"start_step": 4, "jax')  # killed while appending
+  assert environment.record(str(tmp_path), 4) is None  # compared with the whole record before
+  assert [r["start_step"] for r in environment.read(str(tmp_path))] == [0, 4]
 
 
 def test_the_commit_is_the_checkouts_own_and_none_for_a_package_inside_another_repo(

@@ -205,10 +205,10 @@ def test_points_from_different_environments_are_flagged():
             "final_val_accuracy": None, "chance": None, "tokens_per_s": 1.0,
             "train_flops": 1.0, "environment": env, "status": "trained"}
 
-  same = sweep.markdown([row("a", "jax 1, jaxlib 1, cpu (X)"), row("b", "jax 1, jaxlib 1, cpu (X)")])
-  assert "- 2 points: jax 1, jaxlib 1, cpu (X)" in same and "different environments" not in same
-  mixed = sweep.markdown([row("a", "jax 1, jaxlib 1, cpu (X)"), row("b", "jax 2, jaxlib 2, cpu (X)"),
-                          row("c", None)])
+  one, two = "jax 1, jaxlib 1, cpu (X)", "jax 2, jaxlib 2, cpu (X)"
+  same = sweep.markdown([row("a", one), row("b", one)])
+  assert f"- 2 points: {one}" in same and "different environments" not in same
+  mixed = sweep.markdown([row("a", one), row("b", two), row("c", None)])
   assert "**The points ran on different environments**" in mixed
   for line in ("- 1 point: jax 1, jaxlib 1, cpu (X)", "- 1 point: jax 2, jaxlib 2, cpu (X)",
                "- 1 point: not recorded"):

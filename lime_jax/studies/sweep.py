@@ -34,8 +34,8 @@ achieved count.
 Points run in order variant, depth, width, router, seed (seeds innermost, so consecutive points
 reuse the compiled step). A point whose final checkpoint (step run.steps) exists is not trained
 again (unless its checkpoint holds another config: then it is reported failed, with none of
-that run's numbers); an interrupted one resumes from its latest checkpoint (run.resume=auto). Results:
-`results.csv` (one row per point), `results.md` (mean and 95% t-interval over seeds, the
+that run's numbers); an interrupted one resumes from its latest checkpoint (run.resume=auto).
+Results: `results.csv` (one row per point), `results.md` (mean and 95% t-interval over seeds, the
 method - baseline difference paired by seed, and each method at L against the baseline at 2L
 where the grid has both depths, and the environments the points trained on: points from
 different jaxlibs or host CPUs are not bitwise comparable), and PNGs per variant: validation

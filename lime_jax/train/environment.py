@@ -3,7 +3,7 @@
 Every start of a run (fresh or resumed) appends one line to `<out_dir>/environment.jsonl`.
 Training is bitwise reproducible on one environment, not across them: a new jaxlib or another
 host CPU (XLA:CPU compiles for the host's instruction set) changes float rounding, and on tasks
-with sharp transitions (MQAR) that moves a 120-step run's final loss by up to 0.1 nats. So a
+with sharp transitions (MQAR) that moved 120-step runs' final losses by up to 0.12 nats. So a
 resume on a different environment warns, and sweeps report which environments their points ran
 on (studies/sweep.py).
 """
@@ -94,7 +94,8 @@ def describe() -> dict[str, Any]:
 
 
 def numeric_signature(env: dict[str, Any]) -> str:
-  """A short label of the fields that change floats, e.g. 'jaxlib 0.10.2, cpu (Xeon ...)'."""
+  """A short label of the fields that change floats, e.g. 'jax 0.10.2, jaxlib 0.10.2, cpu (AMD
+  EPYC)' (the device kind in place of the host CPU on accelerators)."""
   label = f"jax {env.get('jax')}, jaxlib {env.get('jaxlib')}, {env.get('backend')}"
   kind = env.get("device_kind")
   where = env.get("host_cpu") if env.get("backend") == "cpu" else kind
@@ -103,12 +104,19 @@ def numeric_signature(env: dict[str, Any]) -> str:
 
 
 def read(out_dir: str) -> list[dict[str, Any]]:
-  """The run's environment records, one per start, oldest first; [] for a run without any."""
+  """The run's environment records, one per start, oldest first; [] for a run without any. A
+  line cut short (a process killed while appending) is skipped: it must not stop a resume."""
   path = os.path.join(out_dir, ENVIRONMENT_FILE)
   if not os.path.isfile(path):
     return []
+  records = []
   with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return records
 
 
 def changed_fields(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -123,8 +131,13 @@ def record(out_dir: str, start_step: int) -> str | None:
   now = {"start_step": start_step, **describe()}
   earlier = read(out_dir)
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, ENVIRONMENT_FILE), "a", encoding="utf-8") as f:
-    f.write(json.dumps(now) + "\n")
+  path = os.path.join(out_dir, ENVIRONMENT_FILE)
+  with open(path, "ab+") as f:  # appends go to the end wherever the reads seek
+    if f.seek(0, os.SEEK_END):
+      f.seek(-1, os.SEEK_END)
+      if f.read(1) != b"\n":  # after a line cut short, start a new one
+        f.write(b"\n")
+    f.write((json.dumps(now) + "\n").encode("utf-8"))
   if not earlier or start_step == 0:
     return None
   changes = changed_fields(earlier[-1], now)
