@@ -95,11 +95,13 @@ def _kv_sized_residuals(cfg, router: str) -> int:
   if router == "none":
     run = lambda p, x: layer_fn(p, x, None, 1, positions_BxT)[0]  # noqa: E731
     args = (params_l, x_BxTxD)
-  else:
-    partial_BxTxRx2xHd = jnp.ones((B, cfg.T, cfg.R, 2, cfg.Hd), jnp.float32)
-    run = lambda p, x, part: kv_routing._pulled_layer(  # noqa: E731
-        layer_fn, p, x, part, 1, positions_BxT)
-    args = (params_l, x_BxTxD, partial_BxTxRx2xHd)
+  else:  # both halves of the layer, as the pull saves them (the kv is the buffer's)
+    routed_BxTxRx2xHd = jnp.ones((B, cfg.T, cfg.R, 2, cfg.Hd), jnp.bfloat16)
+    def run(p, x, routed):
+      kv_BxTxRx2xHd, attn_input_BxTxD = kv_routing._pulled_kv(layer_fn, p, x, 1, positions_BxT)
+      return kv_routing._pulled_layer(layer_fn, p, x, attn_input_BxTxD, routed, 1,
+                                      positions_BxT), kv_BxTxRx2xHd
+    args = (params_l, x_BxTxD, routed_BxTxRx2xHd)
   printed = io.StringIO()
   with contextlib.redirect_stdout(printed):  # JAX's public view: one "dtype[shape] from ..." each
     print_saved_residuals(run, *args)
@@ -112,7 +114,7 @@ def _kv_sized_residuals(cfg, router: str) -> int:
 
 def test_pull_layer_keeps_no_more_kv_copies_than_the_baseline_layer():
   """The routed kv attention reads is the pull layer's one kv-sized residual, as the baseline's
-  own kv is: its raw kv (for its own term's router gradient) is read back from the buffer."""
+  own kv is: its raw kv (for its router row's gradient) is read back from the buffer."""
   cfg = CFG.replace(D=48, H=3, R=3, Hd=16, T=16)  # sizes where no other array has kv's size
   assert _kv_sized_residuals(cfg, "none") == 1
   assert _kv_sized_residuals(cfg, "kv-static") == 1
@@ -142,11 +144,11 @@ def test_read_groups_cover_exactly_the_dense_sources_and_readers():
 
 
 def test_windowed_pull_reads_order_L_k_slots():
-  """A window reads layer 0 and the window's slots: the pull's count is the ring's, L k, where
+  """A window reads layer 0 and the window's slots: the pull's count is the ring's, L (k + 1), where
   a dense read plan of the same segments is about L^2 / 2."""
   cfg = CFG.replace(L=16, routing_impl="pull", router_window=3, scan_segments=4)
   per_slot = 2 * cfg.Hd * cfg.R * cfg.R
-  assert flops.executed_push_macs_per_token(cfg) == per_slot * cfg.L * 3
+  assert flops.executed_push_macs_per_token(cfg) == per_slot * cfg.L * (1 + 3)
   dense = flops.executed_push_macs_per_token(cfg.replace(router_window=None))
   assert dense == per_slot * (4 * 4 + 4 * 8 + 4 * 12 + 4 * 16)
 
@@ -237,9 +239,10 @@ def test_buffer_slot_reads_start_where_the_compiler_cannot_see(changes):
 
 @pytest.mark.parametrize("changes", [{"router_window": 3}, {}], ids=["window", "dense"])
 def test_each_layers_buffer_write_follows_its_reads(changes):
-  """A layer's raw kv (forward) does not depend on its reads of the buffer, nor its partial
-  kv's cotangent (backward) on its reads of the readers' cotangents, so only an explicit
-  ordering keeps the write after them. Without it the TPU compiler scheduled the write first
+  """Every in-place write of the buffer must come after every read of the value it
+  overwrites. Forward, a layer's raw kv follows the previous layer's reads by data. Backward,
+  the routed kv's cotangent does not depend on the router gradient's read of the slot it
+  takes, so only an explicit ordering keeps the write after it. Without it the TPU compiler scheduled the write first
   and copied the whole buffer in every layer of the unrolled program (deep setup at 16 layers,
   window 8: 29 copies, about 10% of the step's bytes). Checked on the unrolled program, where
   each layer's reads and write are separate equations."""

@@ -29,16 +29,23 @@ class Block(nn.Module):
   # Its layers run as straight-line code although `layer_idx` is traced: a scan unrolled over
   # all of them (layers.maybe_remat). A Python-int `layer_idx` says so by itself.
   unrolled_scan: bool = False
+  # Only the layer's first half: returns its raw kv and the attention's normed input. The kv
+  # pull form runs a layer in two halves and routes in between (kv_pull.py); the second half
+  # is given that normed input (`attn_input_BxTxD`), so the norm runs and is saved once.
+  kv_only: bool = False
 
   @nn.compact
   def __call__(self, stream: Any, carry: Any, layer_idx, positions_BxT: jax.Array,
-               cache: KVCache | None = None):
+               cache: KVCache | None = None, attn_input_BxTxD: jax.Array | None = None):
     cfg = self.cfg
     mixer = mixers.build(cfg)
     straight_line = self.unrolled_scan or isinstance(layer_idx, int)
     x_BxTxD, mix = mixer.enter(self, stream, carry, 2 * layer_idx, "attn")
-    h_BxTxD = RMSNorm(cfg, name="attn_norm")(x_BxTxD)
+    h_BxTxD = (RMSNorm(cfg, name="attn_norm")(x_BxTxD) if attn_input_BxTxD is None
+               else attn_input_BxTxD)
     kv_BxTxRx2xHd, carry = mixer.kv(self, x_BxTxD, h_BxTxD, carry, layer_idx)
+    if self.kv_only:
+      return kv_BxTxRx2xHd, h_BxTxD
     # Analysis hooks (studies/analysis.py); no-ops unless "intermediates" is mutable.
     self.sow("intermediates", "values", kv_BxTxRx2xHd[:, :, :, 1])
     # Depth-Attention mixes the kv by the layer's query: inside Attention, given the carry.

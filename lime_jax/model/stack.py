@@ -41,11 +41,17 @@ class _ScanBody(nn.Module):
     return block(stream, mixer_carry, layer_idx, positions_BxT, cache), None
 
 
-def _apply_block(cfg: ModelConfig, params_l, x_BxTxD, carry, layer_idx, positions_BxT):
+def _apply_block(cfg: ModelConfig, params_l, x_BxTxD, carry, layer_idx, positions_BxT,
+                 kv_only: bool = False, attn_input_BxTxD: jax.Array | None = None):
   """One layer as a pure function of its parameters (the pull form's layer_fn); the pull's
-  one scan over all layers is straight-line code when unrolled over them."""
-  block = Block(cfg, unrolled_scan=cfg.scan_unroll >= cfg.L)
-  x_BxTxD, carry, _ = block.apply({"params": params_l}, x_BxTxD, carry, layer_idx, positions_BxT)
+  one scan over all layers is straight-line code when unrolled over them. `kv_only`: the
+  layer's first half, (raw kv, attention input), and `attn_input_BxTxD` the second's given
+  that input (Block.kv_only)."""
+  block = Block(cfg, unrolled_scan=cfg.scan_unroll >= cfg.L, kv_only=kv_only)
+  if kv_only:
+    return block.apply({"params": params_l}, x_BxTxD, carry, layer_idx, positions_BxT)
+  x_BxTxD, carry, _ = block.apply({"params": params_l}, x_BxTxD, carry, layer_idx, positions_BxT,
+                                  attn_input_BxTxD=attn_input_BxTxD)
   return x_BxTxD, carry
 
 

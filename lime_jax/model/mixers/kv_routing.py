@@ -158,13 +158,23 @@ class Ring(NamedTuple):
 
 
 class Pulled(NamedTuple):
-  """The carry of one layer under the pull form (kv_pull.py): its sources' routed kv."""
+  """The carry of one layer under the pull form (kv_pull.py): its routed kv, or None for the
+  layer's first half (up to its raw kv)."""
 
-  partial_BxTxRx2xHd: jax.Array  # sum over sources j < l, float32
+  routed_BxTxRx2xHd: jax.Array | None  # compute dtype
 
 
-def _pulled_layer(layer_fn, params_l, x_BxTxD, partial_BxTxRx2xHd, layer_idx, positions_BxT):
-  return layer_fn(params_l, x_BxTxD, Pulled(partial_BxTxRx2xHd), layer_idx, positions_BxT)
+def _pulled_kv(layer_fn, params_l, x_BxTxD, layer_idx, positions_BxT):
+  """The pull form's first half: (raw kv, the attention's normed input)."""
+  return layer_fn(params_l, x_BxTxD, Pulled(None), layer_idx, positions_BxT, kv_only=True)
+
+
+def _pulled_layer(layer_fn, params_l, x_BxTxD, attn_input_BxTxD, routed_BxTxRx2xHd, layer_idx,
+                  positions_BxT):
+  """The pull form's second half, given the first's normed input and the routed kv."""
+  x_next, _ = layer_fn(params_l, x_BxTxD, Pulled(routed_BxTxRx2xHd), layer_idx, positions_BxT,
+                       attn_input_BxTxD=attn_input_BxTxD)
+  return x_next
 
 
 class KvRouting(Mixer):
@@ -183,7 +193,8 @@ class KvRouting(Mixer):
     cfg = self.cfg
     B, T, _ = x_BxTxD.shape
     kv_shape = (cfg.L, B, T, cfg.R, 2, cfg.Hd, cfg.compute_dtype)
-    x_BxTxD = kv_pull.pull_stack(functools.partial(_pulled_layer, layer_fn),
+    x_BxTxD = kv_pull.pull_stack(functools.partial(_pulled_kv, layer_fn),
+                                 functools.partial(_pulled_layer, layer_fn),
                                  functools.partial(_router_weights, cfg),
                                  kv_pull.read_groups(self.segments(), cfg.L), self.pull_window,
                                  kv_shape, cfg.scan_unroll, params_S,
@@ -226,6 +237,8 @@ class KvRouting(Mixer):
          carry, layer_idx) -> tuple[jax.Array, Any]:
     """carry: the accumulator, a `Ring`, or (pull form) a `Pulled`; see the class doc."""
     cfg = self.cfg
+    if isinstance(carry, Pulled) and carry.routed_BxTxRx2xHd is not None:
+      return carry.routed_BxTxRx2xHd, carry  # the pull form's routed kv (kv_pull.py)
     # kv_init "reference": the reference code's kaiming-uniform default for the raw kv
     # projection (spec section 2), U(+-1/sqrt(D)); "baseline": the baseline's k/v init.
     kv_init = normal_init if cfg.kv_init == "baseline" else _symmetric_uniform(1.0 / cfg.D ** 0.5)
@@ -240,16 +253,8 @@ class KvRouting(Mixer):
       push_LxRxR = push_LxRxR * jax.lax.stop_gradient(mask_LxRxR)
     # The push mixes over source heads: gather this layer's kv over `tensor` once (sharding.py).
     kv_BxTxRx2xHd = constrain(kv_BxTxRx2xHd, "batch", "length", None, None, "head_dim")
-    if isinstance(carry, Pulled):  # the pull form: add this layer's own term
-      own_RxR = jax.lax.dynamic_index_in_dim(effective_push_weights(
-          push_LxRxR, layer_idx, cfg.router_window, cfg.router_dilation), layer_idx, 0,
-          keepdims=False)
-      # Its gradient comes from the pull's backward, which reads this kv from its buffer:
-      # taken here, it would keep one more copy of the kv per layer (kv_pull.py).
-      own_RxR = jax.lax.stop_gradient(own_RxR)
-      routed_BxTxRx2xHd = carry.partial_BxTxRx2xHd + jnp.einsum(
-          "rs,btscd->btrcd", own_RxR, kv_BxTxRx2xHd.astype(jnp.float32))
-      return routed_BxTxRx2xHd.astype(h_BxTxD.dtype), kv_BxTxRx2xHd
+    if isinstance(carry, Pulled):  # the pull form's first half: its raw kv (kv_pull.py)
+      return kv_BxTxRx2xHd, carry
     if self.ring:
       kv32_BxTxRx2xHd, ring = self._ring_push_and_read(carry, push_LxRxR, kv_BxTxRx2xHd,
                                                        layer_idx)
@@ -299,14 +304,14 @@ class KvRouting(Mixer):
     Unrolled, a layer touches only its live slots. The windowed ring: k slots per layer, plus
     the mix of layer 0's kv that every layer computes (used from layer k on). The pull form
     (training with routing_impl: pull): the forward's reads of the buffer, its read group's
-    sources (kv_pull.read_groups: slots below its segment's end), or for a window of k, layer
-    0 and the k - 1 slots before the layer (the backward reads as many again, plus the later
-    readers' cotangents)."""
+    sources (kv_pull.read_groups: slots below its segment's end, its own included), or for a
+    window of k, layer 0 and the k slots up to the layer (the backward reads as many again,
+    plus the readers' cotangents)."""
     cfg = self.cfg
     per_slot = 2 * cfg.Hd * cfg.R * cfg.R
     if self.pulls and cfg.scan_layers:  # training's forward: each layer reads its group's slots
-      if self.pull_window is not None:  # layer 0 and the window's k - 1 slots before the layer
-        return per_slot * cfg.L * min(self.pull_window, cfg.L)
+      if self.pull_window is not None:  # layer 0 and the window's k slots up to the layer
+        return per_slot * cfg.L * (1 + min(self.pull_window, cfg.L - 1))
       return per_slot * sum((g.stop - g.start) * sum(hi - lo for lo, hi in g.sources)
                             for g in kv_pull.read_groups(self.segments(), cfg.L))
     if self.ring:
