@@ -49,7 +49,21 @@ def test_pull_equals_autodiff_through_the_carried_buffer(method, segments, unrol
   pull_loss, pull_grads = value_and_grad(params, x_BxTxD, cfg, False)
   naive_loss, naive_grads = value_and_grad(params, x_BxTxD, cfg, True)
   np.testing.assert_allclose(pull_loss, naive_loss, rtol=1e-6)
-  chex.assert_trees_all_close(pull_grads, naive_grads, rtol=1e-5, atol=1e-6)
+  _assert_close_to_float32_rounding(pull_grads, naive_grads)
+
+
+def _assert_close_to_float32_rounding(actual, desired):
+  """Each leaf to rtol 1e-5 and an absolute 1e-6 of the leaf's scale (its largest magnitude, at
+  least 1). An element that sums terms of the leaf's scale to a small value carries their
+  rounding: on an Intel AVX-512 host (2026-12-04) the fully unrolled Depth-Attention step gave
+  kv_proj's 0.016348 as 0.016350 (1.6e-6 over the former absolute 1e-6; leaf scale 7.2) in the
+  program of 238f7f9 as well, deterministically, where an AMD host had passed. An error in the
+  pull's math is of the order of the gradient itself."""
+  chex.assert_trees_all_equal_structs(actual, desired)
+  for a, d in zip(jax.tree.leaves(actual), jax.tree.leaves(desired)):
+    d = np.asarray(d)
+    scale = max(1.0, float(np.max(np.abs(d)))) if d.size else 1.0
+    np.testing.assert_allclose(np.asarray(a), d, rtol=1e-5, atol=1e-6 * scale)
 
 
 def _loops_and_switches(cfg):
