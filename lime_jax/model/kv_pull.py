@@ -18,9 +18,9 @@ training), and
 One buffer serves both passes: in the backward, slots j <= l still hold raw kv (needed by the
 readers still to go) and slots i > l the cotangents (their raw kv is no longer needed). Each
 layer's backward uses the residuals its forward saved (a `jax.vjp` per half, stacked by the
-scan; residuals the halves share, the layer input, stacked once), as autodiff would. The own
-term is one more slot of the product: no float32 partial sum is written and read back, and no
-separate mix of the own kv (at 1.2B those were most of the routing's bytes outside its reads).
+scan; the normed input, which both halves save, stacked once), as autodiff would. The own term
+is one more slot of the product: no float32 partial sum is written and read back, and no
+separate mix of the own kv (at 1.2B the largest of the routing's costs besides its reads).
 Per-layer memory is then the baseline's (the routed kv that attention reads replaces its kv);
 the stack adds one buffer: linear in depth.
 
@@ -171,8 +171,10 @@ def _cotangent_from_window(window: int, l, W_LxRxR, buf_LxBxTxRx2xHd):
     start = _window_start(l, size, L)
     return pull(read_slots(W_LxRxR, start, size), read_slots(buf_LxBxTxRx2xHd, start, size))
   from_all = lambda W_LxRxR, buf_LxBxTxRx2xHd: pull(W_LxRxR, buf_LxBxTxRx2xHd)  # noqa: E731
-  if isinstance(l, int) or size == 0:  # size 0: a one-layer stack, only layer 0
-    return (from_all if size == 0 or l == 0 else from_window)(W_LxRxR, buf_LxBxTxRx2xHd)
+  if size == 0 or (isinstance(l, int) and l == 0):  # size 0: a one-layer stack
+    return from_all(W_LxRxR, buf_LxBxTxRx2xHd)
+  if isinstance(l, int):
+    return from_window(W_LxRxR, buf_LxBxTxRx2xHd)
   return jax.lax.cond(l == 0, from_all, from_window, W_LxRxR, buf_LxBxTxRx2xHd)
 
 
@@ -210,7 +212,7 @@ def pull_stack(kv_fn: KvFn, layer_fn: LayerFn, weights_fn: WeightsFn,
 @jax.tree_util.register_pytree_node_class
 class _LayerResiduals:
   """One layer's saved residuals: both halves' VJPs as their distinct leaves, each stacked once
-  by the scan (the layer input feeds both halves; twice it would be another [L, B, T, D])."""
+  by the scan (both halves save the normed input; twice it would be another [L, B, T, D])."""
 
   def __init__(self, leaves: tuple[Any, ...], layout):
     self.leaves, self.layout = leaves, layout  # layout: static, how to rebuild the two VJPs

@@ -243,6 +243,10 @@ class KvRouting(Mixer):
     # projection (spec section 2), U(+-1/sqrt(D)); "baseline": the baseline's k/v init.
     kv_init = normal_init if cfg.kv_init == "baseline" else _symmetric_uniform(1.0 / cfg.D ** 0.5)
     kv_BxTxRx2xHd = project_kv(block, cfg, h_BxTxD, kv_init)
+    # The push mixes over source heads: gather this layer's kv over `tensor` once (sharding.py).
+    kv_BxTxRx2xHd = constrain(kv_BxTxRx2xHd, "batch", "length", None, None, "head_dim")
+    if isinstance(carry, Pulled):  # the pull form's first half: its raw kv (kv_pull.py)
+      return kv_BxTxRx2xHd, carry
     push_LxRxR = block.param("router", logical(
         lambda rng: init_push_weights(rng, layer_idx, cfg.L, cfg.R, cfg.router_window,
                                       cfg.router_dilation, cfg.router_init_scale),
@@ -251,10 +255,6 @@ class KvRouting(Mixer):
       mask_LxRxR = block.param("top_p_mask", logical(nn.initializers.ones, "readers", None, None),
                                (cfg.L, cfg.R, cfg.R), jnp.float32)
       push_LxRxR = push_LxRxR * jax.lax.stop_gradient(mask_LxRxR)
-    # The push mixes over source heads: gather this layer's kv over `tensor` once (sharding.py).
-    kv_BxTxRx2xHd = constrain(kv_BxTxRx2xHd, "batch", "length", None, None, "head_dim")
-    if isinstance(carry, Pulled):  # the pull form's first half: its raw kv (kv_pull.py)
-      return kv_BxTxRx2xHd, carry
     if self.ring:
       kv32_BxTxRx2xHd, ring = self._ring_push_and_read(carry, push_LxRxR, kv_BxTxRx2xHd,
                                                        layer_idx)
