@@ -69,6 +69,67 @@ def test_bench_cli_writes_records(tmp_path, capsys):
   assert "method/base temp mem" in printed
 
 
+def test_bench_times_a_depths_variants_in_rounds(tmp_path, capsys):
+  """By default each depth's variants run one step per round, and the printed step ratio is the
+  median of the per-round ratios; --sequential times each point on its own."""
+  argv = ["bench", "--depths", "2", "--width", "32", "--heads", "2", "--kv-heads", "2",
+          "--mlp", "64", "--batch", "2", "--length", "16", "--steps", "3"]
+  out = tmp_path / "bench.json"
+  assert main(argv + ["--json", str(out)]) == 0
+  base, lime = json.loads(out.read_text())
+  assert base["timing"] == lime["timing"] == "interleaved"
+  assert len(base["step_times"]) == len(lime["step_times"]) == 3
+  assert base["step_s"] == sorted(base["step_times"])[1]
+  ratios = sorted(m / b for m, b in zip(lime["step_times"], base["step_times"]))
+  printed = capsys.readouterr().out
+  assert f"| kv-static | 2 | {lime['temp_bytes'] / base['temp_bytes']:.3f} | {ratios[1]:.3f} |" \
+         f" {ratios[0]:.3f}-{ratios[2]:.3f} |" in printed
+
+  assert main(argv + ["--sequential", "--json", str(out)]) == 0
+  base, lime = json.loads(out.read_text())
+  assert base["timing"] == lime["timing"] == "sequential"
+  assert len(lime["step_times"]) == 3
+  printed = capsys.readouterr().out
+  assert f"| {lime['step_s'] / base['step_s']:.3f} |  |" in printed  # no rounds, no range
+
+
+def _fake_points(seconds_by_point, log):
+  """Points whose i-th step takes seconds_by_point[p][i] (index 0: the warm-up)."""
+  def point(p):
+    calls = iter(seconds_by_point[p])
+    def step():
+      log.append(p)
+      return next(calls)
+    return bench.ReadyPoint({"router": p, "depth": 1}, step, lambda: True)
+  return [point(p) for p in seconds_by_point]
+
+
+def test_rounds_alternate_their_order_after_an_untimed_warm_up():
+  log = []
+  points = _fake_points({"a": [9, 1, 2, 3], "b": [9, 4, 5, 6]}, log)
+  assert bench.time_rounds(points, 3) == [[1, 2, 3], [4, 5, 6]]
+  assert log == ["a", "b", "a", "b", "b", "a", "a", "b"]
+
+
+def test_a_ratio_in_rounds_cancels_what_slows_the_whole_machine():
+  """The machine slows down 1x, 3x, 1.5x over three rounds, hitting both points alike: the
+  per-round ratios are the method's 1.2x in every round."""
+  slow = [1.0, 3.0, 1.5]
+  base = {"step_s": 1.5, "step_times": [1.0 * f for f in slow], "timing": "interleaved"}
+  method = {"step_s": 1.8, "step_times": [1.2 * f for f in slow], "timing": "interleaved"}
+  ratio, low, high = bench.step_ratio(method, base)
+  assert (ratio, low, high) == pytest.approx((1.2, 1.2, 1.2))
+  # Pairs are rounds: the same times in another order are other ratios.
+  reordered = dict(method, step_times=[1.2 * f for f in slow[::-1]])
+  assert bench.step_ratio(reordered, base)[1:] == pytest.approx((0.8, 1.8))
+  # Points timed one after the other, the machine slow during the method's: the ratio of the
+  # medians, no range.
+  base = {"step_s": 1.0, "step_times": [1.0, 1.0, 1.0], "timing": "sequential"}
+  method = {"step_s": 3.6, "step_times": [3.6, 1.8, 3.6], "timing": "sequential"}
+  ratio, low, high = bench.step_ratio(method, base)
+  assert ratio == pytest.approx(3.6) and low != low and high != high
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--depths", "8,x"], "--depths must be comma-separated integers"),
     (["--depths", "0"], "--depths needs positive integers"),

@@ -9,8 +9,9 @@ import json
 from lime_jax.config import CONNECTIONS, ROUTERS
 from lime_jax.parallel import topology
 from lime_jax.studies import torch_reference
-from lime_jax.studies.bench import (bench_decode, bench_point, format_tables, ratio_rows,
-                                    topology_point, topology_table, torch_table, variant_config)
+from lime_jax.studies.bench import (bench_decode, finish_point, format_tables,
+                                    prepare_point, ratio_rows, time_rounds, topology_point,
+                                    topology_table, torch_table, variant_config)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--vocab", type=int, default=256, help="256 = byte vocabulary")
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--length", type=int, default=256)
-  parser.add_argument("--steps", type=int, default=3, help="timed steps per point (median)")
+  parser.add_argument("--steps", type=int, default=3,
+                      help="timed steps per point (median), in as many rounds: each round runs"
+                           " one step of every variant at the depth (and PyTorch's)")
+  parser.add_argument("--sequential", action="store_true",
+                      help="time each point on its own, one after the other, instead of in"
+                           " rounds (holds one compiled point at a time)")
   parser.add_argument("--remat", default="none")
   parser.add_argument("--decode", action="store_true",
                       help="also time greedy cached decoding (--length/2 prompt tokens, then"
@@ -53,6 +59,43 @@ def _parse_ints(text: str, flag: str) -> list[int]:
   return values
 
 
+def _time_depth(args: argparse.Namespace, depth: int, routers: list[str],
+                shape: dict[str, int]) -> list[dict]:
+  """The depth's variants on this CPU: compiled, then timed in rounds (or each on its own with
+  --sequential); then PyTorch's Llama, on its own: right after a PyTorch step, our next step
+  runs slower (64 layers: 5.2 against 4.4 s, README), so its steps stay out of our rounds."""
+  records, ready = [], []
+  for router in routers:
+    cfg = variant_config(router, L=depth, remat_policy=args.remat, **shape)
+    point = prepare_point(cfg, args.batch)
+    point.record.update(router=router, _cfg=cfg)  # the variant's label
+    if args.sequential:
+      (times,) = time_rounds([point], args.steps)
+      records.append(finish_point(point, times, "sequential"))
+    else:
+      ready.append(point)
+  if ready:
+    records = [finish_point(point, times, "interleaved")
+               for point, times in zip(ready, time_rounds(ready, args.steps))]
+  for record in records:
+    if args.decode:
+      record.update(bench_decode(record["_cfg"], args.batch, args.length // 2,
+                                 args.decode_tokens))
+      print(f"router={record['router']:9s} depth={depth:4d}"
+            f" decode={record['decode_tokens_per_s']:8.1f} tokens/s"
+            f" cache={record['cache_bytes'] / 2**20:7.2f} MiB", flush=True)
+    print(f"router={record['router']:9s} depth={depth:4d}"
+          f" temp={record['temp_bytes'] / 2**20:9.1f} MiB flops={record['flops'] / 1e9:9.2f} G"
+          f" compile={record['compile_s']:6.2f} s step={record['step_s']:7.3f} s", flush=True)
+  if args.against_torch:
+    record = torch_reference.llama_step_point(variant_config("none", L=depth, **shape),
+                                              args.batch, args.steps)
+    print(f"router={record['router']} depth={depth:4d} step={record['step_s']:7.3f} s",
+          flush=True)
+    records.append(record)
+  return records
+
+
 def run(args: argparse.Namespace) -> int:
   depths = _parse_ints(args.depths, "--depths")
   routers = [r.strip() for r in args.routers.split(",") if r.strip()]
@@ -63,31 +106,17 @@ def run(args: argparse.Namespace) -> int:
                T=args.length)
   records = []
   for depth in depths:
-    for router in routers:
-      cfg = variant_config(router, L=depth, remat_policy=args.remat, **shape)
-      if tpu is not None:
+    if tpu is not None:
+      for router in routers:
+        cfg = variant_config(router, L=depth, remat_policy=args.remat, **shape)
         record = dict(topology_point(cfg, tpu, args.batch), router=router)
         print(f"router={router:9s} depth={depth:4d} {tpu.name}: HBM"
               f" {record['per_device_bytes'] / 2**30:.3f} GiB, compiler step"
               f" {record['compiler_step_s']:.4g} s, roofline {record['roofline_step_s']:.4g} s"
               f" (compiled in {record['compile_s']:.1f} s)", flush=True)
         records.append(record)
-        continue
-      record = dict(bench_point(cfg, args.batch, args.steps), router=router)  # the variant's label
-      if args.decode:
-        record.update(bench_decode(cfg, args.batch, args.length // 2, args.decode_tokens))
-        print(f"router={router:9s} depth={depth:4d} decode={record['decode_tokens_per_s']:8.1f}"
-              f" tokens/s cache={record['cache_bytes'] / 2**20:7.2f} MiB", flush=True)
-      print(f"router={router:9s} depth={depth:4d} temp={record['temp_bytes'] / 2**20:9.1f} MiB"
-            f" flops={record['flops'] / 1e9:9.2f} G compile={record['compile_s']:6.2f} s"
-            f" step={record['step_s']:7.3f} s", flush=True)
-      records.append(dict(record, _cfg=cfg))
-    if args.against_torch:
-      record = torch_reference.llama_step_point(variant_config("none", L=depth, **shape),
-                                                args.batch, args.steps)
-      print(f"router={record['router']} depth={depth:4d} step={record['step_s']:7.3f} s",
-            flush=True)
-      records.append(record)
+      continue
+    records += _time_depth(args, depth, routers, shape)
   print()
   if tpu is not None:
     print(topology_table(records))

@@ -8,8 +8,14 @@ at one fixed shape. Reported per point:
   cost analysis counts a while-loop body once, so the scanned program under-reports;
   unrolling the scan keeps the same operations and makes the count honest;
 - compile_s: lowering + compiling the scanned step;
-- step_s: median wall time of `--steps` executed steps after one warm-up.
-Ratios method/baseline come from the same run, so a noisy shared machine affects both alike.
+- step_s: median wall time of `--steps` executed steps after one warm-up; step_times, all of
+  them, in the order they ran.
+Step times are taken in rounds (`time_rounds`): every variant at a depth runs one step per
+round, so a slowdown of the shared machine lands on all of them alike, and a step ratio is the
+median over rounds of the ratio within each round (`timing: interleaved`). `--sequential` times
+each point on its own instead, one after the other, as earlier tables were (`timing:
+sequential`; the ratio of the medians). PyTorch's Llama (`--against-torch`) is always timed on
+its own: a step of ours right after one of PyTorch's runs slower.
 
 With a TPU topology (`topology_point`), the sharded step (fsdp over the slice) is compiled by
 the TPU compiler instead and nothing runs: per-device HBM of the scanned step, and XLA FLOPs,
@@ -19,10 +25,11 @@ bytes accessed, the compiler's step estimate and the roofline of the unrolled st
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +45,8 @@ from lime_jax.train.experiment import ExperimentConfig
 from lime_jax.train.optimizer import OptimConfig, make_optimizer
 from lime_jax.train.step import init_train_state, train_step
 
-RECORD_KEYS = ("router", "depth", "width", "temp_bytes", "flops", "compile_s", "step_s")
+RECORD_KEYS = ("router", "depth", "width", "temp_bytes", "flops", "compile_s", "step_s",
+               "step_times", "timing")
 TORCH_LLAMA = "torch-llama"  # studies/torch_reference.py's records (`--against-torch`)
 
 
@@ -49,8 +57,18 @@ def _cost_flops(lowered_or_compiled) -> float:
   return float(cost["flops"])
 
 
-def bench_point(cfg: ModelConfig, batch: int, steps: int, seed: int = 0,
-                measure_flops: bool = True) -> dict[str, Any]:
+@dataclasses.dataclass
+class ReadyPoint:
+  """A compiled point, ready to time: `record` holds what compiling measured, `step()` runs one
+  training step and returns its wall seconds, `finite()` whether the last step's loss was."""
+
+  record: dict[str, Any]
+  step: Callable[[], float]
+  finite: Callable[[], bool]
+
+
+def prepare_point(cfg: ModelConfig, batch: int, seed: int = 0,
+                  measure_flops: bool = True) -> ReadyPoint:
   tx = make_optimizer(OptimConfig(total_steps=1000, warmup_steps=10))
   step_fn = functools.partial(train_step, model_cfg=cfg, tx=tx)
   rng = jax.random.key(seed)
@@ -69,18 +87,59 @@ def bench_point(cfg: ModelConfig, batch: int, steps: int, seed: int = 0,
     unrolled_step = functools.partial(train_step, model_cfg=cfg.replace(scan_unroll=cfg.L), tx=tx)
     step_flops = _cost_flops(jax.jit(unrolled_step).lower(state, batch_arrays))
 
-  times = []
-  for i in range(steps + 1):
+  live = {"state": state, "loss": float("nan")}
+
+  def step() -> float:
     start = time.perf_counter()
-    state, metrics = compiled(state, batch_arrays)
-    jax.block_until_ready(metrics["loss"])
-    if i:  # the first call pays one-off allocation costs
-      times.append(time.perf_counter() - start)
-  if times and not np.isfinite(float(metrics["loss"])):
-    raise RuntimeError(f"bench: non-finite loss at router={cfg.router} depth={cfg.L}")
-  return {"router": cfg.router, "depth": cfg.L, "width": cfg.D, "temp_bytes": temp_bytes,
-          "flops": step_flops, "compile_s": compile_s,
-          "step_s": statistics.median(times) if times else float("nan")}
+    live["state"], metrics = compiled(live["state"], batch_arrays)
+    live["loss"] = jax.block_until_ready(metrics["loss"])
+    return time.perf_counter() - start
+
+  record = {"router": cfg.router, "depth": cfg.L, "width": cfg.D, "temp_bytes": temp_bytes,
+            "flops": step_flops, "compile_s": compile_s}
+  return ReadyPoint(record, step, lambda: bool(np.isfinite(float(live["loss"]))))
+
+
+def time_rounds(points: Sequence[ReadyPoint], steps: int) -> list[list[float]]:
+  """Each point's wall seconds for `steps` steps, taken in rounds: one untimed warm-up step each
+  (it pays one-off allocation costs), then `steps` rounds in which every point runs one step,
+  in reverse order every other round (so none always runs right after the same one)."""
+  for point in points:
+    point.step()
+  times: list[list[float]] = [[] for _ in points]
+  for round_idx in range(steps):
+    order = range(len(points)) if round_idx % 2 == 0 else reversed(range(len(points)))
+    for i in order:
+      times[i].append(points[i].step())
+  return times
+
+
+def finish_point(point: ReadyPoint, times: list[float], timing: str) -> dict[str, Any]:
+  """The point's record with its step times (`timing`: interleaved or sequential)."""
+  if times and not point.finite():
+    raise RuntimeError(f"bench: non-finite loss at router={point.record['router']}"
+                       f" depth={point.record['depth']}")
+  return dict(point.record, step_s=statistics.median(times) if times else float("nan"),
+              step_times=list(times), timing=timing)
+
+
+def bench_point(cfg: ModelConfig, batch: int, steps: int, seed: int = 0,
+                measure_flops: bool = True) -> dict[str, Any]:
+  """One point compiled and timed on its own."""
+  point = prepare_point(cfg, batch, seed, measure_flops)
+  (times,) = time_rounds([point], steps)
+  return finish_point(point, times, "sequential")
+
+
+def step_ratio(method: dict[str, Any], base: dict[str, Any]) -> tuple[float, float, float]:
+  """method/base step time: (ratio, lowest, highest). Timed in the same rounds, the median of
+  the per-round ratios and their range; otherwise the ratio of the medians (no range: NaN)."""
+  paired = (method.get("timing") == base.get("timing") == "interleaved"
+            and len(method["step_times"]) == len(base["step_times"]) > 0)
+  if not paired:
+    return method["step_s"] / base["step_s"], float("nan"), float("nan")
+  ratios = [m / b for m, b in zip(method["step_times"], base["step_times"])]
+  return statistics.median(ratios), min(ratios), max(ratios)
 
 
 TOPOLOGY_KEYS = ("per_device_bytes", "xla_flops", "xla_bytes", "compiler_step_s",
@@ -149,12 +208,14 @@ def ratio_rows(records: list[dict[str, Any]], batch: int) -> list[dict[str, Any]
     if not (base and lime):
       continue
     cfg = lime["_cfg"]
+    ratio, low, high = step_ratio(lime, base)
     formula = flops.mixer_train_flops(cfg, batch * cfg.T)
     rows.append({
         "router": router,
         "depth": depth,
         "mem_ratio": lime["temp_bytes"] / base["temp_bytes"],
-        "step_ratio": lime["step_s"] / base["step_s"],
+        "step_ratio": ratio,
+        "step_ratio_range": (low, high),
         "compile_ratio": lime["compile_s"] / base["compile_s"],
         "flops_overhead": lime["flops"] - base["flops"],
         "flops_overhead_formula": formula,
@@ -165,15 +226,20 @@ def ratio_rows(records: list[dict[str, Any]], batch: int) -> list[dict[str, Any]
 def torch_table(records: list[dict[str, Any]]) -> str:
   """Each of our variants' step time over PyTorch Llama's (`--against-torch`) at its depth."""
   torch_by_depth = {r["depth"]: r for r in records if r["router"] == TORCH_LLAMA}
-  lines = ["| router | depth | step s | PyTorch Llama step s | ours/PyTorch |",
-           "|---|---:|---:|---:|---:|"]
+  lines = ["| router | depth | step s | PyTorch Llama step s | ours/PyTorch | rounds' range |",
+           "|---|---:|---:|---:|---:|---|"]
   for r in records:
     theirs = torch_by_depth.get(r["depth"])
     if r["router"] == TORCH_LLAMA or theirs is None:
       continue
+    ratio, low, high = step_ratio(r, theirs)
     lines.append(f"| {r['router']} | {r['depth']} | {r['step_s']:.3f} | {theirs['step_s']:.3f} |"
-                 f" {r['step_s'] / theirs['step_s']:.3f} |")
+                 f" {ratio:.3f} | {_range(low, high)} |")
   return "\n".join(lines)
+
+
+def _range(low: float, high: float) -> str:
+  return "" if low != low else f"{low:.3f}-{high:.3f}"  # NaN: not timed in rounds
 
 
 def format_tables(records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
@@ -188,11 +254,12 @@ def format_tables(records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> 
     lines.append(f"| {r['router']} | {r['depth']} | {r['width']} | {r['temp_bytes'] / 2**20:.1f} |"
                  f" {r['flops'] / 1e9:.2f} | {r['compile_s']:.2f} | {r['step_s']:.3f} |")
   lines += ["", "| method | depth | method/base temp mem | method/base step time |"
-            " method/base compile | method GFLOPs measured | flops.py formula | measured/formula |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            " rounds' range | method/base compile | method GFLOPs measured | flops.py formula |"
+            " measured/formula |", "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
   for row in rows:
     lines.append(
         f"| {row['router']} | {row['depth']} | {row['mem_ratio']:.3f} | {row['step_ratio']:.3f} |"
+        f" {_range(*row['step_ratio_range'])} |"
         f" {row['compile_ratio']:.3f} | {row['flops_overhead'] / 1e9:.3f} |"
         f" {row['flops_overhead_formula'] / 1e9:.3f} |"
         f" {row['flops_overhead'] / row['flops_overhead_formula']:.3f} |")
