@@ -104,11 +104,17 @@ def _fake_points(seconds_by_point, log):
   return [point(p) for p in seconds_by_point]
 
 
-def test_rounds_alternate_their_order_after_an_untimed_warm_up():
+def test_rounds_alternate_their_order_and_time_a_step_only_after_its_own():
   log = []
-  points = _fake_points({"a": [9, 1, 2, 3], "b": [9, 4, 5, 6]}, log)
+  points = _fake_points({"a": [9, 1, 9, 2, 3], "b": [9, 4, 5, 9, 6]}, log)
   assert bench.time_rounds(points, 3) == [[1, 2, 3], [4, 5, 6]]
-  assert log == ["a", "b", "a", "b", "b", "a", "a", "b"]
+  # Round 0: a, b; round 1: b, a; round 2: a, b. An untimed step (9) wherever the step before
+  # was the other point's: first calls included.
+  assert log == ["a", "a", "b", "b", "b", "a", "a", "a", "b", "b"]
+  log.clear()
+  (alone,) = _fake_points({"a": [9, 1, 2, 3]}, log)
+  assert bench.time_rounds([alone], 3) == [[1, 2, 3]]  # one warm-up, then its own steps
+  assert log == ["a"] * 4
 
 
 def test_a_ratio_in_rounds_cancels_what_slows_the_whole_machine():
