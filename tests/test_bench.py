@@ -7,6 +7,7 @@ import pytest
 from lime_jax.studies import bench
 from lime_jax.cli.main import main
 from lime_jax.config import ModelConfig
+from lime_jax.train import environment
 
 SMALL = ModelConfig(V=64, D=64, L=4, H=4, R=4, F=128, T=64)
 
@@ -61,6 +62,8 @@ def test_bench_cli_writes_records(tmp_path, capsys):
     assert set(r) == set(bench.RECORD_KEYS)  # no decode keys without --decode
     assert r["width"] == 32 and r["temp_bytes"] > 0 and r["flops"] > 0
     assert r["compile_s"] > 0 and r["step_s"] > 0
+    assert r["environment"]["host_cpu"] == environment.host_cpu()
+    assert r["environment"]["jax"] == jax.__version__
   by_key = {(r["router"], r["depth"]): r for r in records}
   assert by_key["kv-static", 4]["flops"] > by_key["none", 4]["flops"]
   # XLA counts a loop body once; the bench unrolls the scan, so FLOPs grow with depth.

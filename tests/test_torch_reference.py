@@ -26,7 +26,7 @@ def test_llama_has_our_baselines_shape():
 
 @pytest.mark.integration
 def test_bench_against_torch_reports_ours_over_pytorch(tmp_path, capsys):
-  pytest.importorskip("torch")
+  torch = pytest.importorskip("torch")
   pytest.importorskip("transformers")
   out = tmp_path / "bench.json"
   assert main(["bench", *TINY, "--against-torch", "--json", str(out)]) == 0
@@ -35,6 +35,7 @@ def test_bench_against_torch_reports_ours_over_pytorch(tmp_path, capsys):
   theirs = records[-1]
   assert set(theirs) == set(bench.RECORD_KEYS) and theirs["depth"] == 2
   assert theirs["step_s"] > 0
+  assert theirs["environment"]["torch"] == torch.__version__
   printed = capsys.readouterr().out
   table = printed[printed.index("| router | depth | step s | PyTorch Llama step s"):]
   ours = records[0]

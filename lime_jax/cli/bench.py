@@ -9,6 +9,7 @@ import json
 from lime_jax.config import CONNECTIONS, ROUTERS
 from lime_jax.parallel import topology
 from lime_jax.studies import torch_reference
+from lime_jax.train import environment
 from lime_jax.studies.bench import (bench_decode, finish_point, format_tables,
                                     prepare_point, ratio_rows, time_rounds, topology_point,
                                     topology_table, torch_table, variant_config)
@@ -104,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
     raise ValueError("--against-torch times steps on this CPU; it does not combine with --topology")
   shape = dict(V=args.vocab, D=args.width, H=args.heads, R=args.kv_heads, F=args.mlp,
                T=args.length)
+  if tpu is None:
+    env = environment.describe()
+    print(f"host {env['host_cpu']}, jax {env['jax']}, jaxlib {env['jaxlib']},"
+          f" commit {env['commit']}, XLA_FLAGS {env['xla_flags'] or '(none)'}", flush=True)
   records = []
   for depth in depths:
     if tpu is not None:

@@ -9,7 +9,10 @@ at one fixed shape. Reported per point:
   unrolling the scan keeps the same operations and makes the count honest;
 - compile_s: lowering + compiling the scanned step;
 - step_s: median wall time of `--steps` executed steps after one warm-up; step_times, all of
-  them, in the order they ran.
+  them, in the order they ran;
+- environment: what the step ran on (train/environment.py: versions, backend, host CPU,
+  XLA_FLAGS, commit). Step times move with the host, and records from different runs get
+  compared: the README's CPU figures changed host between two days unnoticed.
 Step times are taken in rounds (`time_rounds`): every variant at a depth runs one step per
 round, so a slowdown of the shared machine lands on all of them alike, and a step ratio is the
 median over rounds of the ratio within each round (`timing: interleaved`). `--sequential` times
@@ -40,13 +43,13 @@ from lime_jax.model import flops
 from lime_jax.config import CONNECTIONS, ModelConfig
 from lime_jax.model.transformer import init_params
 from lime_jax.parallel.topology import Slice
-from lime_jax.train import plan
+from lime_jax.train import environment, plan
 from lime_jax.train.experiment import ExperimentConfig
 from lime_jax.train.optimizer import OptimConfig, make_optimizer
 from lime_jax.train.step import init_train_state, train_step
 
 RECORD_KEYS = ("router", "depth", "width", "temp_bytes", "flops", "compile_s", "step_s",
-               "step_times", "timing")
+               "step_times", "timing", "environment")
 TORCH_LLAMA = "torch-llama"  # studies/torch_reference.py's records (`--against-torch`)
 
 
@@ -125,7 +128,7 @@ def finish_point(point: ReadyPoint, times: list[float], timing: str) -> dict[str
     raise RuntimeError(f"bench: non-finite loss at router={point.record['router']}"
                        f" depth={point.record['depth']}")
   return dict(point.record, step_s=statistics.median(times) if times else float("nan"),
-              step_times=list(times), timing=timing)
+              step_times=list(times), timing=timing, environment=environment.describe())
 
 
 def bench_point(cfg: ModelConfig, batch: int, steps: int, seed: int = 0,

@@ -75,4 +75,7 @@ def llama_step_point(cfg: ModelConfig, batch: int, steps: int, seed: int = 0) ->
   bench.RECORD_KEYS)."""
   point = prepare_llama(cfg, batch, seed)
   (times,) = bench.time_rounds([point], steps)
-  return bench.finish_point(point, times, "sequential")
+  record = bench.finish_point(point, times, "sequential")
+  torch, transformers = _import_torch()
+  record["environment"].update(torch=torch.__version__, transformers=transformers.__version__)
+  return record
