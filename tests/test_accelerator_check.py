@@ -21,6 +21,7 @@ def test_a_point_reports_speed_memory_and_mfu(tmp_path, monkeypatch):
   assert record["step_s"] > 0 and record["tokens_per_s"] == pytest.approx(32 / record["step_s"])
   assert record["temp_bytes"] > 0
   assert record["mfu"] is None  # the CPU has no peak in the table
+  assert record["environment"]["device_kind"] == record["device"]
 
 
 def test_refuses_to_run_without_an_accelerator(capsys):

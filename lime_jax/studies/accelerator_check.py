@@ -4,10 +4,11 @@ device this runs on, at the paper's 1.2B-class 16-layer setup and the deep 64-la
 For each setup and router (`none`, `kv-static`), the full train step (loss, gradient, AdamW) is
 compiled and run on synthetic tokens (nothing is downloaded): median step time, tokens/s, MFU
 against the device's dense bf16 peak (train/metrics.py PEAK_FLOPS, model FLOPs from flops.py),
-the device's peak memory in use (`memory_stats()`) and the compiled temp bytes. Writes one JSON
-object with the records and the LIMe/baseline step-time ratio per setup. bf16 compute,
-`attention_impl: dot_product` (cuDNN flash attention on NVIDIA GPUs), remat as the configs say.
-Each point runs in its own process, so each peak memory is that point's alone.
+the device's peak memory in use (`memory_stats()`), the compiled temp bytes and the environment
+(train/environment.py). Writes one JSON object with the records and the LIMe/baseline
+step-time ratio per setup. bf16 compute, `attention_impl: dot_product` (cuDNN flash attention
+on NVIDIA GPUs), remat as the configs say. Each point runs in its own process, so each peak
+memory is that point's alone.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def measure_point(repo: str, index: int, steps: int) -> dict[str, Any]:
           "mfu": metrics.mfu(model_flops_per_s, metrics.device_peak_flops(device.device_kind)),
           "compile_s": point["compile_s"], "temp_bytes": point["temp_bytes"],
           "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
-          "wall_s": time.perf_counter() - start, "device": device.device_kind}
+          "wall_s": time.perf_counter() - start, "device": device.device_kind,
+          "environment": point["environment"]}
 
 
 def check(repo: str, steps: int) -> dict[str, Any]:
@@ -70,7 +72,8 @@ def check(repo: str, steps: int) -> dict[str, Any]:
   for setup, *_ in SETUPS:
     by_router = {r["router"]: r for r in records if r["setup"] == setup}
     ratios[setup] = by_router["kv-static"]["step_s"] / by_router["none"]["step_s"]
-  return {"device": records[0]["device"], "jax": jax.__version__, "records": records,
+  return {"device": records[0]["device"], "jax": jax.__version__,
+          "environment": records[0]["environment"], "records": records,
           "lime_over_baseline_step": ratios}
 
 
