@@ -9,10 +9,10 @@ import json
 from lime_jax.config import CONNECTIONS, ROUTERS
 from lime_jax.parallel import topology
 from lime_jax.studies import torch_reference
-from lime_jax.train import environment
 from lime_jax.studies.bench import (bench_decode, finish_point, format_tables,
                                     prepare_point, ratio_rows, time_rounds, topology_point,
                                     topology_table, torch_table, variant_config)
+from lime_jax.train import environment
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--length", type=int, default=256)
   parser.add_argument("--steps", type=int, default=3,
                       help="timed steps per point (median), in as many rounds: each round runs"
-                           " one step of every variant at the depth (and PyTorch's)")
+                           " one step of every variant at the depth (PyTorch's run on their own)")
   parser.add_argument("--sequential", action="store_true",
                       help="time each point on its own, one after the other, instead of in"
                            " rounds (holds one compiled point at a time)")

@@ -72,6 +72,8 @@ class ReadyPoint:
 
 def prepare_point(cfg: ModelConfig, batch: int, seed: int = 0,
                   measure_flops: bool = True) -> ReadyPoint:
+  """The train step at `cfg` on `batch` random sequences, compiled (its temp memory, and the
+  unrolled step's FLOPs unless not `measure_flops`); no step has run yet."""
   tx = make_optimizer(OptimConfig(total_steps=1000, warmup_steps=10))
   step_fn = functools.partial(train_step, model_cfg=cfg, tx=tx)
   rng = jax.random.key(seed)
