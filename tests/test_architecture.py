@@ -238,10 +238,22 @@ def function_level_imports(root: str = REPO) -> list[str]:
   return found
 
 
+# The one module allowed an import inside a function, and why.
+DEFERRED_IMPORTS = {
+    # The console script restarts its process before the command line's imports (1.6 s: jax,
+    # flax), which would otherwise run twice.
+    "lime_jax.cli.launch": "lime_jax.cli.main",
+}
+
+
 def test_no_function_level_imports_inside_the_package():
   """Imports sit at the top of the module: one inside a function only hides a dependency (and
-  is how import cycles used to be dodged here)."""
-  assert function_level_imports() == []
+  is how import cycles used to be dodged here). The exceptions are listed, and each is still
+  needed (an entry can not outlive its import)."""
+  found = function_level_imports()
+  deferred = [f for f in found if f.split(" (")[1][:-1] in DEFERRED_IMPORTS]
+  assert [f for f in found if f not in deferred] == []
+  assert sorted(f.split(" (")[1][:-1] for f in deferred) == sorted(DEFERRED_IMPORTS)
 
 
 def test_the_function_level_import_check_can_fail(tmp_path):
