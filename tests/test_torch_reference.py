@@ -1,6 +1,7 @@
 """`lime-jax bench --against-torch`: PyTorch Llama timed at our baseline's shape."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -8,6 +9,7 @@ import pytest
 from lime_jax.cli.main import main
 from lime_jax.model import flops
 from lime_jax.studies import bench, torch_reference
+from conftest import child_env
 
 TINY = ["--depths", "2", "--width", "32", "--heads", "2", "--kv-heads", "2", "--mlp", "64",
         "--vocab", "64", "--batch", "2", "--length", "16", "--steps", "1"]
@@ -25,9 +27,11 @@ def test_llama_has_our_baselines_shape():
 
 
 @pytest.mark.integration
-def test_bench_against_torch_reports_ours_over_pytorch(tmp_path, capsys):
+def test_bench_against_torch_reports_ours_over_pytorch(tmp_path, capsys, monkeypatch):
   torch = pytest.importorskip("torch")
   pytest.importorskip("transformers")
+  # As the launcher leaves it (cli/launch.py): PyTorch's process must run without huge pages.
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1")
   out = tmp_path / "bench.json"
   assert main(["bench", *TINY, "--against-torch", "--json", str(out)]) == 0
   records = json.loads(out.read_text())
@@ -36,6 +40,10 @@ def test_bench_against_torch_reports_ours_over_pytorch(tmp_path, capsys):
   assert set(theirs) == set(bench.RECORD_KEYS) and theirs["depth"] == 2
   assert theirs["step_s"] > 0
   assert theirs["environment"]["torch"] == torch.__version__
+  # Timed in a process of its own, with glibc's default malloc; ours kept the setting.
+  assert theirs["environment"]["glibc_tunables"] == "glibc.malloc.arena_max=4"
+  assert records[0]["environment"]["glibc_tunables"] == (
+      "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1")
   printed = capsys.readouterr().out
   table = printed[printed.index("| router | depth | step s | PyTorch Llama step s"):]
   ours = records[0]
@@ -63,9 +71,22 @@ def test_without_torch_the_error_says_how_to_get_it(monkeypatch):
   cfg = bench.variant_config("none", V=64, D=32, L=2, H=2, R=2, F=64, T=16)
   with pytest.raises(ValueError, match=r"pip install 'lime_jax\[hf\]'"):
     torch_reference.llama_step_point(cfg, 2, 1)
+  with pytest.raises(ValueError, match=r"pip install 'lime_jax\[hf\]'"):  # before any child
+    torch_reference.llama_step_point_apart(cfg, 2, 1, dict(os.environ))
 
 
 def test_only_the_baseline_has_a_pytorch_twin():
   cfg = bench.variant_config("kv-static", V=64, D=32, L=2, H=2, R=2, F=64, T=16)
   with pytest.raises(ValueError, match="times Llama, the baseline"):
     torch_reference.llama_step_point(cfg, 2, 1)
+
+
+@pytest.mark.integration
+def test_the_child_process_error_comes_back_in_one_line():
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  cfg = bench.variant_config("kv-static", V=64, D=32, L=2, H=2, R=2, F=64, T=16)
+  with pytest.raises(ValueError, match=r"the PyTorch process failed \(exit 1\): ValueError:"
+                                       r" --against-torch times Llama, the baseline") as err:
+    torch_reference.llama_step_point_apart(cfg, 2, 1, child_env())
+  assert "\n" not in str(err.value)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
+from lime_jax.cli import glibc_tunables
 from lime_jax.config import CONNECTIONS, ROUTERS
 from lime_jax.parallel import topology
 from lime_jax.studies import torch_reference
@@ -63,8 +65,8 @@ def _parse_ints(text: str, flag: str) -> list[int]:
 def _time_depth(args: argparse.Namespace, depth: int, routers: list[str],
                 shape: dict[str, int]) -> list[dict]:
   """The depth's variants on this CPU: compiled, then timed in rounds (or each on its own with
-  --sequential); then PyTorch's Llama, on its own: right after a PyTorch step, our next step
-  runs slower (64 layers: 5.2 against 4.4 s, README), so its steps stay out of our rounds."""
+  --sequential); then PyTorch's Llama, in a process of its own: right after a PyTorch step, our
+  next step ran slower (64 layers: 5.2 against 4.4 s, README)."""
   records, ready = [], []
   for router in routers:
     cfg = variant_config(router, L=depth, remat_policy=args.remat, **shape)
@@ -89,12 +91,23 @@ def _time_depth(args: argparse.Namespace, depth: int, routers: list[str],
           f" temp={record['temp_bytes'] / 2**20:9.1f} MiB flops={record['flops'] / 1e9:9.2f} G"
           f" compile={record['compile_s']:6.2f} s step={record['step_s']:7.3f} s", flush=True)
   if args.against_torch:
-    record = torch_reference.llama_step_point(variant_config("none", L=depth, **shape),
-                                              args.batch, args.steps)
+    record = torch_reference.llama_step_point_apart(
+        variant_config("none", L=depth, **shape), args.batch, args.steps, _torch_env())
     print(f"router={record['router']} depth={depth:4d} step={record['step_s']:7.3f} s",
           flush=True)
     records.append(record)
   return records
+
+
+def _torch_env() -> dict[str, str]:
+  """PyTorch's process runs with glibc's default malloc: the transparent huge pages this
+  command's launcher asks for (cli/launch.py), which make our steps 8-11% faster, made its
+  16-layer step take 1.09 against 0.55 s (the README's table)."""
+  env = dict(os.environ)
+  tunables = glibc_tunables.without_huge_pages(env.pop("GLIBC_TUNABLES", None))
+  if tunables:
+    env["GLIBC_TUNABLES"] = tunables
+  return env
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,7 +3,8 @@ trained one step at a time on the CPU, at the shape of our baseline (`router: no
 
 The step is what ours does: float32 forward, loss, backward, global-norm clipping and AdamW
 with our optimizer's defaults (train/optimizer.py), one warm-up step, then the median of
-`steps` timed ones, on their own (not in our rounds, studies/bench.py). The model is built
+`steps` timed ones, in a Python process of their own (`llama_step_point_apart`: not in our
+rounds, nor in our process, studies/bench.py). The model is built
 from `interop.hf.hf_config`, so its shape is exactly the one our export writes. This times
 Llama only: the reference LIMe code is not a package and is not fetched here.
 
@@ -12,6 +13,9 @@ torch and transformers are the optional `hf` extra; without them, a one-line err
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -79,3 +83,32 @@ def llama_step_point(cfg: ModelConfig, batch: int, steps: int, seed: int = 0) ->
   torch, transformers = _import_torch()
   record["environment"].update(torch=torch.__version__, transformers=transformers.__version__)
   return record
+
+
+# The child's program: one request (JSON on stdin) in, one record (the last line out) out.
+_CHILD = """
+import json, sys
+from lime_jax.config import ModelConfig
+from lime_jax.studies import torch_reference
+request = json.load(sys.stdin)
+print(json.dumps(torch_reference.llama_step_point(
+    ModelConfig.from_dict(request["model"]), request["batch"], request["steps"], request["seed"])))
+"""
+
+
+def llama_step_point_apart(cfg: ModelConfig, batch: int, steps: int, env: dict[str, str],
+                           seed: int = 0) -> dict[str, Any]:
+  """`llama_step_point` in a fresh Python process with environment `env`: neither library's
+  allocations, threads or caches are the other's (in one process, a step of ours right after
+  a PyTorch step ran 5.2 against 4.4 s at 64 layers), and each runs with its own allocator
+  settings (cli/bench.py)."""
+  _import_torch()  # without torch: the one-line error here, not a child's traceback
+  request = json.dumps({"model": cfg.to_dict(), "batch": batch, "steps": steps, "seed": seed})
+  child = subprocess.run([sys.executable, "-c", _CHILD], input=request, capture_output=True,
+                         text=True, env=env, check=False)
+  lines = child.stdout.strip().splitlines()
+  if child.returncode != 0 or not lines:
+    tail = (child.stderr.strip().splitlines() or ["no output"])[-1]
+    raise ValueError(f"--against-torch: the PyTorch process failed (exit {child.returncode}):"
+                     f" {tail}")
+  return json.loads(lines[-1])

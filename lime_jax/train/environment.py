@@ -89,6 +89,7 @@ def describe() -> dict[str, Any]:
       "process_count": jax.process_count(),
       "host_cpu": host_cpu(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # malloc's (cli/launch.py)
       "commit": code_commit(),
   }
 
