@@ -35,9 +35,10 @@ $(TEST_STAMP): $(TPU_STAMP) Makefile
 test: $(TEST_STAMP)
 	JAX_PLATFORMS=cpu LIME_JAX_REQUIRE_INTEGRATIONS=1 $(BIN)/python -m pytest -n 2 --dist loadfile -q
 
-# The embedded default job: LIMe vs baseline on the embedded corpus (CPU, ~5 min), then a plot.
+# The embedded default job: LIMe vs baseline on the embedded corpus (CPU, ~5 min), then a plot;
+# through the lime-jax script, so with its malloc setting (cli/launch.py).
 train: install
-	JAX_PLATFORMS=cpu $(BIN)/python -m lime_jax.cli.default_run
+	JAX_PLATFORMS=cpu $(BIN)/lime-jax train --default
 
 bench: install
 	JAX_PLATFORMS=cpu $(BIN)/lime-jax bench --depths 8,16,32,64,128 --json runs/bench.json

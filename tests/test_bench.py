@@ -1,4 +1,5 @@
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,9 @@ def test_bench_cli_writes_records(tmp_path, capsys):
   assert by_key["none", 4]["flops"] > 1.3 * by_key["none", 2]["flops"]
   printed = capsys.readouterr().out
   assert "method/base temp mem" in printed
+  host_line = printed.splitlines()[0]  # the environment first, the malloc setting with it
+  assert host_line.startswith(f"host {environment.host_cpu()}, jax {jax.__version__}")
+  assert f"GLIBC_TUNABLES {os.environ.get('GLIBC_TUNABLES') or '(none)'}" in host_line
 
 
 def test_bench_times_a_depths_variants_in_rounds(tmp_path, capsys):

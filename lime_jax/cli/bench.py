@@ -121,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
   if tpu is None:
     env = environment.describe()
     print(f"host {env['host_cpu']}, jax {env['jax']}, jaxlib {env['jaxlib']},"
-          f" commit {env['commit']}, XLA_FLAGS {env['xla_flags'] or '(none)'}", flush=True)
+          f" commit {env['commit']}, XLA_FLAGS {env['xla_flags'] or '(none)'},"
+          f" GLIBC_TUNABLES {env['glibc_tunables'] or '(none)'}", flush=True)
   records = []
   for depth in depths:
     if tpu is not None:
