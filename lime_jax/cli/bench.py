@@ -101,8 +101,8 @@ def _time_depth(args: argparse.Namespace, depth: int, routers: list[str],
 
 def _torch_env() -> dict[str, str]:
   """PyTorch's process runs with glibc's default malloc: the transparent huge pages this
-  command's launcher asks for (cli/launch.py), which make our steps 8-11% faster, made its
-  16-layer step take 1.09 against 0.55 s (the README's table)."""
+  command's launcher asks for (cli/launch.py), which make our steps 7-12% faster, made its
+  16-layer step take 1.09 against 0.55 s (README, "Against PyTorch")."""
   env = dict(os.environ)
   tunables = glibc_tunables.without_huge_pages(env.pop("GLIBC_TUNABLES", None))
   if tunables:

@@ -4,9 +4,9 @@ the command line (main.py).
 XLA:CPU allocates a step's temporaries afresh at every call, and glibc serves blocks over 32 MiB
 from fresh mappings, so every step faults its temporaries in 4 KiB at a time (a fifth of the
 bench's 16-layer CPU step in `perf`; README, "Against PyTorch"). glibc's tunable
-`glibc.malloc.hugetlb=1` has malloc ask for transparent huge pages on those mappings (madvise;
-the kernel's default mode on Debian and Ubuntu), 2 MiB a fault: the bench's 16-layer step
-8-11% faster on the project's machine, at the same resident memory. glibc reads its tunables
+`glibc.malloc.hugetlb=1` has malloc ask for transparent huge pages on those mappings (madvise,
+which kernels in the `madvise` and `always` modes grant), 2 MiB a fault: the bench's baseline
+step 7-12% faster on the project's machine (16 and 64 layers), at the same resident memory. glibc reads its tunables
 only when a process starts, so the script starts itself once more with the tunable added to
 GLIBC_TUNABLES (same process id, arguments and interpreter options), before anything heavy is
 imported. A GLIBC_TUNABLES that names the tunable already is left alone (`hugetlb=0` opts out);

@@ -4,9 +4,9 @@ trained one step at a time on the CPU, at the shape of our baseline (`router: no
 The step is what ours does: float32 forward, loss, backward, global-norm clipping and AdamW
 with our optimizer's defaults (train/optimizer.py), one warm-up step, then the median of
 `steps` timed ones, in a Python process of their own (`llama_step_point_apart`: not in our
-rounds, nor in our process, studies/bench.py). The model is built
-from `interop.hf.hf_config`, so its shape is exactly the one our export writes. This times
-Llama only: the reference LIMe code is not a package and is not fetched here.
+rounds, nor in our process, studies/bench.py). The model is built from `interop.hf.hf_config`,
+so its shape is exactly the one our export writes. This times Llama only: the reference LIMe
+code is not a package and is not fetched here.
 
 torch and transformers are the optional `hf` extra; without them, a one-line error says so.
 """
