@@ -27,7 +27,7 @@ def _thp_mode() -> str | None:
 # transparent huge pages a 64 MiB malloc, touched, got (AnonHugePages before and after).
 _PROBE = """
 import ctypes, os
-from lime_jax.cli import glibc_tunables, launch
+from lime_jax.cli import launch
 launch.restart_with_huge_pages()
 def huge_kib():
   with open("/proc/self/smaps_rollup") as f:
@@ -55,7 +55,7 @@ def _probe(tunables: str | None) -> tuple[int, list[str]]:
 @pytest.mark.skipif(not GLIBC, reason="glibc on Linux only")
 def test_the_script_restarts_itself_once_in_place_with_huge_pages():
   pid, lines = _probe(None)
-  assert len(lines) == 1, lines  # the first start printed nothing: it was replaced
+  assert len(lines) == 1, lines  # the first start was replaced before it printed
   child_pid, tunables, huge_kib = lines[0].split()
   assert int(child_pid) == pid  # exec, not a child process
   assert tunables == "glibc.malloc.hugetlb=1"
