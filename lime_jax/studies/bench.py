@@ -271,9 +271,16 @@ def format_tables(records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> 
         f"| {row['router']} | {row['depth']} | {row['mem_ratio']:.3f} | {row['step_ratio']:.3f} |"
         f" {_range(*row['step_ratio_range'])} |"
         f" {row['compile_ratio']:.3f} | {row['flops_overhead'] / 1e9:.3f} |"
-        f" {row['flops_overhead_formula'] / 1e9:.3f} |"
-        f" {row['flops_overhead'] / row['flops_overhead_formula']:.3f} |")
+        f" {row['flops_overhead_formula'] / 1e9:.3f} | {_measured_over_formula(row)} |")
   return "\n".join(lines + decode_lines)
+
+
+def _measured_over_formula(row: dict[str, Any]) -> str:
+  """The FLOP overhead measured over flops.py's; n/a where the formula has none (a variant of
+  the baseline itself, e.g. `none:attention_impl=dot_product`)."""
+  if row["flops_overhead_formula"] == 0:
+    return "n/a"
+  return f"{row['flops_overhead'] / row['flops_overhead_formula']:.3f}"
 
 
 def variant_config(variant: str, **base: Any) -> ModelConfig:
