@@ -100,7 +100,6 @@ def test_bench_times_a_depths_variants_in_rounds(tmp_path, capsys):
   assert f"| {lime['step_s'] / base['step_s']:.3f} |  |" in printed  # no rounds, no range
 
 
-
 def test_a_variant_of_the_baseline_gets_its_ratios(capsys):
   """`none:key=value` is compared with the baseline like a method; flops.py predicts no
   overhead for it, so measured/formula is n/a (it used to divide by zero)."""
@@ -110,6 +109,7 @@ def test_a_variant_of_the_baseline_gets_its_ratios(capsys):
   row = next(line for line in capsys.readouterr().out.splitlines()
              if line.startswith("| none:remat_policy=full | 2 | ") and line.count("|") == 10)
   assert row.endswith(" | 0.000 | n/a |"), row
+
 
 def _fake_points(seconds_by_point, log):
   """Points whose i-th step takes seconds_by_point[p][i] (index 0: the warm-up)."""
