@@ -113,9 +113,9 @@ def _torch_env() -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
   depths = _parse_ints(args.depths, "--depths")
   routers = [r.strip() for r in args.routers.split(",") if r.strip()]
-  tpu = topology.tpu_slice(args.topology) if args.topology is not None else None
-  if args.against_torch and tpu is not None:
+  if args.against_torch and args.topology is not None:  # said before libtpu is looked for
     raise ValueError("--against-torch times steps on this CPU; it does not combine with --topology")
+  tpu = topology.tpu_slice(args.topology) if args.topology is not None else None
   shape = dict(V=args.vocab, D=args.width, H=args.heads, R=args.kv_heads, F=args.mlp,
                T=args.length)
   if tpu is None:
