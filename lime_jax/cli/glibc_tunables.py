@@ -10,19 +10,27 @@ import sys
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb"
 
 
+def _entries(tunables: str | None) -> list[str]:
+  """GLIBC_TUNABLES' `name=value` entries (a colon-separated list, empty ones dropped)."""
+  return [entry for entry in (tunables or "").split(":") if entry]
+
+
+def _names_huge_pages(entry: str) -> bool:
+  return entry.split("=", 1)[0] == HUGE_PAGES_TUNABLE
+
+
 def with_huge_pages(tunables: str | None) -> str | None:
   """GLIBC_TUNABLES with malloc's transparent huge pages on, keeping its other entries; None
   where it names the tunable already."""
-  entries = [entry for entry in (tunables or "").split(":") if entry]
-  if any(entry.split("=", 1)[0] == HUGE_PAGES_TUNABLE for entry in entries):
+  entries = _entries(tunables)
+  if any(map(_names_huge_pages, entries)):
     return None
   return ":".join([*entries, f"{HUGE_PAGES_TUNABLE}=1"])
 
 
 def without_huge_pages(tunables: str | None) -> str:
   """GLIBC_TUNABLES without the tunable (glibc's default), keeping its other entries."""
-  return ":".join(entry for entry in (tunables or "").split(":")
-                  if entry and entry.split("=", 1)[0] != HUGE_PAGES_TUNABLE)
+  return ":".join(entry for entry in _entries(tunables) if not _names_huge_pages(entry))
 
 
 def glibc_malloc() -> bool:

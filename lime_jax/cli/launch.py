@@ -6,12 +6,12 @@ from fresh mappings, so every step faults its temporaries in 4 KiB at a time (a 
 bench's 16-layer CPU step in `perf`; README, "Against PyTorch"). glibc's tunable
 `glibc.malloc.hugetlb=1` has malloc ask for transparent huge pages on those mappings (madvise,
 which kernels in the `madvise` and `always` modes grant), 2 MiB a fault: the bench's baseline
-step 7-12% faster on the project's machine (16 and 64 layers), at the same resident memory. glibc reads its tunables
-only when a process starts, so the script starts itself once more with the tunable added to
-GLIBC_TUNABLES (same process id, arguments and interpreter options), before anything heavy is
-imported. A GLIBC_TUNABLES that names the tunable already is left alone (`hugetlb=0` opts out);
-systems other than Linux with glibc run unchanged. `main(argv)` called from Python never
-restarts its caller.
+step 7-12% faster on the project's machine (16 and 64 layers), at the same resident memory.
+glibc reads its tunables only when a process starts, so the script starts itself once more with
+the tunable added to GLIBC_TUNABLES (same process id, arguments and interpreter options), before
+anything heavy is imported. A GLIBC_TUNABLES that names the tunable already is left alone
+(`hugetlb=0` opts out); systems other than Linux with glibc run unchanged. `main(argv)` called
+from Python never restarts its caller.
 """
 
 from __future__ import annotations
