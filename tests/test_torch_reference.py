@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -73,6 +74,23 @@ def test_without_torch_the_error_says_how_to_get_it(monkeypatch):
     torch_reference.llama_step_point(cfg, 2, 1)
   with pytest.raises(ValueError, match=r"pip install 'lime_jax\[hf\]'"):  # before any child
     torch_reference.llama_step_point_apart(cfg, 2, 1, dict(os.environ))
+
+
+def test_the_timed_process_does_not_import_torch(monkeypatch):
+  """Our own steps are timed in this process, so only the child may load torch: the check that
+  it is installed looks it up without importing it."""
+  monkeypatch.setitem(sys.modules, "torch", None)  # an import of torch here would fail
+  monkeypatch.setattr(torch_reference.importlib.util, "find_spec", lambda name: object())
+  ran = []
+
+  def child(argv, **kwargs):
+    ran.append(argv)
+    return subprocess.CompletedProcess(argv, 0, stdout='{"step_s": 1.0}\n', stderr="")
+
+  monkeypatch.setattr(torch_reference.subprocess, "run", child)
+  cfg = bench.variant_config("none", V=64, D=32, L=2, H=2, R=2, F=64, T=16)
+  assert torch_reference.llama_step_point_apart(cfg, 2, 1, {}) == {"step_s": 1.0}
+  assert len(ran) == 1
 
 
 def test_only_the_baseline_has_a_pytorch_twin():

@@ -13,6 +13,7 @@ torch and transformers are the optional `hf` extra; without them, a one-line err
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -25,14 +26,23 @@ from lime_jax.studies import bench
 from lime_jax.train.optimizer import OptimConfig
 
 
+_MISSING_TORCH = "--against-torch needs torch and transformers: pip install 'lime_jax[hf]'"
+
+
 def _import_torch():
   try:
     import torch
     import transformers
   except ImportError:
-    raise ValueError("--against-torch needs torch and transformers:"
-                     " pip install 'lime_jax[hf]'") from None
+    raise ValueError(_MISSING_TORCH) from None
   return torch, transformers
+
+
+def _require_torch_installed() -> None:
+  """The one-line error where torch or transformers is missing, without importing them: the
+  process that asks is the one whose steps are timed, and should not hold torch's libraries."""
+  if any(importlib.util.find_spec(name) is None for name in ("torch", "transformers")):
+    raise ValueError(_MISSING_TORCH)
 
 
 def llama_model(cfg: ModelConfig, seed: int = 0):
@@ -102,7 +112,7 @@ def llama_step_point_apart(cfg: ModelConfig, batch: int, steps: int, env: dict[s
   allocations, threads or caches are the other's (in one process, a step of ours right after
   a PyTorch step ran 5.2 against 4.4 s at 64 layers), and each runs with its own allocator
   settings (cli/bench.py)."""
-  _import_torch()  # without torch: the one-line error here, not a child's traceback
+  _require_torch_installed()  # without torch: the one-line error here, not a child's traceback
   request = json.dumps({"model": cfg.to_dict(), "batch": batch, "steps": steps, "seed": seed})
   child = subprocess.run([sys.executable, "-c", _CHILD], input=request, capture_output=True,
                          text=True, env=env, check=False)
