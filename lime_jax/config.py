@@ -72,6 +72,11 @@ class ModelConfig(ConfigSection):
   # einsum: our float32-softmax attention; dot_product: jax.nn.dot_product_attention, which picks
   # the fused kernel the device offers (cuDNN flash attention on NVIDIA GPUs) or XLA's own.
   attention_impl: str = "einsum"
+  # Attention without a cache (training, evaluation) by this many query blocks, each reading
+  # the keys up to its own end, so the masked triangle is mostly not computed; exact, since
+  # those forwards run at positions 0..T-1 (layers.causal_attention). 1: every query against
+  # every key, masked.
+  attention_query_blocks: int = 1
   # Sparse LIMe routing (any LIMe router): reader i reads source j <= i only if j == 0, or
   # i - j < router_window (the last `window` layers, itself included), or (i - j) % router_dilation
   # == 0. Both set: the union. None: dense. See routing.live_mask.
@@ -98,7 +103,8 @@ class ModelConfig(ConfigSection):
   sinkhorn_iterations: int = 20  # mHC: Sinkhorn-Knopp steps projecting H_res (mixers/mhc.py)
 
   def __post_init__(self):
-    for name in ("V", "D", "L", "H", "F", "T", "scan_segments", "scan_unroll"):
+    for name in ("V", "D", "L", "H", "F", "T", "scan_segments", "scan_unroll",
+                 "attention_query_blocks"):
       _require_positive_int(name, getattr(self, name))
     if self.R is None:
       object.__setattr__(self, "R", self.H)

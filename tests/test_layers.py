@@ -1,5 +1,5 @@
-"""layers.py: the fused attention option computes what our einsum attention computes; remat
-recomputes in straight-line code too."""
+"""layers.py: the fused attention option and attention by query blocks compute what our einsum
+attention computes; remat recomputes in straight-line code too."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +8,7 @@ import pytest
 
 import model_checks
 
+from lime_jax.inference import decode
 from lime_jax.model import layers
 from lime_jax.model import transformer as M
 from lime_jax.config import ModelConfig
@@ -43,6 +44,81 @@ def test_model_logits_do_not_depend_on_the_attention_impl():
 def test_unknown_attention_impl_is_a_one_line_error():
   with pytest.raises(ValueError, match="attention_impl: unknown 'flash'"):
     ModelConfig(attention_impl="flash")
+
+
+@pytest.mark.parametrize("impl", ["einsum", "dot_product"])
+@pytest.mark.parametrize("R,T,blocks", [(4, 12, 4), (2, 10, 3), (2, 3, 5)])  # even, uneven, > T
+def test_attention_by_query_blocks_equals_the_masked_whole(impl, R, T, blocks):
+  B, H, Hd = 2, 4, 8
+  q, k, v, cotangent = (jax.random.normal(key, shape) for key, shape in zip(
+      jax.random.split(jax.random.key(0), 4),
+      [(B, T, H, Hd), (B, T, R, Hd), (B, T, R, Hd), (B, T, H, Hd)]))
+  positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
+
+  def loss_and_grads(query_blocks):
+    loss = lambda q, k, v: jnp.sum(cotangent * layers.causal_attention(  # noqa: E731
+        q, k, v, positions_BxT, positions_BxT, impl, query_blocks))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+  want, got = loss_and_grads(1), loss_and_grads(blocks)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5), got, want)
+
+
+def test_attention_by_query_blocks_skips_the_masked_scores():
+  """The point of the blocks: fewer score FLOPs (4 blocks compute 5/8 of the T x T scores)."""
+  B, T, H, Hd = 1, 64, 2, 16
+  q, k, v = (jnp.zeros((B, T, H, Hd)) for _ in range(3))
+  positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
+
+  def score_flops(query_blocks):
+    attend = lambda q, k, v: layers.causal_attention(  # noqa: E731
+        q, k, v, positions_BxT, positions_BxT, "einsum", query_blocks)
+    return jax.jit(attend).lower(q, k, v).cost_analysis()["flops"]
+
+  whole, blocked = score_flops(1), score_flops(4)
+  assert blocked < 0.7 * whole, (blocked, whole)
+
+
+def test_attention_by_query_blocks_refuses_a_cache_length():
+  q = jnp.zeros((1, 4, 2, 8))
+  kv = jnp.zeros((1, 6, 2, 8))
+  with pytest.raises(ValueError, match="query_blocks=2 needs the queries' own sequence as keys;"
+                                       " got T=4 queries and S=6 keys"):
+    layers.causal_attention(q, kv, kv, jnp.zeros((1, 4), int), jnp.zeros((1, 6), int),
+                            "einsum", 2)
+
+
+@pytest.mark.parametrize("variant", [dict(router="none"), dict(router="kv-static"),
+                                     dict(router="kv-static", routing_impl="pull"),
+                                     dict(router="depth-attention")],
+                         ids=["none", "kv-static", "kv-pull", "depth-attention"])
+def test_model_with_query_blocks_trains_and_decodes_as_without(variant):
+  """The option changes only how the forward without a cache computes attention: the loss,
+  its gradient and cached decoding (which attends by position over the cache) stay."""
+  cfg = ModelConfig(V=32, D=32, L=3, H=4, R=2, F=64, T=12, scan_segments=2, **variant)
+  blocked_cfg = cfg.replace(attention_query_blocks=4)
+  params = M.init_params(cfg, jax.random.key(0))
+  tokens_BxT = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.V)
+
+  def loss_and_grads(c):
+    def loss(p):
+      logits = M.Transformer(c).apply({"params": p}, tokens_BxT[:, :-1])
+      return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens_BxT[:, 1:, None],
+                                           axis=-1))
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6),
+               loss_and_grads(blocked_cfg), loss_and_grads(cfg))
+  cache = decode.init_cache(blocked_cfg, 2, 16)
+  prefilled_BxTxV, _ = decode.prefill(params, blocked_cfg, tokens_BxT, cache, all_logits=True)
+  np.testing.assert_allclose(prefilled_BxTxV,
+                             M.Transformer(cfg).apply({"params": params}, tokens_BxT),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_query_blocks_must_be_a_positive_int():
+  with pytest.raises(ValueError, match="attention_query_blocks"):
+    ModelConfig(attention_query_blocks=0)
 
 
 @pytest.mark.parametrize("layout", [dict(router="none", scan_unroll=4),

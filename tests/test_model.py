@@ -276,3 +276,13 @@ def test_bfloat16_compute_is_finite_and_close(router):
   chex.assert_tree_all_finite(logits16)
   np.testing.assert_allclose(logits16, logits32, atol=0.05)
   assert float(jnp.abs(logits16 - logits32).max()) > 0  # bf16 really ran
+
+
+def test_given_positions_are_refused_with_query_blocks():
+  """Attention by query blocks assumes positions 0..T-1; others would be attended wrongly."""
+  cfg = ModelConfig(V=32, D=32, L=2, H=4, F=64, T=8, router="none", attention_query_blocks=2)
+  tokens_BxT = jnp.zeros((1, 8), jnp.int32)
+  params = M.init_params(cfg, jax.random.key(0))
+  with pytest.raises(ValueError, match="positions were given, but attention_query_blocks=2"
+                                       " assumes positions 0..T-1"):
+    M.Transformer(cfg).apply({"params": params}, tokens_BxT, jnp.arange(8)[None] + 3)

@@ -39,10 +39,18 @@ class Transformer(nn.Module):
     return self.from_embeddings(x_BxTxD, positions_BxT)
 
   def from_embeddings(self, x_BxTxD: jax.Array, positions_BxT: jax.Array | None = None) -> jax.Array:
-    """Runs the layers and the head on given input embeddings (used by causality tests)."""
+    """Runs the layers and the head on given input embeddings (used by causality tests).
+
+    Positions default to 0..T-1; others are refused with `attention_query_blocks` > 1, whose
+    attention assumes them (layers.causal_attention).
+    """
     B, T, _ = x_BxTxD.shape
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
+    elif self.cfg.attention_query_blocks > 1:
+      raise ValueError(f"Transformer: positions were given, but attention_query_blocks="
+                       f"{self.cfg.attention_query_blocks} assumes positions 0..T-1; set"
+                       f" attention_query_blocks: 1 to attend by positions alone")
     x_BxTxD, _ = self.layers(x_BxTxD, positions_BxT)
     return self._head(x_BxTxD)
 
