@@ -111,6 +111,39 @@ def test_a_variant_of_the_baseline_gets_its_ratios(capsys):
   assert row.endswith(" | 0.000 | n/a |"), row
 
 
+def test_a_variant_is_compared_with_the_baseline_of_its_settings(capsys):
+  """A setting that changes the baseline's step too (here the attention by query blocks) is
+  compared on both sides: kv-static:X against none:X where the run has it, else against none."""
+  argv = ["bench", "--depths", "2", "--width", "32", "--heads", "2", "--kv-heads", "2",
+          "--mlp", "64", "--batch", "2", "--length", "16", "--steps", "1", "--routers"]
+  blocks = "attention_query_blocks=4"
+  assert main([*argv, f"none,none:{blocks},kv-static,kv-static:{blocks}"]) == 0
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.count("|") == 10]
+  method_cells = [row.split(" | ")[0] for row in rows]
+  assert method_cells == ["| method", "|---|---:|---:|---:|---|---:|---:|---:|---:|",
+                          f"| none:{blocks}", "| kv-static",
+                          f"| kv-static:{blocks} (vs none:{blocks})"]
+  # The routing's FLOPs measured over its own baseline: as without the blocks (over plain
+  # none it would lose the blocks' saving, and come out below zero here).
+  plain, blocked = (float(row.split(" | ")[-1].rstrip(" |")) for row in rows[3:])
+  assert blocked == pytest.approx(plain, rel=0.05), rows
+  assert main([*argv, f"none,kv-static:{blocks}"]) == 0  # no such baseline: plain none
+  assert any(line.startswith(f"| kv-static:{blocks} | 2 | ")
+             for line in capsys.readouterr().out.splitlines())
+
+
+def test_topology_ratios_take_the_baseline_of_the_variants_settings():
+  def record(router, scale):
+    return dict({k: scale for k in bench.TOPOLOGY_KEYS}, router=router, depth=16)
+
+  table = bench.topology_table([record("none", 1.0), record("none:attention_query_blocks=4", 2.0),
+                                record("kv-static:attention_query_blocks=4", 3.0),
+                                record("kv-static:router_window=4", 4.0)])
+  assert ("| kv-static:attention_query_blocks=4 (vs none:attention_query_blocks=4) | 16 | "
+          + " | ".join(["1.500"] * 5) + " |") in table
+  assert "| kv-static:router_window=4 | 16 | " + " | ".join(["4.000"] * 5) + " |" in table
+
+
 def _fake_points(seconds_by_point, log):
   """Points whose i-th step takes seconds_by_point[p][i] (index 0: the warm-up)."""
   def point(p):

@@ -169,23 +169,24 @@ def topology_point(cfg: ModelConfig, tpu: Slice, batch: int) -> dict[str, Any]:
 
 
 def topology_table(records: list[dict[str, Any]]) -> str:
-  """Per point, and each variant over the baseline (`none`) at the same depth."""
+  """Per point, and each variant over its baseline (`baseline_of`) at the same depth."""
   lines = ["| router | depth | HBM GiB/device | XLA TFLOPs/device | GB accessed/device |"
            " compiler step s | roofline s |", "|---|---:|---:|---:|---:|---:|---:|"]
   for r in records:
     lines.append(f"| {r['router']} | {r['depth']} | {r['per_device_bytes'] / 2**30:.2f} |"
                  f" {r['xla_flops'] / 1e12:.3f} | {r['xla_bytes'] / 1e9:.1f} |"
                  f" {r['compiler_step_s']:.4g} | {r['roofline_step_s']:.4g} |")
-  base = {r["depth"]: r for r in records if r["router"] == "none"}
+  by_key = {(r["router"], r["depth"]): r for r in records}
   lines += ["", "| router | depth | HBM ratio | FLOPs ratio | bytes ratio | compiler step ratio |"
             " roofline ratio |", "|---|---:|---:|---:|---:|---:|---:|"]
   for r in records:
-    b = base.get(r["depth"])
+    base_name = baseline_of(r["router"], r["depth"], by_key)
+    b = by_key.get((base_name, r["depth"]))
     if r["router"] == "none" or b is None:
       continue
     ratios = [r[k] / b[k] for k in TOPOLOGY_KEYS]
-    lines.append(f"| {r['router']} | {r['depth']} | " + " | ".join(f"{x:.3f}" for x in ratios)
-                 + " |")
+    method = r["router"] if base_name == "none" else f"{r['router']} (vs {base_name})"
+    lines.append(f"| {method} | {r['depth']} | " + " | ".join(f"{x:.3f}" for x in ratios) + " |")
   return "\n".join(lines)
 
 
@@ -206,6 +207,16 @@ def bench_decode(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int,
           "cache_bytes": decode.cache_bytes(cache)}
 
 
+def baseline_of(variant: str, depth: int, by_key: dict[tuple[str, int], Any]) -> str:
+  """The baseline a `--routers` variant is compared with: `none` with the variant's overrides
+  (`kv-static:attention_query_blocks=4` against `none:attention_query_blocks=4`, so a setting
+  that changes the baseline's step too is on both sides) where `by_key` (records by router and
+  depth) has it at `depth`; else `none`."""
+  name, sep, overrides = variant.partition(":")
+  same_settings = f"none:{overrides}"
+  return same_settings if sep and name != "none" and (same_settings, depth) in by_key else "none"
+
+
 def ratio_rows(records: list[dict[str, Any]], batch: int) -> list[dict[str, Any]]:
   """Method/baseline ratios per depth (LIMe or another cross-layer method), and the method's
   FLOP overhead against flops.py's formula."""
@@ -214,7 +225,8 @@ def ratio_rows(records: list[dict[str, Any]], batch: int) -> list[dict[str, Any]
   routers = [r for r in dict.fromkeys(r["router"] for r in records)
              if r not in ("none", TORCH_LLAMA)]
   for depth, router in ((d, r) for d in sorted({r["depth"] for r in records}) for r in routers):
-    base, lime = by_key.get(("none", depth)), by_key.get((router, depth))
+    base_name = baseline_of(router, depth, by_key)
+    base, lime = by_key.get((base_name, depth)), by_key.get((router, depth))
     if not (base and lime):
       continue
     cfg = lime["_cfg"]
@@ -222,6 +234,7 @@ def ratio_rows(records: list[dict[str, Any]], batch: int) -> list[dict[str, Any]
     formula = flops.mixer_train_flops(cfg, batch * cfg.T)
     rows.append({
         "router": router,
+        "base": base_name,
         "depth": depth,
         "mem_ratio": lime["temp_bytes"] / base["temp_bytes"],
         "step_ratio": ratio,
@@ -267,8 +280,9 @@ def format_tables(records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> 
             " rounds' range | method/base compile | method GFLOPs measured | flops.py formula |"
             " measured/formula |", "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
   for row in rows:
+    method = row["router"] if row["base"] == "none" else f"{row['router']} (vs {row['base']})"
     lines.append(
-        f"| {row['router']} | {row['depth']} | {row['mem_ratio']:.3f} | {row['step_ratio']:.3f} |"
+        f"| {method} | {row['depth']} | {row['mem_ratio']:.3f} | {row['step_ratio']:.3f} |"
         f" {_range(*row['step_ratio_range'])} |"
         f" {row['compile_ratio']:.3f} | {row['flops_overhead'] / 1e9:.3f} |"
         f" {row['flops_overhead_formula'] / 1e9:.3f} | {_measured_over_formula(row)} |")
