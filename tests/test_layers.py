@@ -98,13 +98,10 @@ def test_model_with_query_blocks_trains_and_decodes_as_without(variant):
   cfg = ModelConfig(V=32, D=32, L=3, H=4, R=2, F=64, T=12, scan_segments=2, **variant)
   blocked_cfg = cfg.replace(attention_query_blocks=4)
   params = M.init_params(cfg, jax.random.key(0))
-  tokens_BxT = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.V)
+  tokens_BxT = model_checks.tokens(cfg, T=12)
 
   def loss_and_grads(c):
-    def loss(p):
-      logits = M.Transformer(c).apply({"params": p}, tokens_BxT[:, :-1])
-      return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens_BxT[:, 1:, None],
-                                           axis=-1))
+    loss = lambda p: model_checks.next_token_loss(p, c, tokens_BxT)  # noqa: E731
     return jax.jit(jax.value_and_grad(loss))(params)
 
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6),

@@ -185,8 +185,7 @@ def topology_table(records: list[dict[str, Any]]) -> str:
     if r["router"] == "none" or b is None:
       continue
     ratios = [r[k] / b[k] for k in TOPOLOGY_KEYS]
-    method = r["router"] if base_name == "none" else f"{r['router']} (vs {base_name})"
-    lines.append(f"| {method} | {r['depth']} | " + " | ".join(f"{x:.3f}" for x in ratios) + " |")
+    lines.append(f"| {_method_label(r['router'], base_name)} | {r['depth']} | " + " | ".join(f"{x:.3f}" for x in ratios) + " |")
   return "\n".join(lines)
 
 
@@ -215,6 +214,11 @@ def baseline_of(variant: str, depth: int, by_key: dict[tuple[str, int], Any]) ->
   name, sep, overrides = variant.partition(":")
   same_settings = f"none:{overrides}"
   return same_settings if sep and name != "none" and (same_settings, depth) in by_key else "none"
+
+
+def _method_label(variant: str, base_name: str) -> str:
+  """A ratio row's method cell: the variant, and its baseline where that is not plain `none`."""
+  return variant if base_name == "none" else f"{variant} (vs {base_name})"
 
 
 def ratio_rows(records: list[dict[str, Any]], batch: int) -> list[dict[str, Any]]:
@@ -280,9 +284,8 @@ def format_tables(records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> 
             " rounds' range | method/base compile | method GFLOPs measured | flops.py formula |"
             " measured/formula |", "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
   for row in rows:
-    method = row["router"] if row["base"] == "none" else f"{row['router']} (vs {row['base']})"
     lines.append(
-        f"| {method} | {row['depth']} | {row['mem_ratio']:.3f} | {row['step_ratio']:.3f} |"
+        f"| {_method_label(row['router'], row['base'])} | {row['depth']} | {row['mem_ratio']:.3f} | {row['step_ratio']:.3f} |"
         f" {_range(*row['step_ratio_range'])} |"
         f" {row['compile_ratio']:.3f} | {row['flops_overhead'] / 1e9:.3f} |"
         f" {row['flops_overhead_formula'] / 1e9:.3f} | {_measured_over_formula(row)} |")
