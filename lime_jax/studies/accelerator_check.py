@@ -6,7 +6,8 @@ compiled and run on synthetic tokens (nothing is downloaded): median step time, 
 against the device's dense bf16 peak (train/metrics.py PEAK_FLOPS, model FLOPs from flops.py),
 the device's peak memory in use (`memory_stats()`), the compiled temp bytes and the environment
 (train/environment.py). Writes one JSON object with the records and the LIMe/baseline
-step-time ratio per setup. bf16 compute, `attention_impl: dot_product` (cuDNN flash attention
+step-time ratio per setup, rewritten after every point (a failed point is recorded with its
+error, and the rest run). bf16 compute, `attention_impl: dot_product` (cuDNN flash attention
 on NVIDIA GPUs), remat as the configs say. Each point runs in its own process, so each peak
 memory is that point's alone.
 """
@@ -57,24 +58,50 @@ def measure_point(repo: str, index: int, steps: int) -> dict[str, Any]:
           "environment": point["environment"]}
 
 
-def check(repo: str, steps: int) -> dict[str, Any]:
-  """Every point in a fresh process; the records and LIMe/baseline step ratios."""
+def check(repo: str, steps: int, out_path: str) -> dict[str, Any]:
+  """Every point in a fresh process; the records and LIMe/baseline step ratios. A point that
+  fails is recorded with its error and the rest still run; `out_path` is rewritten after every
+  point, so a check cut short by its time limit keeps what it measured."""
   records = []
   for index in range(len(SETUPS) * len(ROUTERS)):
+    (setup, *_), (router, _) = SETUPS[index // 2], ROUTERS[index % 2]
     proc = subprocess.run([sys.executable, "-m", "lime_jax.studies.accelerator_check",
                            "--repo", repo, "--steps", str(steps), "--point", str(index)],
                           capture_output=True, text=True, check=False)
     if proc.returncode:
-      raise RuntimeError(f"accelerator_check: point {index} failed: {proc.stderr[-2000:]}")
-    records.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+      error = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+      records.append({"setup": setup, "router": router, "error": error[-500:]})
+    else:
+      records.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     print(json.dumps(records[-1]), flush=True)
+    result = summary(records)
+    with open(out_path, "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+def summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+  """The records so far and the LIMe/baseline step ratio of each setup whose two points ran."""
   ratios = {}
   for setup, *_ in SETUPS:
-    by_router = {r["router"]: r for r in records if r["setup"] == setup}
-    ratios[setup] = by_router["kv-static"]["step_s"] / by_router["none"]["step_s"]
-  return {"device": records[0]["device"], "jax": jax.__version__,
-          "environment": records[0]["environment"], "records": records,
-          "lime_over_baseline_step": ratios}
+    by_router = {r["router"]: r for r in records if r["setup"] == setup and "error" not in r}
+    if {"none", "kv-static"} <= by_router.keys():
+      ratios[setup] = by_router["kv-static"]["step_s"] / by_router["none"]["step_s"]
+  measured = [r for r in records if "error" not in r]
+  return {"device": measured[0]["device"] if measured else None, "jax": jax.__version__,
+          "environment": measured[0]["environment"] if measured else None, "records": records,
+          "lime_over_baseline_step": ratios,
+          "failed": [f"{r['setup']}/{r['router']}" for r in records if "error" in r]}
+
+
+def output_path(out: str) -> str:
+  """The JSON file for `--out`: the path itself, or `accelerator_check.json` in it when it is a
+  directory (a device runner's output folder); ValueError if it cannot be written there."""
+  path = os.path.join(out, "accelerator_check.json") if os.path.isdir(out) else out
+  folder = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+    raise ValueError(f"--out {out}: cannot write {path} (no such writable directory: {folder})")
+  return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +112,14 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--repo", default=".", help="the repository root (configs/ is read)")
   parser.add_argument("--point", type=int, default=None, help=argparse.SUPPRESS)  # one, here
   args = parser.parse_args(argv)
+  if args.point is None:  # before any device time is spent
+    if args.out is None:
+      parser.error("--out is required")
+    try:
+      out_path = output_path(args.out)
+    except ValueError as err:
+      print(f"accelerator_check: {err}", file=sys.stderr)
+      return 2
   if jax.devices()[0].platform == "cpu":
     print("accelerator_check: JAX sees no accelerator (only the CPU); nothing measured",
           file=sys.stderr)
@@ -92,13 +127,10 @@ def main(argv: list[str] | None = None) -> int:
   if args.point is not None:
     print(json.dumps(measure_point(args.repo, args.point, args.steps)))
     return 0
-  if args.out is None:
-    parser.error("--out is required")
-  result = check(args.repo, args.steps)
-  with open(args.out, "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=2)
-  print(json.dumps(result["lime_over_baseline_step"]))
-  return 0
+  result = check(args.repo, args.steps, out_path)
+  print(f"{out_path}: LIMe/baseline step {json.dumps(result['lime_over_baseline_step'])}"
+        + (f"; failed: {', '.join(result['failed'])}" if result["failed"] else ""))
+  return 1 if result["failed"] else 0
 
 
 if __name__ == "__main__":
