@@ -45,6 +45,23 @@ def test_a_bad_output_path_is_refused_before_anything_runs(tmp_path, capsys):
 def test_an_output_folder_gets_the_json_inside(tmp_path):
   assert check.output_path(str(tmp_path)) == str(tmp_path / "accelerator_check.json")
   assert check.output_path(str(tmp_path / "a.json")) == str(tmp_path / "a.json")
+  with pytest.raises(ValueError, match="--out"):
+    check.output_path("")
+
+
+def test_the_error_line_is_the_exception_not_what_follows_it():
+  assert check.error_line(STDERR_OF_AN_OOM, 1) == (
+      "jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: oom")
+  assert check.error_line("killed\n", -9) == "killed"
+  assert check.error_line("", -9) == "exit code -9"
+
+
+STDERR_OF_AN_OOM = """Traceback (most recent call last):
+  File "x.py", line 1, in <module>
+jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: oom
+--------------------
+For simplicity, JAX has removed its internal frames from the traceback of the following exception.
+"""
 
 
 def test_a_failed_point_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch):
@@ -56,7 +73,7 @@ def test_a_failed_point_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch
     index = int(argv[argv.index("--point") + 1])
     setup, router = check.SETUPS[index // 2][0], check.ROUTERS[index % 2][0]
     if index == 3:
-      return subprocess.CompletedProcess(argv, 1, "", "Traceback ...\nRESOURCE_EXHAUSTED: oom")
+      return subprocess.CompletedProcess(argv, 1, "", STDERR_OF_AN_OOM)
     written.append(json.loads((tmp_path / "c.json").read_text()) if index else None)
     record = {"setup": setup, "router": router, "step_s": 2.0 if index % 2 else 1.0,
               "device": "fake", "environment": {}}
@@ -67,7 +84,7 @@ def test_a_failed_point_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch
   assert [len(w["records"]) for w in written[1:]] == [1, 2]  # on disk after each point
   assert result["lime_over_baseline_step"] == {"paper_1p2b_L16": 2.0}
   assert result["failed"] == ["deep_D256_L64/kv-static"]
-  assert result["records"][3]["error"] == "RESOURCE_EXHAUSTED: oom"
+  assert result["records"][3]["error"] == "jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: oom"
   assert json.loads((tmp_path / "c.json").read_text()) == result
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -69,8 +70,9 @@ def check(repo: str, steps: int, out_path: str) -> dict[str, Any]:
                            "--repo", repo, "--steps", str(steps), "--point", str(index)],
                           capture_output=True, text=True, check=False)
     if proc.returncode:
-      error = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-      records.append({"setup": setup, "router": router, "error": error[-500:]})
+      records.append({"setup": setup, "router": router,
+                      "error": error_line(proc.stderr, proc.returncode),
+                      "stderr_tail": proc.stderr[-2000:]})
     else:
       records.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     print(json.dumps(records[-1]), flush=True)
@@ -78,6 +80,14 @@ def check(repo: str, steps: int, out_path: str) -> dict[str, Any]:
     with open(out_path, "w", encoding="utf-8") as f:
       json.dump(result, f, indent=2)
   return result
+
+
+def error_line(stderr: str, returncode: int) -> str:
+  """The exception line of a failed point's stderr (`Type: message`; JAX prints a note after
+  it), else its last line."""
+  lines = [line for line in stderr.strip().splitlines() if line.strip()]
+  exceptions = [line for line in lines if re.match(r"[A-Za-z_][\w.]*: ", line)]
+  return (exceptions or lines or [f"exit code {returncode}"])[-1][:500]
 
 
 def summary(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -97,6 +107,8 @@ def summary(records: list[dict[str, Any]]) -> dict[str, Any]:
 def output_path(out: str) -> str:
   """The JSON file for `--out`: the path itself, or `accelerator_check.json` in it when it is a
   directory (a device runner's output folder); ValueError if it cannot be written there."""
+  if not out:
+    raise ValueError("--out: empty; name a JSON file or a folder")
   path = os.path.join(out, "accelerator_check.json") if os.path.isdir(out) else out
   folder = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
