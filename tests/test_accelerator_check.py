@@ -18,6 +18,14 @@ model: {V: 64, D: 32, L: 3, H: 2, F: 64, T: 16, router: ROUTER}
 data: {seq_len: 16, batch_size: 2}
 """
 
+# A failed point's stderr as JAX ends it: the exception, then a note.
+STDERR_OF_AN_OOM = """Traceback (most recent call last):
+  File "x.py", line 1, in <module>
+jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: oom
+--------------------
+For simplicity, JAX has removed its internal frames from the traceback of the following exception.
+"""
+
 
 def test_a_point_reports_speed_memory_and_mfu(tmp_path, monkeypatch):
   for router, suffix in check.ROUTERS:
@@ -54,14 +62,6 @@ def test_the_error_line_is_the_exception_not_what_follows_it():
       "jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: oom")
   assert check.error_line("killed\n", -9) == "killed"
   assert check.error_line("", -9) == "exit code -9"
-
-
-STDERR_OF_AN_OOM = """Traceback (most recent call last):
-  File "x.py", line 1, in <module>
-jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: oom
---------------------
-For simplicity, JAX has removed its internal frames from the traceback of the following exception.
-"""
 
 
 def test_a_failed_point_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch):
