@@ -28,12 +28,15 @@ For simplicity, JAX has removed its internal frames from the traceback of the fo
 
 
 def test_a_point_reports_speed_memory_and_mfu(tmp_path, monkeypatch):
-  for router, suffix in check.ROUTERS:
+  for router, suffix, _ in check.ROUTERS:
     (tmp_path / f"tiny_{suffix}.yaml").write_text(TINY.replace("ROUTER", router))
   monkeypatch.setattr(check, "SETUPS", (("tiny", "tiny_{router}.yaml", 2, 16),))
   record = check.measure_point(str(tmp_path), 1, steps=2)
   assert (record["setup"], record["router"], record["batch"], record["length"]) == (
       "tiny", "kv-static", 2, 16)
+  # LIMe in its accelerator form whatever the config says (TINY says neither)
+  assert (record["routing_impl"], record["scan_segments"], record["attention_impl"]) == (
+      "pull", 1, "dot_product")
   assert record["step_s"] > 0 and record["tokens_per_s"] == pytest.approx(32 / record["step_s"])
   assert record["temp_bytes"] > 0
   assert record["mfu"] is None  # the CPU has no peak in the table

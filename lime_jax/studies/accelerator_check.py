@@ -8,7 +8,7 @@ the device's peak memory in use (`memory_stats()`), the compiled temp bytes and 
 (train/environment.py). Writes one JSON object with the records and the LIMe/baseline
 step-time ratio per setup, rewritten after every point (a failed point is recorded with its
 error, and the rest run). bf16 compute, `attention_impl: dot_product` (cuDNN flash attention
-on NVIDIA GPUs), remat as the configs say. Each point runs in its own process, so each peak
+on NVIDIA GPUs), remat as the configs say, LIMe as `routing_impl: pull` over one segment. Each point runs in its own process, so each peak
 memory is that point's alone.
 """
 
@@ -35,23 +35,30 @@ SETUPS = (
     ("paper_1p2b_L16", "configs/paper_1p2b_{router}.yaml", 4, 2048),
     ("deep_D256_L64", "configs/deep_L64_{router}.yaml", 16, 1024),
 )
-ROUTERS = (("none", "none"), ("kv-static", "lime"))
+# (router, config suffix, overrides): LIMe in its accelerator form, the pull over one scan
+# segment (README: the least HBM and bytes of the forms on the TPU compiler at both setups;
+# the 1.2B config sets it, the deep configs keep the CPU's push).
+ROUTERS = (("none", "none", ()),
+           ("kv-static", "lime", ("model.routing_impl=pull", "model.scan_segments=1")))
 
 
 def measure_point(repo: str, index: int, steps: int) -> dict[str, Any]:
   """Point `index` of SETUPS x ROUTERS, measured in this process."""
-  (setup, path, batch, length), (router, suffix) = SETUPS[index // 2], ROUTERS[index % 2]
+  (setup, path, batch, length), (router, suffix, overrides) = (SETUPS[index // 2],
+                                                                ROUTERS[index % 2])
   device = jax.devices()[0]
   exp = load_experiment(os.path.join(repo, path.format(router=suffix)),
                         ["model.attention_impl=dot_product", f"model.T={length}",
-                         f"data.seq_len={length}", f"data.batch_size={batch}"])
+                         f"data.seq_len={length}", f"data.batch_size={batch}", *overrides])
   start = time.perf_counter()
   point = bench_point(exp.model, batch, steps, measure_flops=False)
   stats = device.memory_stats() or {}
   tokens_per_s = batch * length / point["step_s"]
   model_flops_per_s = flops.train_flops_per_token(exp.model, length) * tokens_per_s
-  return {"setup": setup, "router": router, "batch": batch, "length": length,
-          "step_s": point["step_s"], "tokens_per_s": tokens_per_s,
+  return {"setup": setup, "router": router, "routing_impl": exp.model.routing_impl,
+          "scan_segments": exp.model.scan_segments, "attention_impl": exp.model.attention_impl,
+          "batch": batch, "length": length, "step_s": point["step_s"],
+          "tokens_per_s": tokens_per_s,
           "mfu": metrics.mfu(model_flops_per_s, metrics.device_peak_flops(device.device_kind)),
           "compile_s": point["compile_s"], "temp_bytes": point["temp_bytes"],
           "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
@@ -65,7 +72,7 @@ def check(repo: str, steps: int, out_path: str) -> dict[str, Any]:
   point, so a check cut short by its time limit keeps what it measured."""
   records = []
   for index in range(len(SETUPS) * len(ROUTERS)):
-    (setup, *_), (router, _) = SETUPS[index // 2], ROUTERS[index % 2]
+    (setup, *_), (router, *_) = SETUPS[index // 2], ROUTERS[index % 2]
     proc = subprocess.run([sys.executable, "-m", "lime_jax.studies.accelerator_check",
                            "--repo", repo, "--steps", str(steps), "--point", str(index)],
                           capture_output=True, text=True, check=False)
