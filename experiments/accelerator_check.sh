@@ -15,7 +15,8 @@ SITE=""
 if compgen -G ".whl/*.whl" > /dev/null; then
   SITE="$(mktemp -d)"
   trap 'rm -rf "$SITE"' EXIT
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --target "$SITE" .whl/*.whl
 fi
 # Let XLA take the memory it needs; a preallocated 75% would hide the peak.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
