@@ -74,7 +74,7 @@ def test_a_failed_point_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch
 
   def fake_run(argv, **_):
     index = int(argv[argv.index("--point") + 1])
-    setup, router = check.SETUPS[index // 2][0], check.ROUTERS[index % 2][0]
+    (setup, *_), (router, *_) = check.point_of(index)
     if index == 3:
       return subprocess.CompletedProcess(argv, 1, "", STDERR_OF_AN_OOM)
     written.append(json.loads((tmp_path / "c.json").read_text()) if index else None)

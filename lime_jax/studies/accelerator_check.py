@@ -42,10 +42,14 @@ ROUTERS = (("none", "none", ()),
            ("kv-static", "lime", ("model.routing_impl=pull", "model.scan_segments=1")))
 
 
+def point_of(index: int) -> tuple[tuple[str, str, int, int], tuple[str, str, tuple[str, ...]]]:
+  """Point `index` of SETUPS x ROUTERS: (its setup, its router) entries."""
+  return SETUPS[index // len(ROUTERS)], ROUTERS[index % len(ROUTERS)]
+
+
 def measure_point(repo: str, index: int, steps: int) -> dict[str, Any]:
   """Point `index` of SETUPS x ROUTERS, measured in this process."""
-  (setup, path, batch, length), (router, suffix, overrides) = (SETUPS[index // 2],
-                                                                ROUTERS[index % 2])
+  (setup, path, batch, length), (router, suffix, overrides) = point_of(index)
   device = jax.devices()[0]
   exp = load_experiment(os.path.join(repo, path.format(router=suffix)),
                         ["model.attention_impl=dot_product", f"model.T={length}",
@@ -72,7 +76,7 @@ def check(repo: str, steps: int, out_path: str) -> dict[str, Any]:
   point, so a check cut short by its time limit keeps what it measured."""
   records = []
   for index in range(len(SETUPS) * len(ROUTERS)):
-    (setup, *_), (router, *_) = SETUPS[index // 2], ROUTERS[index % 2]
+    (setup, *_), (router, *_) = point_of(index)
     proc = subprocess.run([sys.executable, "-m", "lime_jax.studies.accelerator_check",
                            "--repo", repo, "--steps", str(steps), "--point", str(index)],
                           capture_output=True, text=True, check=False)

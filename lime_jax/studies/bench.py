@@ -185,7 +185,8 @@ def topology_table(records: list[dict[str, Any]]) -> str:
     if r["router"] == "none" or b is None:
       continue
     ratios = [r[k] / b[k] for k in TOPOLOGY_KEYS]
-    lines.append(f"| {_method_label(r['router'], base_name)} | {r['depth']} | " + " | ".join(f"{x:.3f}" for x in ratios) + " |")
+    lines.append(f"| {_method_label(r['router'], base_name)} | {r['depth']} | "
+                 + " | ".join(f"{x:.3f}" for x in ratios) + " |")
   return "\n".join(lines)
 
 
@@ -285,7 +286,8 @@ def format_tables(records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> 
             " measured/formula |", "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
   for row in rows:
     lines.append(
-        f"| {_method_label(row['router'], row['base'])} | {row['depth']} | {row['mem_ratio']:.3f} | {row['step_ratio']:.3f} |"
+        f"| {_method_label(row['router'], row['base'])} | {row['depth']} |"
+        f" {row['mem_ratio']:.3f} | {row['step_ratio']:.3f} |"
         f" {_range(*row['step_ratio_range'])} |"
         f" {row['compile_ratio']:.3f} | {row['flops_overhead'] / 1e9:.3f} |"
         f" {row['flops_overhead_formula'] / 1e9:.3f} | {_measured_over_formula(row)} |")
