@@ -57,6 +57,23 @@ def test_pull_equals_push(changes):
   chex.assert_trees_all_close(grads_pull, grads_push, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("changes", [
+    {"scan_segments": 1}, {}, {"router_window": 3, "scan_segments": 1},
+    {"router_window": 3, "L": 9, "scan_segments": 3}, {"scan_unroll": 2},
+], ids=str)
+def test_pull_reads_no_slot_before_its_write(changes, monkeypatch):
+  """Under the scan the buffer starts uninitialized on accelerators (`lax.empty`, zeros on the
+  CPU; an unrolled stack zero-fills it). Filled with NaN here, which a zero router weight
+  would not cancel, the pull still gives the push's loss and gradients: no slot is read
+  unmasked before its layer writes it."""
+  def nan_filled(shape, dtype, **_):
+    return jnp.full(shape, jnp.nan, dtype)
+  monkeypatch.setattr(jax.lax, "empty", nan_filled)
+  (loss_push, grads_push), (loss_pull, grads_pull) = _push_and_pull(CFG.replace(**changes))
+  np.testing.assert_allclose(loss_pull, loss_push, rtol=1e-6)
+  chex.assert_trees_all_close(grads_pull, grads_push, rtol=1e-5, atol=1e-6)
+
+
 def test_pull_in_bfloat16_stays_close_to_push():
   """bf16 compute: the buffer holds bf16 raw kv, the mix accumulates in float32 (as the push)."""
   cfg = CFG.replace(compute_dtype="bfloat16")
