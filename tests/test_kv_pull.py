@@ -62,13 +62,14 @@ def test_pull_equals_push(changes):
     {"router_window": 3, "L": 9, "scan_segments": 3}, {"scan_unroll": 2},
 ], ids=str)
 def test_pull_reads_no_slot_before_its_write(changes, monkeypatch):
-  """Under the scan the buffer starts uninitialized on accelerators (`lax.empty`, zeros on the
-  CPU; an unrolled stack zero-fills it). Filled with NaN here, which a zero router weight
-  would not cancel, the pull still gives the push's loss and gradients: no slot is read
-  unmasked before its layer writes it."""
+  """On a TPU the scan's buffer starts uninitialized (`lax.empty`). Here the CPU takes that
+  path too, with the buffer filled with NaN, which a zero router weight would not cancel: the
+  pull still gives the push's loss and gradients, so no slot is read unmasked before its layer
+  writes it."""
   def nan_filled(shape, dtype, **_):
     return jnp.full(shape, jnp.nan, dtype)
   monkeypatch.setattr(jax.lax, "empty", nan_filled)
+  monkeypatch.setattr(kv_pull, "UNINITIALIZED_BUFFER_PLATFORMS", ("cpu",))
   (loss_push, grads_push), (loss_pull, grads_pull) = _push_and_pull(CFG.replace(**changes))
   np.testing.assert_allclose(loss_pull, loss_push, rtol=1e-6)
   chex.assert_trees_all_close(grads_pull, grads_push, rtol=1e-5, atol=1e-6)

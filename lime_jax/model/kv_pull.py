@@ -15,10 +15,11 @@ training), and
   i >= l (the cotangents of readers l and later) give the raw kv's cotangent for the first
   half's VJP.
 
-Under the scan the buffer starts uninitialized (`lax.empty`; zeros on the CPU): a zero fill
-would write all L slots once more (1.2B setup on TPU v5p: 1.0 GB a step per device). The
-forward's reads zero the slots past the layer inside the product that reads them, since a zero
-weight does not cancel a NaN; by the backward every slot has been written.
+On a TPU the scan's buffer starts uninitialized (`lax.empty`): a zero fill would write all L
+slots once more (1.2B setup on TPU v5p: 1.0 GB a step per device). The forward's reads then
+zero the slots past the layer inside the product that reads them, since a zero weight does not
+cancel a NaN; by the backward every slot has been written. Other platforms, and a stack
+unrolled over its layers, zero-fill it (UNINITIALIZED_BUFFER_PLATFORMS).
 
 One buffer serves both passes: in the backward, slots j <= l still hold raw kv (needed by the
 readers still to go) and slots i > l the cotangents (their raw kv is no longer needed). Each
@@ -103,15 +104,39 @@ def _layer_params(groups, layer_idx, params_S: tuple[Any, ...]) -> Any:
   return _switch_on_group(groups, layer_idx, branch, params_S)
 
 
+# Where the scan's buffer starts uninitialized: platforms whose compiler was seen to fuse
+# `_written`'s select into the product (the TPU's; on a GPU the product is a library call that
+# a select may not fuse into, not measured). Elsewhere it is zero-filled, as an unrolled
+# stack's always is.
+UNINITIALIZED_BUFFER_PLATFORMS = ("tpu",)
+
+
+def _on_uninitialized_platforms(uninitialized: Callable, zeroed: Callable, *args):
+  """`uninitialized(*args)` when compiled for a platform of UNINITIALIZED_BUFFER_PLATFORMS,
+  else `zeroed(*args)`: chosen when lowering, so the compiler sees one of them."""
+  return jax.lax.platform_dependent(
+      *args, default=zeroed, **{p: uninitialized for p in UNINITIALIZED_BUFFER_PLATFORMS})
+
+
+def _fresh_buffer(shape: tuple[int, ...], dtype, static_layers: bool) -> jax.Array:
+  """The forward's empty buffer: uninitialized under the scan where the platform allows (a
+  zero fill writes every slot once more: 1.2B setup on TPU v5p, 1.0 GB a step per device)."""
+  zeros = lambda: jnp.zeros(shape, dtype)  # noqa: E731
+  if static_layers:  # there the select did not fuse (`_forward`)
+    return zeros()
+  return _on_uninitialized_platforms(lambda: jax.lax.empty(shape, dtype), zeros)
+
+
 def _written(kv_NxBxTxRx2xHd: jax.Array, first, l) -> jax.Array:
-  """Slots first .. first+N-1 of the forward's buffer with those past layer l zeroed: under
-  the scan the buffer starts uninitialized, so an unwritten slot may hold anything, NaN
-  included, which a zero weight would not cancel. An unrolled stack (l static) zero-fills it
-  instead (`_forward`)."""
-  if isinstance(l, int):
+  """Slots first .. first+N-1 of the forward's buffer with those past layer l zeroed where it
+  starts uninitialized (`_fresh_buffer`): an unwritten slot may hold anything, NaN included,
+  which a zero weight would not cancel."""
+  if isinstance(l, int):  # an unrolled stack's buffer is zero-filled
     return kv_NxBxTxRx2xHd
-  slot_N = first + jnp.arange(kv_NxBxTxRx2xHd.shape[0])
-  return jnp.where((slot_N <= l)[:, None, None, None, None, None], kv_NxBxTxRx2xHd, 0)
+  def masked(kv_NxBxTxRx2xHd, l):
+    slot_N = first + jnp.arange(kv_NxBxTxRx2xHd.shape[0])
+    return jnp.where((slot_N <= l)[:, None, None, None, None, None], kv_NxBxTxRx2xHd, 0)
+  return _on_uninitialized_platforms(masked, lambda kv, l: kv, kv_NxBxTxRx2xHd, l)
 
 
 def _mix_sources(group: ReadGroup):
@@ -291,10 +316,9 @@ def _forward(kv_fn, layer_fn, weights_fn, groups, window, kv_shape, unroll, para
     return (x_next, buf_LxBxTxRx2xHd), _LayerResiduals.of(vjp_kv, vjp_rest)
 
   unrolled = unroll >= L  # static layer indices (see pull_stack)
-  # The mask of `_written` fuses into the scan's products; in the unrolled program it did not
-  # (TPU compiler, 1.2B setup at 4 layers: 162.8 GB a step against 160.6 with a zero fill).
-  buf_LxBxTxRx2xHd = jnp.zeros(shape, dtype) if unrolled else jax.lax.empty(tuple(shape), dtype)
-  carry = (x_BxTxD, buf_LxBxTxRx2xHd)
+  # The TPU compiler fuses `_written`'s select into the scan's products, not into the unrolled
+  # program's (1.2B setup at 4 layers: 162.8 GB a step against 160.6 with a zero fill alone).
+  carry = (x_BxTxD, _fresh_buffer(tuple(shape), dtype, static_layers=unrolled))
   if unrolled:
     saved = []
     for l in range(L):
