@@ -58,19 +58,45 @@ def test_pull_equals_push(changes):
 
 
 @pytest.mark.parametrize("changes", [
-    {"scan_segments": 1}, {}, {"router_window": 3, "scan_segments": 1},
-    {"router_window": 3, "L": 9, "scan_segments": 3}, {"scan_unroll": 2},
+    {}, {"scan_unroll": 2}, {"router_window": 3, "scan_segments": 1},
+    {"router_window": 3, "L": 9, "scan_segments": 3},
 ], ids=str)
 def test_pull_reads_no_slot_before_its_write(changes, monkeypatch):
-  """On a TPU the scan's buffer starts uninitialized (`lax.empty`). Here the CPU takes that
-  path too, with the buffer filled with NaN, which a zero router weight would not cancel: the
-  pull still gives the push's loss and gradients, so no slot is read unmasked before its layer
-  writes it."""
+  """On a TPU a scan whose reads take slices (several read groups, or a window) starts its
+  buffer uninitialized (`lax.empty`). Here the CPU takes that path too, with the buffer filled
+  with NaN, which a zero router weight would not cancel: the pull still gives the push's loss
+  and gradients, so no slot is read unmasked before its layer writes it."""
   def nan_filled(shape, dtype, **_):
     return jnp.full(shape, jnp.nan, dtype)
   monkeypatch.setattr(jax.lax, "empty", nan_filled)
   monkeypatch.setattr(kv_pull, "UNINITIALIZED_BUFFER_PLATFORMS", ("cpu",))
   (loss_push, grads_push), (loss_pull, grads_pull) = _push_and_pull(CFG.replace(**changes))
+  np.testing.assert_allclose(loss_pull, loss_push, rtol=1e-6)
+  chex.assert_trees_all_close(grads_pull, grads_push, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("changes", [
+    {"scan_segments": 1}, {"scan_segments": 1, "scan_unroll": 2},
+    {"scan_segments": 1, "scan_unroll": 6},
+], ids=str)
+def test_pull_in_the_slot_major_layout_equals_push(changes, monkeypatch):
+  """On a TPU a buffer read whole (one read group, no window) is kept in SLOT_MAJOR_LAYOUT (a
+  layout constraint), and not on the CPU. Here the CPU takes that path too: the program then
+  carries the constraint and gives the push's loss and gradients."""
+  def constraints(cfg) -> int:
+    params = M.init_params(cfg, jax.random.key(0))
+    grad = jax.jit(jax.grad(model_checks.next_token_loss), static_argnums=1)
+    lowered = grad.lower(params, cfg, model_checks.tokens(cfg, T=cfg.T + 1))
+    return lowered.as_text().count("@LayoutConstraint")
+  cfg = CFG.replace(**changes)
+  pull = cfg.replace(routing_impl="pull")
+  assert constraints(pull) == 0
+  monkeypatch.setattr(kv_pull, "SLOT_MAJOR_PLATFORMS", ("cpu",))
+  assert constraints(pull) >= 3  # the fresh buffer, the writes forward and backward (a body once)
+  # Reads that take slices keep the compiler's layout.
+  assert constraints(pull.replace(scan_segments=2)) == 0
+  assert constraints(pull.replace(router_window=2)) == 0
+  (loss_push, grads_push), (loss_pull, grads_pull) = _push_and_pull(cfg)
   np.testing.assert_allclose(loss_pull, loss_push, rtol=1e-6)
   chex.assert_trees_all_close(grads_pull, grads_push, rtol=1e-5, atol=1e-6)
 
@@ -174,10 +200,12 @@ def test_windowed_pull_reads_order_L_k_slots():
 
 def test_fully_unrolled_pull_picks_each_layers_reads_at_trace_time():
   """`plan` counts cost on the program with every layer unrolled: there no `lax.switch` may be
-  left, since XLA keeps it and counts every branch's reads."""
+  left, since XLA keeps it and counts every branch's reads. (A `lax.platform_dependent` choice
+  is a cond too, resolved when lowering: not counted.)"""
   cfg = CFG.replace(routing_impl="pull", scan_segments=3)
   def switches(cfg):
-    return sum(eqn.primitive.name == "cond" for eqn in model_checks.all_eqns(_grad_jaxpr(cfg)))
+    return sum(eqn.primitive.name == "cond" and not eqn.params.get("branches_platforms")
+               for eqn in model_checks.all_eqns(_grad_jaxpr(cfg)))
   assert switches(cfg) > 0  # the scan's per-layer choice of reads
   assert switches(cfg.replace(scan_unroll=cfg.L)) == 0
 

@@ -15,11 +15,14 @@ training), and
   i >= l (the cotangents of readers l and later) give the raw kv's cotangent for the first
   half's VJP.
 
-On a TPU the scan's buffer starts uninitialized (`lax.empty`): a zero fill would write all L
-slots once more (1.2B setup on TPU v5p: 1.0 GB a step per device). The forward's reads then
-zero the slots past the layer inside the product that reads them, since a zero weight does not
-cancel a NaN; by the backward every slot has been written. Other platforms, and a stack
-unrolled over its layers, zero-fill it (UNINITIALIZED_BUFFER_PLATFORMS).
+On a TPU, a buffer read whole (one read group, no window) is kept slots major, tokens minor,
+as the baseline keeps its stack of the layers' kv, so that each layer's projection writes its
+raw kv into its slot in place (SLOT_MAJOR_LAYOUT); it is zero-filled. Where the reads take
+slices, the scan's buffer starts uninitialized (`lax.empty`) instead, a zero fill writing all
+L slots once more, and the forward's reads zero the slots past the layer inside the product
+that reads them, since a zero weight does not cancel a NaN; by the backward every slot has been
+written. Other platforms, and a stack unrolled over its layers, zero-fill it
+(UNINITIALIZED_BUFFER_PLATFORMS).
 
 One buffer serves both passes: in the backward, slots j <= l still hold raw kv (needed by the
 readers still to go) and slots i > l the cotangents (their raw kv is no longer needed). Each
@@ -50,6 +53,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.layout import Layout, with_layout_constraint
 
 from lime_jax.model.pull import read_slots
 
@@ -104,11 +108,23 @@ def _layer_params(groups, layer_idx, params_S: tuple[Any, ...]) -> Any:
   return _switch_on_group(groups, layer_idx, branch, params_S)
 
 
-# Where the scan's buffer starts uninitialized: platforms whose compiler was seen to fuse
-# `_written`'s select into the product (the TPU's; on a GPU the product is a library call that
-# a select may not fuse into, not measured). Elsewhere it is zero-filled, as an unrolled
-# stack's always is.
+# Where a scan whose reads take slices (a window, or several read groups) starts its buffer
+# uninitialized: platforms whose compiler was seen to fuse `_written`'s select into the product
+# (the TPU's; on a GPU the product is a library call that a select may not fuse into, not
+# measured). Elsewhere it is zero-filled, as an unrolled stack's and whole reads' always are
+# (`_fresh_buffer`).
 UNINITIALIZED_BUFFER_PLATFORMS = ("tpu",)
+
+# Where a buffer read whole (one read group, no window) is kept slots major, tokens minor
+# (SLOT_MAJOR_LAYOUT, major to minor over [L, B, T, R, 2, Hd]: [L, B, R, 2, Hd, T], the layout of
+# the baseline's stack of its layers' kv), so that each layer's projection writes its raw kv
+# into its slot in place. In its own layout (tokens minor, then heads, then slots) the TPU
+# compiler wrote the projection to a temporary and copied it into the slot (1.2B setup on TPU
+# v5p, scanned: 805.2 -> 804.1 GB a step, step estimate 0.4617 -> 0.4612 s). Reads that take
+# slices keep the compiler's own, since in this one they cost far more (1.2B, 8 read groups,
+# unrolled: 673.8 -> 891.7 GB; deep setup, window 8, scanned, zero-filled: 289.0 -> 533.7 GB).
+SLOT_MAJOR_PLATFORMS = ("tpu",)
+SLOT_MAJOR_LAYOUT = (0, 1, 3, 4, 5, 2)
 
 
 def _on_uninitialized_platforms(uninitialized: Callable, zeroed: Callable, *args):
@@ -118,13 +134,33 @@ def _on_uninitialized_platforms(uninitialized: Callable, zeroed: Callable, *args
       *args, default=zeroed, **{p: uninitialized for p in UNINITIALIZED_BUFFER_PLATFORMS})
 
 
-def _fresh_buffer(shape: tuple[int, ...], dtype, static_layers: bool) -> jax.Array:
-  """The forward's empty buffer: uninitialized under the scan where the platform allows (a
-  zero fill writes every slot once more: 1.2B setup on TPU v5p, 1.0 GB a step per device)."""
-  zeros = lambda: jnp.zeros(shape, dtype)  # noqa: E731
-  if static_layers:  # the TPU compiler did not fuse the select into the unrolled program's
-    return zeros()   # products (1.2B setup, 4 layers: 162.8 GB a step against 160.6)
+def _fresh_buffer(shape: tuple[int, ...], dtype, static_layers: bool,
+                  whole_reads: bool) -> jax.Array:
+  """The forward's empty buffer: uninitialized under the scan where the platform allows and the
+  reads take slices (a zero fill writes every slot once more: 1.2B setup on TPU v5p, 1.0 GB a
+  step per device), else zero-filled. The TPU compiler fused the select that an uninitialized
+  buffer needs neither into the unrolled program's products (1.2B setup, 4 layers: 162.8 GB a
+  step against 160.6) nor into whole reads of the slot-major buffer (1.2B, scanned: 839.4
+  against 804.1 GB). `whole_reads`: one read group and no window (`_slot_major`)."""
+  zeros = lambda: _slot_major(jnp.zeros(shape, dtype), whole_reads)  # noqa: E731
+  if static_layers or whole_reads:
+    return zeros()
   return _on_uninitialized_platforms(lambda: jax.lax.empty(shape, dtype), zeros)
+
+
+def _reads_whole(groups: tuple[ReadGroup, ...], window: int | None) -> bool:
+  """Whether every read of the buffer takes all of it: one read group, no window."""
+  return window is None and len(groups) == 1
+
+
+def _slot_major(buf_LxBxTxRx2xHd: jax.Array, whole_reads: bool) -> jax.Array:
+  """A buffer read whole constrained to SLOT_MAJOR_LAYOUT where compiled for a platform of
+  SLOT_MAJOR_PLATFORMS (chosen when lowering); otherwise as it is."""
+  if not whole_reads:
+    return buf_LxBxTxRx2xHd
+  constrained = lambda buf: with_layout_constraint(buf, Layout(SLOT_MAJOR_LAYOUT))  # noqa: E731
+  return jax.lax.platform_dependent(buf_LxBxTxRx2xHd, default=lambda buf: buf,
+                                    **{p: constrained for p in SLOT_MAJOR_PLATFORMS})
 
 
 def _written(kv_NxBxTxRx2xHd: jax.Array, first, l) -> jax.Array:
@@ -139,12 +175,14 @@ def _written(kv_NxBxTxRx2xHd: jax.Array, first, l) -> jax.Array:
   return _on_uninitialized_platforms(masked, lambda kv, l: kv, kv_NxBxTxRx2xHd, l)
 
 
-def _mix_sources(group: ReadGroup):
+def _mix_sources(group: ReadGroup, whole_reads: bool):
   """Forward read: sum_{j, s} W[r, j, s] kv_j[s] over the group's source slots, in float32
   (the row is zero past j = l, the reader's own slot)."""
   def mix(W_RxLxR, buf_LxBxTxRx2xHd, l):
-    return sum(jnp.einsum("rjs,jbtscd->btrcd", read_slots(W_RxLxR, lo, hi - lo, 1),
-                          _written(read_slots(buf_LxBxTxRx2xHd, lo, hi - lo), lo, l),
+    def read(lo, hi):  # whole reads: a zero-filled buffer (_fresh_buffer)
+      slots = read_slots(buf_LxBxTxRx2xHd, lo, hi - lo)
+      return slots if whole_reads else _written(slots, lo, l)
+    return sum(jnp.einsum("rjs,jbtscd->btrcd", read_slots(W_RxLxR, lo, hi - lo, 1), read(lo, hi),
                           preferred_element_type=jnp.float32) for lo, hi in group.sources)
   return mix
 
@@ -289,6 +327,7 @@ def _forward(kv_fn, layer_fn, weights_fn, groups, window, kv_shape, unroll, para
   *shape, dtype = kv_shape
   L = shape[0]
   W_LxRxLxR = weights_fn(params_S)
+  whole_reads = _reads_whole(groups, window)
 
   def body(carry, W_RxLxR, l):
     x_BxTxD, buf_LxBxTxRx2xHd = carry
@@ -302,11 +341,12 @@ def _forward(kv_fn, layer_fn, weights_fn, groups, window, kv_shape, unroll, para
       kv_BxTxRx2xHd, handoff = first_half(params_l, x_BxTxD)
     # Written before the layer reads: its own kv is the last slot of its product. The previous
     # layer's reads of the buffer come first by data (they made this layer's input).
-    buf_LxBxTxRx2xHd = jax.lax.dynamic_update_index_in_dim(
-        buf_LxBxTxRx2xHd, kv_BxTxRx2xHd.astype(dtype), l, 0)
+    buf_LxBxTxRx2xHd = _slot_major(jax.lax.dynamic_update_index_in_dim(
+        buf_LxBxTxRx2xHd, kv_BxTxRx2xHd.astype(dtype), l, 0), whole_reads)
     if window is None:
-      routed_BxTxRx2xHd = _switch_on_group(groups, l, _mix_sources, W_RxLxR, buf_LxBxTxRx2xHd,
-                                           l)
+      routed_BxTxRx2xHd = _switch_on_group(
+          groups, l, functools.partial(_mix_sources, whole_reads=whole_reads), W_RxLxR,
+          buf_LxBxTxRx2xHd, l)
     else:
       routed_BxTxRx2xHd = _mix_window(window, l, W_RxLxR, buf_LxBxTxRx2xHd)
     routed_BxTxRx2xHd = routed_BxTxRx2xHd.astype(dtype)  # the float32 sum, rounded once
@@ -316,7 +356,7 @@ def _forward(kv_fn, layer_fn, weights_fn, groups, window, kv_shape, unroll, para
     return (x_next, buf_LxBxTxRx2xHd), _LayerResiduals.of(vjp_kv, vjp_rest)
 
   unrolled = unroll >= L  # static layer indices (see pull_stack)
-  carry = (x_BxTxD, _fresh_buffer(tuple(shape), dtype, static_layers=unrolled))
+  carry = (x_BxTxD, _fresh_buffer(tuple(shape), dtype, unrolled, whole_reads))
   if unrolled:
     saved = []
     for l in range(L):
@@ -344,6 +384,7 @@ def _pull_stack_bwd(kv_fn, layer_fn, weights_fn, groups, window, kv_shape, unrol
   L = buf_LxBxTxRx2xHd.shape[0]
   dtype = buf_LxBxTxRx2xHd.dtype
   source_L = jnp.arange(L)
+  whole_reads = _reads_whole(groups, window)
 
   def body(carry, layer_residuals: _LayerResiduals, column_LxRxR, l):
     # buf: slots j <= l raw kv, slots i > l the cotangents of readers i's routed kv.
@@ -359,8 +400,8 @@ def _pull_stack_bwd(kv_fn, layer_fn, weights_fn, groups, window, kv_shape, unrol
     # Slot l's raw kv is read above and not needed again: its cotangent takes the slot, after
     # that read (nothing else orders them; a compiler that wrote first would copy the buffer).
     drouted_BxTxRx2xHd, dW_RxLxR = jax.lax.optimization_barrier((drouted_BxTxRx2xHd, dW_RxLxR))
-    buf_LxBxTxRx2xHd = jax.lax.dynamic_update_index_in_dim(
-        buf_LxBxTxRx2xHd, drouted_BxTxRx2xHd.astype(dtype), l, 0)
+    buf_LxBxTxRx2xHd = _slot_major(jax.lax.dynamic_update_index_in_dim(
+        buf_LxBxTxRx2xHd, drouted_BxTxRx2xHd.astype(dtype), l, 0), whole_reads)
     if window is None:
       dkv_BxTxRx2xHd = _switch_on_group(groups, l, _cotangent_from_readers, column_LxRxR,
                                         buf_LxBxTxRx2xHd)
