@@ -137,11 +137,12 @@ def _on_uninitialized_platforms(uninitialized: Callable, zeroed: Callable, *args
 def _fresh_buffer(shape: tuple[int, ...], dtype, static_layers: bool,
                   whole_reads: bool) -> jax.Array:
   """The forward's empty buffer: uninitialized under the scan where the platform allows and the
-  reads take slices (a zero fill writes every slot once more: 1.2B setup on TPU v5p, 1.0 GB a
-  step per device), else zero-filled. The TPU compiler fused the select that an uninitialized
-  buffer needs neither into the unrolled program's products (1.2B setup, 4 layers: 162.8 GB a
-  step against 160.6) nor into whole reads of the slot-major buffer (1.2B, scanned: 839.4
-  against 804.1 GB). `whole_reads`: one read group and no window (`_slot_major`)."""
+  reads take slices (a zero fill writes every slot once more, 1.0 GB a step per device at the
+  1.2B setup's size on TPU v5p), else zero-filled. The TPU compiler fused the select that an
+  uninitialized buffer needs neither into the unrolled program's products (1.2B setup, 4
+  layers: 162.8 GB a step against 160.6) nor into whole reads of the slot-major buffer (1.2B,
+  scanned: 839.4 against 804.1 GB). `whole_reads`: one read group and no window
+  (`_slot_major`)."""
   zeros = lambda: _slot_major(jnp.zeros(shape, dtype), whole_reads)  # noqa: E731
   if static_layers or whole_reads:
     return zeros()
