@@ -127,11 +127,10 @@ SLOT_MAJOR_PLATFORMS = ("tpu",)
 SLOT_MAJOR_LAYOUT = (0, 1, 3, 4, 5, 2)
 
 
-def _on_uninitialized_platforms(uninitialized: Callable, zeroed: Callable, *args):
-  """`uninitialized(*args)` when compiled for a platform of UNINITIALIZED_BUFFER_PLATFORMS,
-  else `zeroed(*args)`: chosen when lowering, so the compiler sees one of them."""
-  return jax.lax.platform_dependent(
-      *args, default=zeroed, **{p: uninitialized for p in UNINITIALIZED_BUFFER_PLATFORMS})
+def _on_platforms(platforms: tuple[str, ...], chosen: Callable, default: Callable, *args):
+  """`chosen(*args)` when compiled for one of `platforms`, else `default(*args)`: chosen when
+  lowering, so the compiler sees one of them."""
+  return jax.lax.platform_dependent(*args, default=default, **{p: chosen for p in platforms})
 
 
 def _fresh_buffer(shape: tuple[int, ...], dtype, static_layers: bool,
@@ -146,7 +145,8 @@ def _fresh_buffer(shape: tuple[int, ...], dtype, static_layers: bool,
   zeros = lambda: _slot_major(jnp.zeros(shape, dtype), whole_reads)  # noqa: E731
   if static_layers or whole_reads:
     return zeros()
-  return _on_uninitialized_platforms(lambda: jax.lax.empty(shape, dtype), zeros)
+  return _on_platforms(UNINITIALIZED_BUFFER_PLATFORMS, lambda: jax.lax.empty(shape, dtype),
+                       zeros)
 
 
 def _reads_whole(groups: tuple[ReadGroup, ...], window: int | None) -> bool:
@@ -160,8 +160,7 @@ def _slot_major(buf_LxBxTxRx2xHd: jax.Array, whole_reads: bool) -> jax.Array:
   if not whole_reads:
     return buf_LxBxTxRx2xHd
   constrained = lambda buf: with_layout_constraint(buf, Layout(SLOT_MAJOR_LAYOUT))  # noqa: E731
-  return jax.lax.platform_dependent(buf_LxBxTxRx2xHd, default=lambda buf: buf,
-                                    **{p: constrained for p in SLOT_MAJOR_PLATFORMS})
+  return _on_platforms(SLOT_MAJOR_PLATFORMS, constrained, lambda buf: buf, buf_LxBxTxRx2xHd)
 
 
 def _written(kv_NxBxTxRx2xHd: jax.Array, first, l) -> jax.Array:
@@ -173,7 +172,8 @@ def _written(kv_NxBxTxRx2xHd: jax.Array, first, l) -> jax.Array:
   def masked(kv_NxBxTxRx2xHd, l):
     slot_N = first + jnp.arange(kv_NxBxTxRx2xHd.shape[0])
     return jnp.where((slot_N <= l)[:, None, None, None, None, None], kv_NxBxTxRx2xHd, 0)
-  return _on_uninitialized_platforms(masked, lambda kv, l: kv, kv_NxBxTxRx2xHd, l)
+  return _on_platforms(UNINITIALIZED_BUFFER_PLATFORMS, masked, lambda kv, l: kv,
+                       kv_NxBxTxRx2xHd, l)
 
 
 def _mix_sources(group: ReadGroup, whole_reads: bool):
