@@ -75,27 +75,41 @@ def test_pull_reads_no_slot_before_its_write(changes, monkeypatch):
   chex.assert_trees_all_close(grads_pull, grads_push, rtol=1e-5, atol=1e-6)
 
 
+def _layout_constraints(cfg) -> set[tuple[int, ...]]:
+  """The layouts (minor to major, as the lowered text has them) that the gradient program's
+  layout constraints ask for."""
+  params = M.init_params(cfg, jax.random.key(0))
+  grad = jax.jit(jax.grad(model_checks.next_token_loss), static_argnums=1)
+  text = grad.lower(params, cfg, model_checks.tokens(cfg, T=cfg.T + 1)).as_text()
+  constraints = [line for line in text.splitlines() if "@LayoutConstraint" in line]
+  return {tuple(int(axis) for axis in re.search(r"result_layouts = \[dense<\[([\d, ]+)\]>",
+                                                line).group(1).split(", "))
+          for line in constraints}
+
+
+def _minor_to_major(layout: tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(reversed(layout))
+
+
 @pytest.mark.parametrize("changes", [
     {"scan_segments": 1}, {"scan_segments": 1, "scan_unroll": 2},
-    {"scan_segments": 1, "scan_unroll": 6},
+    {"scan_segments": 1, "scan_unroll": 6}, {"router_window": 2},
+    {"router_window": 2, "scan_unroll": 6}, {"scan_segments": 2},
 ], ids=str)
-def test_pull_in_the_slot_major_layout_equals_push(changes, monkeypatch):
-  """On a TPU a buffer read whole (one read group, no window) is kept in SLOT_MAJOR_LAYOUT (a
-  layout constraint), and not on the CPU. Here the CPU takes that path too: the program then
-  carries the constraint and gives the push's loss and gradients."""
-  def constraints(cfg) -> int:
-    params = M.init_params(cfg, jax.random.key(0))
-    grad = jax.jit(jax.grad(model_checks.next_token_loss), static_argnums=1)
-    lowered = grad.lower(params, cfg, model_checks.tokens(cfg, T=cfg.T + 1))
-    return lowered.as_text().count("@LayoutConstraint")
+def test_pull_in_its_tpu_layouts_equals_push(changes, monkeypatch):
+  """On a TPU the pull constrains layouts (kv_pull.LAYOUT_PLATFORMS): a buffer read whole (one
+  read group, no window) slots major (SLOT_MAJOR_LAYOUT), the routed kv by whether the reads
+  are dense or a window (ROUTED_LAYOUTS); the CPU's program has none. Here the CPU takes that path too: the program
+  then carries exactly those constraints and gives the push's loss and gradients."""
   cfg = CFG.replace(**changes)
   pull = cfg.replace(routing_impl="pull")
-  assert constraints(pull) == 0
-  monkeypatch.setattr(kv_pull, "SLOT_MAJOR_PLATFORMS", ("cpu",))
-  assert constraints(pull) >= 3  # the fresh buffer, the writes forward and backward (a body once)
-  # Reads that take slices keep the compiler's layout.
-  assert constraints(pull.replace(scan_segments=2)) == 0
-  assert constraints(pull.replace(router_window=2)) == 0
+  assert _layout_constraints(pull) == set()
+  monkeypatch.setattr(kv_pull, "LAYOUT_PLATFORMS", ("cpu",))
+  routed = _minor_to_major(kv_pull.ROUTED_LAYOUTS["dense" if cfg.router_window is None
+                                                   else "window"])
+  whole = cfg.router_window is None and cfg.scan_segments == 1
+  expected = {routed, _minor_to_major(kv_pull.SLOT_MAJOR_LAYOUT)} if whole else {routed}
+  assert _layout_constraints(pull) == expected
   (loss_push, grads_push), (loss_pull, grads_pull) = _push_and_pull(cfg)
   np.testing.assert_allclose(loss_pull, loss_push, rtol=1e-6)
   chex.assert_trees_all_close(grads_pull, grads_push, rtol=1e-5, atol=1e-6)

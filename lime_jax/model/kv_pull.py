@@ -22,7 +22,9 @@ slices, the scan's buffer starts uninitialized (`lax.empty`) instead, a zero fil
 L slots once more, and the forward's reads zero the slots past the layer inside the product
 that reads them, since a zero weight does not cancel a NaN; by the backward every slot has been
 written. Other platforms, and a stack unrolled over its layers, zero-fill it
-(UNINITIALIZED_BUFFER_PLATFORMS).
+(UNINITIALIZED_BUFFER_PLATFORMS). Each layer's routed kv, which it saves for the backward, is
+constrained on a TPU too, to the layout in which the compiler counted the fewest bytes
+(ROUTED_LAYOUTS; for dense reads, the one the backward reads it in).
 
 One buffer serves both passes: in the backward, slots j <= l still hold raw kv (needed by the
 readers still to go) and slots i > l the cotangents (their raw kv is no longer needed). Each
@@ -115,16 +117,32 @@ def _layer_params(groups, layer_idx, params_S: tuple[Any, ...]) -> Any:
 # (`_fresh_buffer`).
 UNINITIALIZED_BUFFER_PLATFORMS = ("tpu",)
 
-# Where a buffer read whole (one read group, no window) is kept slots major, tokens minor
-# (SLOT_MAJOR_LAYOUT, major to minor over [L, B, T, R, 2, Hd]: [L, B, R, 2, Hd, T], the layout of
-# the baseline's stack of its layers' kv), so that each layer's projection writes its raw kv
-# into its slot in place. In its own layout (tokens minor, then heads, then slots) the TPU
-# compiler wrote the projection to a temporary and copied it into the slot (1.2B setup on TPU
-# v5p, scanned: 805.2 -> 804.1 GB a step, step estimate 0.4617 -> 0.4612 s). Reads that take
-# slices keep the compiler's own, since in this one they cost far more (1.2B, 8 read groups,
-# unrolled: 673.8 -> 891.7 GB; deep setup, window 8, scanned, zero-filled: 289.0 -> 533.7 GB).
-SLOT_MAJOR_PLATFORMS = ("tpu",)
+# Where the buffer and the routed kv are constrained to layouts chosen here (SLOT_MAJOR_LAYOUT,
+# ROUTED_LAYOUTS; layouts are major to minor, over the arrays' axes): the TPU compiler's, the
+# one they were measured on. Each changes the program's bytes, not its math.
+LAYOUT_PLATFORMS = ("tpu",)
+
+# A buffer read whole (one read group, no window) is kept slots major, tokens minor ([L, B, T,
+# R, 2, Hd] as [L, B, R, 2, Hd, T], the layout of the baseline's stack of its layers' kv), so
+# that each layer's projection writes its raw kv into its slot in place. In its own layout
+# (tokens minor, then heads, then slots) the TPU compiler wrote the projection to a temporary
+# and copied it into the slot (1.2B setup on TPU v5p, scanned: 805.2 -> 804.1 GB a step, step
+# estimate 0.4617 -> 0.4612 s). Reads that take slices keep the compiler's own, since in this
+# one they cost far more (1.2B, 8 read groups, unrolled: 673.8 -> 891.7 GB; deep setup, window
+# 8, scanned, zero-filled: 289.0 -> 533.7 GB).
 SLOT_MAJOR_LAYOUT = (0, 1, 3, 4, 5, 2)
+
+# The routed kv ([B, T, R, 2, Hd]), by how the buffer is read: "dense" as [2, B, R, Hd, T], the
+# layout in which the attention's backward reads the baseline's saved kv; "window" as [B, R, 2,
+# Hd, T]. Each layer saves its routed kv for the backward; in the mix's own output layout ([B, 2,
+# Hd, R, T]) the backward sliced it from the stack of saved residuals and copied it into the
+# layout its products take, and the saved query's stack followed it into another layout (one
+# copy more). Constrained, the forward's write of the stack transposes as it writes. TPU v5p,
+# scanned (--cost scaled): 1.2B 804.1 -> 800.7 GB a step, 0.4612 -> 0.4598 s; with 4 query
+# blocks 704.0 -> 688.4 GB; deep dense 303.4 -> 294.2 GB; deep window 8: 289.0 -> 282.8 GB
+# (293.6 in the dense layout). Unrolled: 1.2B 641.2 -> 639.6 GB, 8 read groups 673.8 -> 667.9,
+# deep dense 223.5 -> 222.3, deep window 180.3 -> 180.4 (the one that rose).
+ROUTED_LAYOUTS = {"dense": (3, 0, 2, 4, 1), "window": (0, 2, 3, 4, 1)}
 
 
 def _on_platforms(platforms: tuple[str, ...], chosen: Callable, default: Callable, *args):
@@ -154,13 +172,18 @@ def _reads_whole(groups: tuple[ReadGroup, ...], window: int | None) -> bool:
   return window is None and len(groups) == 1
 
 
+def _in_layout(x: jax.Array, layout: tuple[int, ...] | None) -> jax.Array:
+  """`x` constrained to `layout` (major to minor) where compiled for a platform of
+  LAYOUT_PLATFORMS (chosen when lowering); otherwise, or with no layout, as it is."""
+  if layout is None:
+    return x
+  constrained = lambda x: with_layout_constraint(x, Layout(layout))  # noqa: E731
+  return _on_platforms(LAYOUT_PLATFORMS, constrained, lambda x: x, x)
+
+
 def _slot_major(buf_LxBxTxRx2xHd: jax.Array, whole_reads: bool) -> jax.Array:
-  """A buffer read whole constrained to SLOT_MAJOR_LAYOUT where compiled for a platform of
-  SLOT_MAJOR_PLATFORMS (chosen when lowering); otherwise as it is."""
-  if not whole_reads:
-    return buf_LxBxTxRx2xHd
-  constrained = lambda buf: with_layout_constraint(buf, Layout(SLOT_MAJOR_LAYOUT))  # noqa: E731
-  return _on_platforms(SLOT_MAJOR_PLATFORMS, constrained, lambda buf: buf, buf_LxBxTxRx2xHd)
+  """A buffer read whole in SLOT_MAJOR_LAYOUT (`_in_layout`); other buffers as they are."""
+  return _in_layout(buf_LxBxTxRx2xHd, SLOT_MAJOR_LAYOUT if whole_reads else None)
 
 
 def _written(kv_NxBxTxRx2xHd: jax.Array, first, l) -> jax.Array:
@@ -329,6 +352,7 @@ def _forward(kv_fn, layer_fn, weights_fn, groups, window, kv_shape, unroll, para
   L = shape[0]
   W_LxRxLxR = weights_fn(params_S)
   whole_reads = _reads_whole(groups, window)
+  routed_layout = ROUTED_LAYOUTS["dense" if window is None else "window"]
 
   def body(carry, W_RxLxR, l):
     x_BxTxD, buf_LxBxTxRx2xHd = carry
@@ -350,7 +374,8 @@ def _forward(kv_fn, layer_fn, weights_fn, groups, window, kv_shape, unroll, para
           buf_LxBxTxRx2xHd, l)
     else:
       routed_BxTxRx2xHd = _mix_window(window, l, W_RxLxR, buf_LxBxTxRx2xHd)
-    routed_BxTxRx2xHd = routed_BxTxRx2xHd.astype(dtype)  # the float32 sum, rounded once
+    # The float32 sum, rounded once; saved for the backward in ROUTED_LAYOUTS' layout.
+    routed_BxTxRx2xHd = _in_layout(routed_BxTxRx2xHd.astype(dtype), routed_layout)
     if not save:
       return (rest(params_l, x_BxTxD, handoff, routed_BxTxRx2xHd), buf_LxBxTxRx2xHd), None
     x_next, vjp_rest = jax.vjp(rest, params_l, x_BxTxD, handoff, routed_BxTxRx2xHd)
