@@ -1,6 +1,7 @@
 """kv routing in pull form (`routing_impl: pull`, model/kv_pull.py): the push's math exactly,
 with memory linear in depth."""
 
+import collections
 import contextlib
 import functools
 import io
@@ -75,16 +76,17 @@ def test_pull_reads_no_slot_before_its_write(changes, monkeypatch):
   chex.assert_trees_all_close(grads_pull, grads_push, rtol=1e-5, atol=1e-6)
 
 
-def _layout_constraints(cfg) -> set[tuple[int, ...]]:
-  """The layouts (minor to major, as the lowered text has them) that the gradient program's
-  layout constraints ask for."""
+def _layout_constraints(cfg) -> collections.Counter:
+  """How many of the gradient program's layout constraints ask for each layout (minor to
+  major, as the lowered text has them)."""
   params = M.init_params(cfg, jax.random.key(0))
   grad = jax.jit(jax.grad(model_checks.next_token_loss), static_argnums=1)
   text = grad.lower(params, cfg, model_checks.tokens(cfg, T=cfg.T + 1)).as_text()
   constraints = [line for line in text.splitlines() if "@LayoutConstraint" in line]
-  return {tuple(int(axis) for axis in re.search(r"result_layouts = \[dense<\[([\d, ]+)\]>",
-                                                line).group(1).split(", "))
-          for line in constraints}
+  return collections.Counter(
+      tuple(int(axis) for axis in re.search(r"result_layouts = \[dense<\[([\d, ]+)\]>",
+                                            line).group(1).split(", "))
+      for line in constraints)
 
 
 def _minor_to_major(layout: tuple[int, ...]) -> tuple[int, ...]:
@@ -99,17 +101,22 @@ def _minor_to_major(layout: tuple[int, ...]) -> tuple[int, ...]:
 def test_pull_in_its_tpu_layouts_equals_push(changes, monkeypatch):
   """On a TPU the pull constrains layouts (kv_pull.LAYOUT_PLATFORMS): a buffer read whole (one
   read group, no window) slots major (SLOT_MAJOR_LAYOUT), the routed kv by whether the reads
-  are dense or a window (ROUTED_LAYOUTS); the CPU's program has none. Here the CPU takes that path too: the program
-  then carries exactly those constraints and gives the push's loss and gradients."""
+  are dense or a window (ROUTED_LAYOUTS); the CPU's program has none. Here the CPU takes that
+  path too: the program then carries exactly those constraints and gives the push's loss and
+  gradients."""
   cfg = CFG.replace(**changes)
   pull = cfg.replace(routing_impl="pull")
-  assert _layout_constraints(pull) == set()
+  assert not _layout_constraints(pull)
   monkeypatch.setattr(kv_pull, "LAYOUT_PLATFORMS", ("cpu",))
+  constraints = _layout_constraints(pull)
   routed = _minor_to_major(kv_pull.ROUTED_LAYOUTS["dense" if cfg.router_window is None
                                                    else "window"])
+  slot_major = _minor_to_major(kv_pull.SLOT_MAJOR_LAYOUT)
   whole = cfg.router_window is None and cfg.scan_segments == 1
-  expected = {routed, _minor_to_major(kv_pull.SLOT_MAJOR_LAYOUT)} if whole else {routed}
-  assert _layout_constraints(pull) == expected
+  assert set(constraints) == ({routed, slot_major} if whole else {routed})
+  assert constraints[routed] >= 1  # each layer's routed kv (a scan body once)
+  if whole:  # the fresh buffer and each write of it, forward and backward
+    assert constraints[slot_major] >= 3
   (loss_push, grads_push), (loss_pull, grads_pull) = _push_and_pull(cfg)
   np.testing.assert_allclose(loss_pull, loss_push, rtol=1e-6)
   chex.assert_trees_all_close(grads_pull, grads_push, rtol=1e-5, atol=1e-6)
