@@ -151,25 +151,31 @@ def _on_platforms(platforms: tuple[str, ...], chosen: Callable, default: Callabl
   return jax.lax.platform_dependent(*args, default=default, **{p: chosen for p in platforms})
 
 
-def _fresh_buffer(shape: tuple[int, ...], dtype, static_layers: bool,
-                  whole_reads: bool) -> jax.Array:
-  """The forward's empty buffer: uninitialized under the scan where the platform allows and the
-  reads take slices (a zero fill writes every slot once more, 1.0 GB a step per device at the
-  1.2B setup's size on TPU v5p), else zero-filled. The TPU compiler fused the select that an
-  uninitialized buffer needs neither into the unrolled program's products (1.2B setup, 4
-  layers: 162.8 GB a step against 160.6) nor into whole reads of the slot-major buffer (1.2B,
-  scanned: 839.4 against 804.1 GB). `whole_reads`: one read group and no window
-  (`_slot_major`)."""
-  zeros = lambda: _slot_major(jnp.zeros(shape, dtype), whole_reads)  # noqa: E731
-  if static_layers or whole_reads:
-    return zeros()
-  return _on_platforms(UNINITIALIZED_BUFFER_PLATFORMS, lambda: jax.lax.empty(shape, dtype),
-                       zeros)
-
-
 def _reads_whole(groups: tuple[ReadGroup, ...], window: int | None) -> bool:
   """Whether every read of the buffer takes all of it: one read group, no window."""
   return window is None and len(groups) == 1
+
+
+def _may_start_uninitialized(unrolled: bool, whole_reads: bool) -> bool:
+  """Whether the forward's buffer starts uninitialized where the platform allows
+  (UNINITIALIZED_BUFFER_PLATFORMS): under the scan, with reads that take slices. The TPU
+  compiler fused the select that an uninitialized buffer needs neither into the unrolled
+  program's products (1.2B setup, 4 layers: 162.8 GB a step against 160.6) nor into whole reads
+  of the slot-major buffer (1.2B, scanned: 839.4 against 804.1 GB); there it is zero-filled."""
+  return not unrolled and not whole_reads
+
+
+def _fresh_buffer(shape: tuple[int, ...], dtype, may_start_uninitialized: bool,
+                  whole_reads: bool) -> jax.Array:
+  """The forward's empty buffer: uninitialized where `_may_start_uninitialized` and the
+  platform allow (a zero fill writes every slot once more, 1.0 GB a step per device at the 1.2B
+  setup's size on TPU v5p), else zero-filled, slots major where the reads take it whole
+  (`_slot_major`)."""
+  zeros = lambda: _slot_major(jnp.zeros(shape, dtype), whole_reads)  # noqa: E731
+  if not may_start_uninitialized:
+    return zeros()
+  return _on_platforms(UNINITIALIZED_BUFFER_PLATFORMS, lambda: jax.lax.empty(shape, dtype),
+                       zeros)
 
 
 def _in_layout(x: jax.Array, layout: tuple[int, ...] | None) -> jax.Array:
@@ -186,11 +192,11 @@ def _slot_major(buf_LxBxTxRx2xHd: jax.Array, whole_reads: bool) -> jax.Array:
   return _in_layout(buf_LxBxTxRx2xHd, SLOT_MAJOR_LAYOUT if whole_reads else None)
 
 
-def _written(kv_NxBxTxRx2xHd: jax.Array, first, l) -> jax.Array:
+def _written(kv_NxBxTxRx2xHd: jax.Array, first, l, may_start_uninitialized: bool) -> jax.Array:
   """Slots first .. first+N-1 of the forward's buffer with those past layer l zeroed where it
   starts uninitialized (`_fresh_buffer`): an unwritten slot may hold anything, NaN included,
   which a zero weight would not cancel."""
-  if isinstance(l, int):  # an unrolled stack's buffer is zero-filled
+  if not may_start_uninitialized:
     return kv_NxBxTxRx2xHd
   def masked(kv_NxBxTxRx2xHd, l):
     slot_N = first + jnp.arange(kv_NxBxTxRx2xHd.shape[0])
@@ -199,14 +205,13 @@ def _written(kv_NxBxTxRx2xHd: jax.Array, first, l) -> jax.Array:
                        kv_NxBxTxRx2xHd, l)
 
 
-def _mix_sources(group: ReadGroup, whole_reads: bool):
+def _mix_sources(group: ReadGroup, may_start_uninitialized: bool):
   """Forward read: sum_{j, s} W[r, j, s] kv_j[s] over the group's source slots, in float32
   (the row is zero past j = l, the reader's own slot)."""
   def mix(W_RxLxR, buf_LxBxTxRx2xHd, l):
-    def read(lo, hi):  # whole reads: a zero-filled buffer (_fresh_buffer)
-      slots = read_slots(buf_LxBxTxRx2xHd, lo, hi - lo)
-      return slots if whole_reads else _written(slots, lo, l)
-    return sum(jnp.einsum("rjs,jbtscd->btrcd", read_slots(W_RxLxR, lo, hi - lo, 1), read(lo, hi),
+    return sum(jnp.einsum("rjs,jbtscd->btrcd", read_slots(W_RxLxR, lo, hi - lo, 1),
+                          _written(read_slots(buf_LxBxTxRx2xHd, lo, hi - lo), lo, l,
+                                   may_start_uninitialized),
                           preferred_element_type=jnp.float32) for lo, hi in group.sources)
   return mix
 
@@ -248,7 +253,7 @@ def _window_size(window: int, L: int) -> int:
   return min(window, L - 1)
 
 
-def _mix_window(window: int, l, W_RxLxR, buf_LxBxTxRx2xHd):
+def _mix_window(window: int, l, W_RxLxR, buf_LxBxTxRx2xHd, may_start_uninitialized: bool):
   """Forward read of a window of k: layer 0's slot and the k slots up to l (a clipped window
   reaches past l near the start, where the row is zero)."""
   L = buf_LxBxTxRx2xHd.shape[0]
@@ -260,7 +265,8 @@ def _mix_window(window: int, l, W_RxLxR, buf_LxBxTxRx2xHd):
     return routed_BxTxRx2xHd
   start = _window_start(l - size + 1, size, L)
   return routed_BxTxRx2xHd + mix(read_slots(W_RxLxR, start, size, 1),
-                                 _written(read_slots(buf_LxBxTxRx2xHd, start, size), start, l))
+                                 _written(read_slots(buf_LxBxTxRx2xHd, start, size), start, l,
+                                          may_start_uninitialized))
 
 
 def _cotangent_from_window(window: int, l, W_LxRxR, buf_LxBxTxRx2xHd):
@@ -352,6 +358,8 @@ def _forward(kv_fn, layer_fn, weights_fn, groups, window, kv_shape, unroll, para
   L = shape[0]
   W_LxRxLxR = weights_fn(params_S)
   whole_reads = _reads_whole(groups, window)
+  unrolled = unroll >= L  # static layer indices (see pull_stack)
+  may_start_uninitialized = _may_start_uninitialized(unrolled, whole_reads)
   routed_layout = ROUTED_LAYOUTS["dense" if window is None else "window"]
 
   def body(carry, W_RxLxR, l):
@@ -370,10 +378,12 @@ def _forward(kv_fn, layer_fn, weights_fn, groups, window, kv_shape, unroll, para
         buf_LxBxTxRx2xHd, kv_BxTxRx2xHd.astype(dtype), l, 0), whole_reads)
     if window is None:
       routed_BxTxRx2xHd = _switch_on_group(
-          groups, l, functools.partial(_mix_sources, whole_reads=whole_reads), W_RxLxR,
-          buf_LxBxTxRx2xHd, l)
+          groups, l,
+          functools.partial(_mix_sources, may_start_uninitialized=may_start_uninitialized),
+          W_RxLxR, buf_LxBxTxRx2xHd, l)
     else:
-      routed_BxTxRx2xHd = _mix_window(window, l, W_RxLxR, buf_LxBxTxRx2xHd)
+      routed_BxTxRx2xHd = _mix_window(window, l, W_RxLxR, buf_LxBxTxRx2xHd,
+                                      may_start_uninitialized)
     # The float32 sum, rounded once; saved for the backward in ROUTED_LAYOUTS' layout.
     routed_BxTxRx2xHd = _in_layout(routed_BxTxRx2xHd.astype(dtype), routed_layout)
     if not save:
@@ -381,8 +391,7 @@ def _forward(kv_fn, layer_fn, weights_fn, groups, window, kv_shape, unroll, para
     x_next, vjp_rest = jax.vjp(rest, params_l, x_BxTxD, handoff, routed_BxTxRx2xHd)
     return (x_next, buf_LxBxTxRx2xHd), _LayerResiduals.of(vjp_kv, vjp_rest)
 
-  unrolled = unroll >= L  # static layer indices (see pull_stack)
-  carry = (x_BxTxD, _fresh_buffer(tuple(shape), dtype, unrolled, whole_reads))
+  carry = (x_BxTxD, _fresh_buffer(tuple(shape), dtype, may_start_uninitialized, whole_reads))
   if unrolled:
     saved = []
     for l in range(L):
