@@ -3,6 +3,7 @@ single-device loss and gradients, parameters and optimizer state live where the 
 a checkpoint written on one mesh resumes on another with the same losses."""
 
 import functools
+import re
 
 import jax
 import numpy as np
@@ -13,6 +14,7 @@ from lime_jax.train import checkpoint as ckpt
 from lime_jax.parallel import sharding as sharding_lib
 from lime_jax.train import step as step_lib
 from lime_jax.train import loop as train_lib
+from lime_jax.train.evaluate import filled_to_multiple
 from lime_jax.train.experiment import load_experiment
 from lime_jax.train.metrics import read_metrics
 from lime_jax.parallel.mesh_config import MeshConfig
@@ -84,6 +86,33 @@ def test_sharded_loss_and_gradients_equal_single_device(router, mesh):
   _, fsdp, tensor = MESHES[mesh]
   shard = kv.addressable_shards[0].data.shape
   assert shard[1] * fsdp == kv.shape[1] and shard[2] * tensor == kv.shape[2]
+
+
+@pytest.mark.parametrize("rows,weighted", [(8, False), (5, False), (5, True)],
+                         ids=["8-rows", "5-rows", "5-rows-weighted"])
+def test_validation_splits_the_rows_and_equals_single_device(rows, weighted):
+  """Validation runs under the mesh's scope, as the step: each of the 8 fsdp devices scores its
+  own row (outside the scope the compiler gave every device the whole batch's logits). Rows
+  that do not split over the shards are filled up at zero weight: the same loss."""
+  cfg = _cfg("kv-static")
+  layout = _layout("fsdp8")
+  batch = {key: value[:rows] for key, value in _batch().items()}
+  if weighted:  # a task batch: answer tokens only
+    batch["weights"] = (np.arange(16)[None, :] >= 10).repeat(rows, 0).astype(np.float32)
+  init, _, evaluate = train_lib.jitted_fns(cfg.model, cfg.optim, cfg.run.seed, layout)
+  params = init()["params"]
+  expected = jax.jit(functools.partial(step_lib.eval_step, model_cfg=cfg.model))(
+      _reference("kv-static")[0], batch)
+  np.testing.assert_allclose(float(evaluate(params, batch)), float(expected), rtol=1e-6)
+  filled = filled_to_multiple(batch, layout.batch_shards)
+  assert len(filled["targets"]) == 8
+  assert not filled.get("weights", np.zeros(0))[rows:].any()  # the filler rows weigh nothing
+  for key, value in batch.items():
+    np.testing.assert_array_equal(filled[key][:rows], value)
+  compiled = train_lib.sharded_eval(cfg.model, layout).lower(
+      params, sharding_lib.place_global_batch(filled, layout)).compile().as_text()
+  logits_shapes = set(re.findall(r"f32\[(\d+),16,264\]", compiled))
+  assert logits_shapes == {"1"}, logits_shapes
 
 
 def test_parameters_and_optimizer_state_are_born_sharded_by_the_rules():

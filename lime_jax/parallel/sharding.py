@@ -195,13 +195,12 @@ def place_local_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) 
 
 
 def place_global_batch(batch: Mapping[str, np.ndarray], layout: Layout) -> dict[str, jax.Array]:
-  """A batch every process holds in full (validation) -> global arrays; rows split when they
-  divide evenly over the batch shards, else replicated."""
+  """A batch every process holds in full (validation) -> global arrays, rows split over the batch
+  shards (ValueError if they do not divide)."""
   out = {}
   for key, value in batch.items():
     value = np.asarray(value)
-    sharding = (layout.batch_sharding(value.shape[0])
-                if value.shape[0] % layout.batch_shards == 0 else layout.replicated)
+    sharding = layout.batch_sharding(value.shape[0])
     out[key] = jax.make_array_from_callback(value.shape, sharding, lambda idx, v=value: v[idx])
   return out
 

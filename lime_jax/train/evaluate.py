@@ -6,9 +6,10 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import numpy as np
 
 from lime_jax.config import ModelConfig
 from lime_jax.data import tasks as tasks_lib
@@ -27,6 +28,23 @@ def validation_loss(params: Any, val_batches: Sequence[dict[str, Any]],
   losses = jax.device_get(losses)
   total = sum(float(l) * t for l, t in zip(losses, tokens))
   return total / sum(tokens), sum(tokens)
+
+
+def filled_to_multiple(batch: Mapping[str, Any], multiple: int) -> dict[str, np.ndarray]:
+  """`batch` with copies of its first row appended at zero loss weight until its rows divide
+  by `multiple` (the batch shards), so that it splits over them as training's batches do. The
+  loss is a mean over weighted tokens, so the filler rows leave it as it was."""
+  batch = {key: np.asarray(value) for key, value in batch.items()}
+  rows = len(batch["targets"])
+  fill = -rows % multiple
+  if not fill:
+    return batch
+  if "weights" not in batch:
+    batch["weights"] = np.ones(batch["targets"].shape, np.float32)
+  filled = {key: np.concatenate([value, np.repeat(value[:1], fill, axis=0)])
+            for key, value in batch.items()}
+  filled["weights"][rows:] = 0
+  return filled
 
 
 @functools.lru_cache(maxsize=8)

@@ -55,7 +55,7 @@ from lime_jax.model import flops as flops_lib
 from lime_jax.train import metrics as metrics_lib
 from lime_jax.train import run_lock
 from lime_jax.parallel import sharding as sharding_lib
-from lime_jax.train.evaluate import task_metrics, validation_loss
+from lime_jax.train.evaluate import filled_to_multiple, task_metrics, validation_loss
 from lime_jax.train.experiment import ExperimentConfig, check_vocab, config_differences
 from lime_jax.train.optimizer import lr_multiplier, make_optimizer
 from lime_jax.train.step import TrainState, eval_step, init_train_state, train_step
@@ -120,13 +120,23 @@ def _step_fns(model_cfg, optim_cfg, layout: sharding_lib.Layout):
       functools.partial(_train_step, model_cfg=model_cfg, tx=tx),
       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, layout.replicated),
       donate_argnums=0), layout)
-  # Outside the mesh scope (no activation constraints), so odd-sized batches evaluate too.
-  jitted_eval = jax.jit(functools.partial(eval_step, model_cfg=model_cfg),
-                        out_shardings=layout.replicated)
+  jitted_eval = sharded_eval(model_cfg, layout)
 
   def evaluate(params, batch):
+    # Rows that do not split over the batch shards are filled up at zero weight.
+    batch = filled_to_multiple(batch, layout.batch_shards)
     return jitted_eval(params, sharding_lib.place_global_batch(batch, layout))
   return tx, step, evaluate, shardings
+
+
+def sharded_eval(model_cfg, layout: sharding_lib.Layout) -> sharding_lib.OnMesh:
+  """The validation loss of (params, a batch whose rows split over the batch shards), jitted to
+  run under the mesh's scope as the step does: its activation constraints keep the rows split.
+  Outside the scope the TPU compiler followed the fsdp parameters' split of D and ran every row
+  on every device (the 1.2B baseline on v5p:2x2x1: 592 GB accessed and 10.2 GB of temporaries
+  a batch, against 146 GB and 3.1 GB in the scope)."""
+  return sharding_lib.OnMesh(jax.jit(functools.partial(eval_step, model_cfg=model_cfg),
+                                     out_shardings=layout.replicated), layout)
 
 
 def make_batches(cfg: ExperimentConfig, tokenizer) -> tuple[Any, list[dict[str, Any]]]:
