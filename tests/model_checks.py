@@ -22,16 +22,20 @@ def next_token_loss(params, cfg, tokens_BxT):
   return mean_loss(logits_BxTxV, tokens_BxT[:, 1:])
 
 
+def lowered_gradient(cfg, B=2):
+  """The loss's gradient program for `cfg` on B token rows, lowered on abstract parameters and
+  tokens (nothing initialized): for its text, or compiled, its cost and memory."""
+  params = jax.eval_shape(functools.partial(M.init_params, cfg), jax.random.key(0))
+  tokens_BxT = jax.ShapeDtypeStruct((B, cfg.T + 1), jnp.int32)
+  return jax.jit(jax.grad(next_token_loss), static_argnums=1).lower(params, cfg, tokens_BxT)
+
+
 def assert_full_remat_recomputes(cfg):
   """Full remat must cost FLOPs in `cfg`'s compiled gradient step: at least half of the layers'
   attention and MLP products again, which a program that merged the backward's recomputation
   with the forward (straight-line code without CSE prevented) does not do."""
-  tokens_BxT = tokens(cfg, T=cfg.T + 1)
-
   def compiled_flops(cfg):
-    params = M.init_params(cfg, jax.random.key(0))
-    grad = jax.jit(jax.grad(next_token_loss), static_argnums=1)
-    cost = grad.lower(params, cfg, tokens_BxT).compile().cost_analysis()
+    cost = lowered_gradient(cfg).compile().cost_analysis()
     return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
   saved_all, recomputed = (compiled_flops(cfg.replace(remat_policy=p)) for p in ("none", "full"))

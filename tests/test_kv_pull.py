@@ -79,9 +79,7 @@ def test_pull_reads_no_slot_before_its_write(changes, monkeypatch):
 def _layout_constraints(cfg) -> collections.Counter:
   """How many of the gradient program's layout constraints ask for each layout (minor to
   major, as the lowered text has them)."""
-  params = M.init_params(cfg, jax.random.key(0))
-  grad = jax.jit(jax.grad(model_checks.next_token_loss), static_argnums=1)
-  text = grad.lower(params, cfg, model_checks.tokens(cfg, T=cfg.T + 1)).as_text()
+  text = model_checks.lowered_gradient(cfg).as_text()
   constraints = [line for line in text.splitlines() if "@LayoutConstraint" in line]
   return collections.Counter(
       tuple(int(axis) for axis in re.search(r"result_layouts = \[dense<\[([\d, ]+)\]>",

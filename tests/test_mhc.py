@@ -248,10 +248,7 @@ def test_flops_match_cost_analysis():
   B = 2
 
   def step_flops(c):
-    params = jax.eval_shape(functools.partial(M.init_params, c), jax.random.key(0))
-    tokens = jax.ShapeDtypeStruct((B, c.T + 1), jnp.int32)
-    grad = jax.jit(jax.grad(model_checks.next_token_loss), static_argnums=1)
-    return bench._cost_flops(grad.lower(params, c.replace(scan_unroll=c.L), tokens))
+    return bench._cost_flops(model_checks.lowered_gradient(c.replace(scan_unroll=c.L), B))
 
   measured = step_flops(cfg) - step_flops(base)
   formula = 3 * 2 * flops.mixer_macs_per_token(cfg) * B * cfg.T
