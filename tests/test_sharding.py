@@ -14,7 +14,8 @@ from lime_jax.train import checkpoint as ckpt
 from lime_jax.parallel import sharding as sharding_lib
 from lime_jax.train import step as step_lib
 from lime_jax.train import loop as train_lib
-from lime_jax.train.evaluate import filled_to_multiple
+from lime_jax.data import tasks as tasks_lib
+from lime_jax.train.evaluate import filled_to_multiple, task_metrics
 from lime_jax.train.experiment import load_experiment
 from lime_jax.train.metrics import read_metrics
 from lime_jax.parallel.mesh_config import MeshConfig
@@ -113,6 +114,29 @@ def test_validation_splits_the_rows_and_equals_single_device(rows, weighted):
       params, sharding_lib.place_global_batch(filled, layout)).compile().as_text()
   logits_shapes = set(re.findall(r"f32\[(\d+),16,264\]", compiled))
   assert logits_shapes == {"1"}, logits_shapes
+
+
+def test_task_accuracy_splits_the_rows_under_the_mesh(monkeypatch):
+  """Task accuracy is traced under the run's mesh scope too (`task_metrics` given the layout):
+  on fsdp=8 its exact-match program's logits hold one of a test batch's 8 rows a device; one
+  device's program holds all 8. Same accuracy both ways."""
+  cfg = load_experiment(None, [*TINY, "model.T=32", "task.name=mqar", "task.difficulty=2",
+                               "task.seq_len=32", "task.num_test=12", "task.batch_size=8"])
+  layout = _layout("fsdp8")
+  params = train_lib.jitted_fns(cfg.model, cfg.optim, cfg.run.seed, layout)[0]()["params"]
+  logits_rows = []
+  evaluate_task = tasks_lib.evaluate_task
+
+  def recorded(apply, params, task_cfg):  # the program evaluate_task runs, in its context
+    batch = tasks_lib.make_test_batches(task_cfg)[0]
+    text = tasks_lib._jit_counts(apply).lower(params, batch).compile().as_text()
+    logits_rows.append(set(re.findall(rf"f32\[(\d+),32,{cfg.model.V}\]", text)))
+    return evaluate_task(apply, params, task_cfg)
+
+  monkeypatch.setattr(tasks_lib, "evaluate_task", recorded)
+  sharded = task_metrics(params, cfg.model, cfg.task, layout)
+  assert sharded == task_metrics(jax.device_get(params), cfg.model, cfg.task)
+  assert logits_rows == [{"1"}, {"8"}]
 
 
 def test_parameters_and_optimizer_state_are_born_sharded_by_the_rules():

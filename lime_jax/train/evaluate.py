@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, Mapping, Sequence
 
@@ -14,6 +15,7 @@ import numpy as np
 from lime_jax.config import ModelConfig
 from lime_jax.data import tasks as tasks_lib
 from lime_jax.model.transformer import Transformer
+from lime_jax.parallel.sharding import Layout
 
 
 def validation_loss(params: Any, val_batches: Sequence[dict[str, Any]],
@@ -55,9 +57,12 @@ def apply_fn(model_cfg: ModelConfig) -> Callable[[Any, jax.Array], jax.Array]:
   return logits
 
 
-def task_metrics(params: Any, model_cfg: ModelConfig,
-                 task_cfg: tasks_lib.TaskConfig) -> dict[str, float]:
-  """{"val_accuracy", "chance", "majority"} on the task's whole test split."""
-  result = tasks_lib.evaluate_task(apply_fn(model_cfg), params, task_cfg)
+def task_metrics(params: Any, model_cfg: ModelConfig, task_cfg: tasks_lib.TaskConfig,
+                 layout: Layout | None = None) -> dict[str, float]:
+  """{"val_accuracy", "chance", "majority"} on the task's whole test split. Traced under
+  `layout`'s mesh scope when given, as the step is, so that the test rows split over the batch
+  shards (outside it the compiler may give every device every row: train/loop.sharded_eval)."""
+  with layout.scope() if layout is not None else contextlib.nullcontext():
+    result = tasks_lib.evaluate_task(apply_fn(model_cfg), params, task_cfg)
   return {"val_accuracy": result["accuracy"], "chance": result["chance"],
           "majority": result["majority"]}

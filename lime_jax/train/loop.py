@@ -343,7 +343,7 @@ class Trainer:
     if step % run.eval_every == 0 or step == run.steps:
       val_loss, _ = validation_loss(state["params"], self.val_batches, self._eval_fn)
       if self.cfg.task is not None:
-        extra = task_metrics(state["params"], self.cfg.model, self.cfg.task)
+        extra = task_metrics(state["params"], self.cfg.model, self.cfg.task, self.layout)
     if step % run.log_every == 0 or val_loss is not None or step == run.steps:
       self._log(step, val_loss, extra)
     if step % run.checkpoint_every == 0 or step == run.steps:
