@@ -154,7 +154,13 @@ def _compile(cfg: ExperimentConfig, devices, dump_dir: str | None = None
 def compile_step(cfg: ExperimentConfig, num_devices: int, dump_dir: str | None = None) -> Plan:
   """Compiles the sharded train step for `num_devices` CPU devices; ValueError if the mesh,
   batch or a parameter cannot be split that way."""
-  return _plan(cfg, *_compile(cfg, ensure_cpu_devices(num_devices), dump_dir))
+  return compile_on(cfg, ensure_cpu_devices(num_devices), dump_dir)
+
+
+def compile_on(cfg: ExperimentConfig, devices, dump_dir: str | None = None) -> Plan:
+  """The plan of the sharded train step compiled for `devices` (any platform's, a topology's
+  included: its compiler's memory)."""
+  return _plan(cfg, *_compile(cfg, devices, dump_dir))
 
 
 COST_METHODS = ("unrolled", "scaled")
