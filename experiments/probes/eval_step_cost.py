@@ -32,7 +32,7 @@ def _compiled(cfg, layout, scan_unroll: int, scoped: bool):
   model_cfg = cfg.model.replace(scan_unroll=scan_unroll)
   init, _, _ = train_lib.jitted_fns(model_cfg, cfg.optim, cfg.run.seed, layout)
   params = train_lib.abstract_state(init)["params"]
-  batch = plan_lib._abstract_batch(cfg, layout)
+  batch = plan_lib.abstract_batch(cfg, layout)
   if scoped:
     fn = train_lib.sharded_eval(model_cfg, layout)
   else:
@@ -54,7 +54,7 @@ def main() -> None:
     L = cfg.model.L
     for scoped in (True, False):
       one, two = (_compiled(cfg, layout, unroll, scoped) for unroll in (1, 2))
-      c1, c2 = plan_lib._cost(one), plan_lib._cost(two)
+      c1, c2 = plan_lib.compiled_cost(one), plan_lib.compiled_cost(two)
       flops, bytes_, step_s = (a + (L - 1) * (b - a) for a, b in zip(c1, c2))
       temp = one.memory_analysis().temp_size_in_bytes
       print(f"{path} {'in the mesh scope' if scoped else 'outside it'}: XLA FLOPs {flops:.4g},"

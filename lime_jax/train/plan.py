@@ -128,7 +128,8 @@ class Plan:
     return out
 
 
-def _abstract_batch(cfg: ExperimentConfig, layout: sharding_lib.Layout) -> dict[str, Any]:
+def abstract_batch(cfg: ExperimentConfig, layout: sharding_lib.Layout) -> dict[str, Any]:
+  """One global batch of `cfg` as shapes, dtypes and `layout`'s batch sharding, for lowering."""
   # Task batches carry answer-only loss weights; the format knows, no data is built.
   return sources.batch_format(cfg.data, cfg.task).abstract_batch(
       layout.batch_sharding(cfg.batch_size))
@@ -146,7 +147,7 @@ def _compile(cfg: ExperimentConfig, devices, dump_dir: str | None = None
   start = time.perf_counter()
   init, step, _ = train_lib.jitted_fns(cfg.model, cfg.optim, cfg.run.seed, layout)
   options = {"xla_dump_to": dump_dir} if dump_dir else None
-  compiled = step.lower(train_lib.abstract_state(init), _abstract_batch(cfg, layout)).compile(
+  compiled = step.lower(train_lib.abstract_state(init), abstract_batch(cfg, layout)).compile(
       compiler_options=options)
   return compiled, layout, time.perf_counter() - start
 
@@ -184,7 +185,7 @@ def topology_plan(cfg: ExperimentConfig, tpu: Slice, dump_dir: str | None = None
     # work as training runs them), so that cost_analysis counts every layer.
     unrolled = cfg.replace(model=cfg.model.replace(scan_unroll=cfg.model.L))
     cost_compiled, _, cost_s = _compile(unrolled, list(tpu.devices), dump("unrolled"))
-    flops, bytes_, step_s = _cost(cost_compiled)
+    flops, bytes_, step_s = compiled_cost(cost_compiled)
   else:
     one = compiled
     cost_s = 0.0
@@ -194,14 +195,14 @@ def topology_plan(cfg: ExperimentConfig, tpu: Slice, dump_dir: str | None = None
     two, _, two_s = _compile(cfg.replace(model=cfg.model.replace(scan_unroll=2)),
                              list(tpu.devices), dump("unroll2"))
     cost_s += two_s
-    c1, c2 = _cost(one), _cost(two)
+    c1, c2 = compiled_cost(one), compiled_cost(two)
     flops, bytes_, step_s = (a + (cfg.model.L - 1) * (b - a) for a, b in zip(c1, c2))
   return dataclasses.replace(
       plan, compile_s=compile_s + cost_s, topology=tpu.name, xla_flops=flops, xla_bytes=bytes_,
       compiler_step_s=step_s, roofline_step_s=tpu.roofline_s(flops, bytes_), cost_method=cost)
 
 
-def _cost(compiled) -> tuple[float, float, float]:
+def compiled_cost(compiled) -> tuple[float, float, float]:
   """(flops, bytes accessed, the compiler's step estimate) of a compiled program, per device."""
   cost = compiled.cost_analysis()
   return (float(cost["flops"]), float(cost["bytes accessed"]), float(cost["optimal_seconds"]))
