@@ -51,11 +51,10 @@ def main() -> None:
     cfg = load_experiment(path, ["mesh.data=1", "mesh.fsdp=-1"])
     cfg.mesh.resolve(len(tpu.devices))
     layout = sharding_lib.Layout.from_config(cfg.mesh, list(tpu.devices))
-    L = cfg.model.L
     for scoped in (True, False):
       one, two = (_compiled(cfg, layout, unroll, scoped) for unroll in (1, 2))
-      c1, c2 = plan_lib.compiled_cost(one), plan_lib.compiled_cost(two)
-      flops, bytes_, step_s = (a + (L - 1) * (b - a) for a, b in zip(c1, c2))
+      flops, bytes_, step_s = plan_lib.scaled_cost(
+          plan_lib.compiled_cost(one), plan_lib.compiled_cost(two), cfg.model.L)
       temp = one.memory_analysis().temp_size_in_bytes
       print(f"{path} {'in the mesh scope' if scoped else 'outside it'}: XLA FLOPs {flops:.4g},"
             f" bytes accessed {bytes_ / 1e9:.1f} GB, step estimate {step_s:.4f} s, temp"

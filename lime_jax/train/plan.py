@@ -195,8 +195,7 @@ def topology_plan(cfg: ExperimentConfig, tpu: Slice, dump_dir: str | None = None
     two, _, two_s = _compile(cfg.replace(model=cfg.model.replace(scan_unroll=2)),
                              list(tpu.devices), dump("unroll2"))
     cost_s += two_s
-    c1, c2 = compiled_cost(one), compiled_cost(two)
-    flops, bytes_, step_s = (a + (cfg.model.L - 1) * (b - a) for a, b in zip(c1, c2))
+    flops, bytes_, step_s = scaled_cost(compiled_cost(one), compiled_cost(two), cfg.model.L)
   return dataclasses.replace(
       plan, compile_s=compile_s + cost_s, topology=tpu.name, xla_flops=flops, xla_bytes=bytes_,
       compiler_step_s=step_s, roofline_step_s=tpu.roofline_s(flops, bytes_), cost_method=cost)
@@ -206,6 +205,13 @@ def compiled_cost(compiled) -> tuple[float, float, float]:
   """(flops, bytes accessed, the compiler's step estimate) of a compiled program, per device."""
   cost = compiled.cost_analysis()
   return (float(cost["flops"]), float(cost["bytes accessed"]), float(cost["optimal_seconds"]))
+
+
+def scaled_cost(one_layer: tuple[float, ...], two_layers: tuple[float, ...],
+                L: int) -> tuple[float, ...]:
+  """An L-layer loop's cost from its programs with one and two layers per loop body (XLA counts
+  a body once): a layer costs the difference, the step c1 + (L - 1) (c2 - c1)."""
+  return tuple(c1 + (L - 1) * (c2 - c1) for c1, c2 in zip(one_layer, two_layers))
 
 
 def _check_scalable(model: ModelConfig) -> None:
