@@ -1,4 +1,6 @@
+import contextlib
 import functools
+import io
 
 import chex
 import jax
@@ -262,6 +264,33 @@ def test_remat_gives_equal_gradients(policy, router):
   remat_grads = jax.jit(jax.grad(_loss), static_argnums=1)(
       params, cfg.replace(remat_policy=policy), tokens_BxT)
   chex.assert_trees_all_close(grads, remat_grads, rtol=1e-5, atol=1e-7)
+
+
+def _float32_activation_residuals(cfg, B=2):
+  """How many float32 [..., B, T, D] arrays the loss's gradient saves for its backward."""
+  params = M.init_params(cfg, jax.random.key(0))
+  tokens_BxT = _tokens(cfg, B=B, T=cfg.T + 1)
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    jax.ad_checkpoint.print_saved_residuals(
+        lambda params: model_checks.next_token_loss(params, cfg, tokens_BxT), params)
+  shape = f"{B},{cfg.T},{cfg.D}]"
+  return sum(line.startswith("f32[") and line.split()[0].endswith(shape)
+             for line in printed.getvalue().splitlines())
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("variant", [dict(router="none"), dict(routing_impl="push"),
+                                     dict(routing_impl="pull")])
+def test_remat_leaves_no_float32_activations_per_layer(variant, scan_layers):
+  """Under a remat policy the norms are rematerialized too: in bf16 no layer saves a float32
+  [B, T, D] array (the norms' intermediates were six a layer); only the final norm's remain.
+  Unrolled, a layer's residuals would add lines; scanned, one stacked line each."""
+  cfg = GQA.replace(**{"router": "kv-static", "compute_dtype": "bfloat16",
+                       "remat_policy": "dots", "scan_layers": scan_layers, **variant})
+  per_depth = [_float32_activation_residuals(cfg.replace(L=L)) for L in (2, 4)]
+  assert per_depth[0] == per_depth[1], per_depth
+  assert per_depth[0] <= 3, per_depth
 
 
 @pytest.mark.parametrize("router", ROUTERS)
