@@ -266,15 +266,26 @@ def test_remat_gives_equal_gradients(policy, router):
   chex.assert_trees_all_close(grads, remat_grads, rtol=1e-5, atol=1e-7)
 
 
-def _float32_activation_residuals(cfg, B=2):
-  """How many float32 [..., B, T, D] arrays the loss's gradient saves for its backward."""
+@pytest.mark.parametrize("connections", ["hyper-dynamic", "mhc"])
+def test_remat_gives_equal_gradients_with_connections(connections):
+  """The width connections are rematerialized too; recomputing them changes no gradient."""
+  cfg = GQA.replace(router="none", connections=connections)
+  params = M.init_params(cfg, jax.random.key(0))
+  tokens_BxT = _tokens(cfg, T=cfg.T + 1)
+  grads, remat_grads = (jax.jit(jax.grad(_loss), static_argnums=1)(
+      params, cfg.replace(remat_policy=policy), tokens_BxT) for policy in ("none", "full"))
+  chex.assert_trees_all_close(grads, remat_grads, rtol=1e-5, atol=1e-7)
+
+
+def _float32_activation_residuals(cfg, B=2, inner=""):
+  """How many float32 [..., inner, B, T, D] arrays the loss's gradient saves for its backward."""
   params = M.init_params(cfg, jax.random.key(0))
   tokens_BxT = _tokens(cfg, B=B, T=cfg.T + 1)
   printed = io.StringIO()
   with contextlib.redirect_stdout(printed):
     jax.ad_checkpoint.print_saved_residuals(
         lambda params: model_checks.next_token_loss(params, cfg, tokens_BxT), params)
-  shape = f"{B},{cfg.T},{cfg.D}]"
+  shape = f"{inner}{B},{cfg.T},{cfg.D}]"
   return sum(line.startswith("f32[") and line.split()[0].endswith(shape)
              for line in printed.getvalue().splitlines())
 
@@ -291,6 +302,18 @@ def test_remat_leaves_no_float32_activations_per_layer(variant, scan_layers):
   per_depth = [_float32_activation_residuals(cfg.replace(L=L)) for L in (2, 4)]
   assert per_depth[0] == per_depth[1], per_depth
   assert per_depth[0] <= 3, per_depth
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("connections", ["hyper-static", "hyper-dynamic", "mhc"])
+def test_remat_leaves_no_float32_copies_of_the_streams(connections, scan_layers):
+  """Under a remat policy a hyper-connection's width connection is rematerialized too: in bf16
+  no sub-layer saves its float32 copies of the n streams [n, B, T, D]."""
+  cfg = GQA.replace(router="none", connections=connections, compute_dtype="bfloat16",
+                    remat_policy="dots", scan_layers=scan_layers)
+  # L != n: a stacked [L, B, T, D] would read like [n, B, T, D]
+  assert [_float32_activation_residuals(cfg.replace(L=L), inner=f"{cfg.hc_expansion},")
+          for L in (2, 3)] == [0, 0]
 
 
 @pytest.mark.parametrize("router", ROUTERS)

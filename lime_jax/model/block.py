@@ -39,7 +39,7 @@ class Block(nn.Module):
                cache: KVCache | None = None, attn_input_BxTxD: jax.Array | None = None):
     cfg = self.cfg
     mixer = mixers.build(cfg)
-    straight_line = self.unrolled_scan or isinstance(layer_idx, int)
+    straight_line = mixers.straight_line(self, layer_idx)
     # The norms too: outside a checkpoint, autodiff would save their float32 intermediates,
     # several [B, T, D] arrays a layer (1.2B setup: 2.1 GiB per device on the TPU compiler).
     Norm = maybe_remat(RMSNorm, cfg, straight_line) if cache is None else RMSNorm

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from lime_jax.config import ModelConfig
 from lime_jax.model.mixers.attn_res import AttentionResiduals
-from lime_jax.model.mixers.base import Mixer
+from lime_jax.model.mixers.base import Mixer, straight_line
 from lime_jax.model.mixers.denseformer import DenseFormer
 from lime_jax.model.mixers.depth_attention import DepthAttention
 from lime_jax.model.mixers.hidden_routing import HiddenRouting

@@ -36,6 +36,12 @@ from lime_jax.model import pull as pull_lib
 from lime_jax.model.layers import dtype_of, logical, normal_init
 
 
+def straight_line(block: nn.Module, layer_idx) -> bool:
+  """Whether `block` runs as straight-line code (layers.maybe_remat): its index is a Python int
+  (a Python loop), or its scan is unrolled over all its layers (a traced index)."""
+  return block.unrolled_scan or isinstance(layer_idx, int)
+
+
 class Mixer:
   """The plain pre-norm residual stream: every hook is the identity (`router: none`)."""
 

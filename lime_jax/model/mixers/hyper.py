@@ -17,7 +17,9 @@ the end differs from the baseline's state only by the factor n, which the final 
 (up to its eps). So the logits equal the baseline's to float rounding.
 
 Memory: the stream is n x D per layer boundary, linear in depth by construction. Mixing math is
-float32; outputs return in the compute dtype.
+float32; outputs return in the compute dtype. Under a remat policy the width connection is
+rematerialized like the layers' sub-blocks: it saves its input, not its float32 copies of the
+n streams (in bf16 those were twice the stream's bytes, per sub-layer).
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from lime_jax.config import ModelConfig
-from lime_jax.model.layers import dtype_of, logical, rms_normalize
-from lime_jax.model.mixers.base import Mixer
+from lime_jax.model.layers import dtype_of, logical, maybe_remat, rms_normalize
+from lime_jax.model.mixers.base import Mixer, straight_line
 
 DYNAMIC_SCALE = 0.01
 
@@ -96,8 +98,9 @@ class HyperConnections(Mixer):
     return (None,) + super().stream_axes()
 
   def enter(self, block: nn.Module, H_NxBxTxD: jax.Array, carry: None, sublayer_idx, name: str):
-    del block, carry  # the connection becomes the calling block's child `hc_<name>`
-    return HyperConnection(self.cfg, self.dynamic, name=f"hc_{name}")(H_NxBxTxD, sublayer_idx)
+    del carry  # the connection becomes the calling block's child `hc_<name>`
+    connection = maybe_remat(HyperConnection, self.cfg, straight_line(block, sublayer_idx))
+    return connection(self.cfg, self.dynamic, name=f"hc_{name}")(H_NxBxTxD, sublayer_idx)
 
   def leave(self, H_NxBxTxD: jax.Array, carry: None, out_BxTxD: jax.Array, mix):
     beta_BxTxN, residual_NxBxTxD = mix

@@ -56,7 +56,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from lime_jax.config import ModelConfig
-from lime_jax.model.layers import dtype_of, logical
+from lime_jax.model.layers import dtype_of, logical, maybe_remat
+from lime_jax.model.mixers.base import straight_line
 from lime_jax.model.mixers.hyper import HyperConnections
 
 GATE_INIT = 0.01
@@ -129,8 +130,9 @@ class ManifoldHyperConnections(HyperConnections):
   summed at the end; no carry); the maps of each sub-layer are mHC's."""
 
   def enter(self, block: nn.Module, x_NxBxTxD: jax.Array, carry: None, sublayer_idx, name: str):
-    del block, carry  # the maps become the calling block's child `hc_<name>`
-    return ManifoldHyperConnection(self.cfg, name=f"hc_{name}")(x_NxBxTxD, sublayer_idx)
+    del carry  # the maps become the calling block's child `hc_<name>`
+    maps = maybe_remat(ManifoldHyperConnection, self.cfg, straight_line(block, sublayer_idx))
+    return maps(self.cfg, name=f"hc_{name}")(x_NxBxTxD, sublayer_idx)
 
   def extra_params(self) -> int:
     """Per sub-layer: phi n D (n^2 + 2n), 3 gates, biases n^2 + 2n; two sub-layers per layer."""
