@@ -1,6 +1,8 @@
 """Checks every layer-stack variant must pass (core, hidden routers, connections), written once."""
 
+import contextlib
 import functools
+import io
 
 import chex
 import jax
@@ -28,6 +30,20 @@ def lowered_gradient(cfg, B=2):
   params = jax.eval_shape(functools.partial(M.init_params, cfg), jax.random.key(0))
   tokens_BxT = jax.ShapeDtypeStruct((B, cfg.T + 1), jnp.int32)
   return jax.jit(jax.grad(next_token_loss), static_argnums=1).lower(params, cfg, tokens_BxT)
+
+
+def saved_float32_residuals(cfg, shape_tail, B=2):
+  """How many float32 arrays whose shape ends in `shape_tail` the loss's gradient on B token
+  rows saves for its backward (`jax.ad_checkpoint.print_saved_residuals`, one line each)."""
+  params = M.init_params(cfg, jax.random.key(0))
+  tokens_BxT = tokens(cfg, B=B, T=cfg.T + 1)
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    jax.ad_checkpoint.print_saved_residuals(
+        lambda params: next_token_loss(params, cfg, tokens_BxT), params)
+  tail = ",".join(map(str, shape_tail)) + "]"
+  return sum(line.startswith("f32[") and line.split()[0].endswith(tail)
+             for line in printed.getvalue().splitlines())
 
 
 def assert_full_remat_recomputes(cfg):

@@ -1,6 +1,4 @@
-import contextlib
 import functools
-import io
 
 import chex
 import jax
@@ -277,19 +275,6 @@ def test_remat_gives_equal_gradients_with_connections(connections):
   chex.assert_trees_all_close(grads, remat_grads, rtol=1e-5, atol=1e-7)
 
 
-def _float32_activation_residuals(cfg, B=2, inner=""):
-  """How many float32 [..., inner, B, T, D] arrays the loss's gradient saves for its backward."""
-  params = M.init_params(cfg, jax.random.key(0))
-  tokens_BxT = _tokens(cfg, B=B, T=cfg.T + 1)
-  printed = io.StringIO()
-  with contextlib.redirect_stdout(printed):
-    jax.ad_checkpoint.print_saved_residuals(
-        lambda params: model_checks.next_token_loss(params, cfg, tokens_BxT), params)
-  shape = f"{inner}{B},{cfg.T},{cfg.D}]"
-  return sum(line.startswith("f32[") and line.split()[0].endswith(shape)
-             for line in printed.getvalue().splitlines())
-
-
 @pytest.mark.parametrize("scan_layers", [True, False])
 @pytest.mark.parametrize("variant", [dict(router="none"), dict(routing_impl="push"),
                                      dict(routing_impl="pull")])
@@ -299,7 +284,8 @@ def test_remat_leaves_no_float32_activations_per_layer(variant, scan_layers):
   Unrolled, a layer's residuals would add lines; scanned, one stacked line each."""
   cfg = GQA.replace(**{"router": "kv-static", "compute_dtype": "bfloat16",
                        "remat_policy": "dots", "scan_layers": scan_layers, **variant})
-  per_depth = [_float32_activation_residuals(cfg.replace(L=L)) for L in (2, 4)]
+  per_depth = [model_checks.saved_float32_residuals(cfg.replace(L=L), (2, cfg.T, cfg.D))
+               for L in (2, 4)]
   assert per_depth[0] == per_depth[1], per_depth
   assert per_depth[0] <= 3, per_depth
 
@@ -312,7 +298,8 @@ def test_remat_leaves_no_float32_copies_of_the_streams(connections, scan_layers)
   cfg = GQA.replace(router="none", connections=connections, compute_dtype="bfloat16",
                     remat_policy="dots", scan_layers=scan_layers)
   # L != n: a stacked [L, B, T, D] would read like [n, B, T, D]
-  assert [_float32_activation_residuals(cfg.replace(L=L), inner=f"{cfg.hc_expansion},")
+  n = cfg.hc_expansion
+  assert [model_checks.saved_float32_residuals(cfg.replace(L=L), (n, 2, cfg.T, cfg.D))
           for L in (2, 3)] == [0, 0]
 
 
