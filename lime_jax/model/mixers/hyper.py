@@ -19,7 +19,8 @@ the end differs from the baseline's state only by the factor n, which the final 
 Memory: the stream is n x D per layer boundary, linear in depth by construction. Mixing math is
 float32; outputs return in the compute dtype. Under a remat policy the width connection is
 rematerialized like the layers' sub-blocks: it saves its input, not its float32 copies of the
-n streams (in bf16 those were twice the stream's bytes, per sub-layer).
+n streams (in bf16 one such copy a sub-layer, static, or three, dynamic; each twice the
+stream's bytes).
 """
 
 from __future__ import annotations
