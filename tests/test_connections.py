@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lime_jax.studies import bench
-from lime_jax.model.mixers import denseformer
+from lime_jax.model.mixers import denseformer, hyper
 from lime_jax.model import flops
 from lime_jax.model import transformer as M
 from lime_jax.model import stack
@@ -279,6 +279,33 @@ def test_denseformer_training_memory_grows_linearly_with_depth():
 
   temp_L, temp_2L = temp(cfg), temp(cfg.replace(L=8))
   assert temp_2L <= 2.1 * temp_L, (temp_L, temp_2L)
+
+
+@pytest.mark.parametrize("out_dtype", ["float32", "bfloat16"])
+def test_written_output_gradient_is_autodiffs(out_dtype):
+  """hyper.written_output's own backward (out saved in its dtype) gives autodiff's gradients,
+  in the same dtypes."""
+  beta_BxTxN = jax.random.normal(jax.random.key(0), (2, 5, 3))
+  out_BxTxD = jax.random.normal(jax.random.key(1), (2, 5, 8)).astype(out_dtype)
+  dH_NxBxTxD = jax.random.normal(jax.random.key(2), (3, 2, 5, 8))
+  autodiff = lambda beta, out: jnp.einsum("btn,btd->nbtd", beta,  # noqa: E731
+                                          out.astype(jnp.float32))
+  expected = jax.vjp(autodiff, beta_BxTxN, out_BxTxD)[1](dH_NxBxTxD)
+  got = jax.vjp(hyper.written_output, beta_BxTxN, out_BxTxD)[1](dH_NxBxTxD)
+  chex.assert_trees_all_equal_dtypes(got, expected)
+  chex.assert_trees_all_close(got, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("connections", ["hyper-static", "hyper-dynamic", "mhc"])
+def test_depth_connection_saves_no_float32_copy_of_the_output(connections, scan_layers):
+  """In bf16 under a remat policy the connections save no float32 [B, T, D] array beyond the
+  baseline's: the depth connection saved the sub-layer output's float32 copy, one a sub-layer."""
+  cfg = ModelConfig(V=64, D=32, L=2, H=4, R=2, F=64, T=16, router="none",
+                    compute_dtype="bfloat16", remat_policy="dots", scan_layers=scan_layers)
+  per_depth = lambda cfg: [model_checks.saved_float32_residuals(  # noqa: E731
+      cfg.replace(L=L), (2, cfg.T, cfg.D)) for L in (2, 3)]
+  assert per_depth(cfg.replace(connections=connections)) == per_depth(cfg)
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -20,7 +20,8 @@ Memory: the stream is n x D per layer boundary, linear in depth by construction.
 float32; outputs return in the compute dtype. Under a remat policy the width connection is
 rematerialized like the layers' sub-blocks: it saves its input, not its float32 copies of the
 n streams (in bf16 one such copy a sub-layer, static, or three, dynamic; each twice the
-stream's bytes).
+stream's bytes). The depth connection saves the sub-layer's output in the compute dtype, not
+its float32 copy (`written_output`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,28 @@ def static_init(sublayer_idx, n: int) -> jax.Array:
   """[A_m | A_r] [n, n+1] = [e_(k mod n) | I_n] for sub-layer k (a Python int or traced)."""
   a_m_N = (jnp.arange(n) == sublayer_idx % n).astype(jnp.float32)
   return jnp.concatenate([a_m_N[:, None], jnp.eye(n, dtype=jnp.float32)], axis=1)
+
+
+@jax.custom_vjp
+def written_output(beta_BxTxN: jax.Array, out_BxTxD: jax.Array) -> jax.Array:
+  """The sub-layer's output as the copies receive it, beta[c] out [n, B, T, D], in float32.
+  Its backward keeps `out` in its own dtype: autodiff of the product saved out's float32 copy
+  instead, one float32 [B, T, D] a sub-layer in bf16 runs, whatever the remat policy."""
+  return jnp.einsum("btn,btd->nbtd", beta_BxTxN, out_BxTxD.astype(jnp.float32))
+
+
+def _written_output_fwd(beta_BxTxN, out_BxTxD):
+  return written_output(beta_BxTxN, out_BxTxD), (beta_BxTxN, out_BxTxD)
+
+
+def _written_output_bwd(residuals, dH_NxBxTxD):
+  beta_BxTxN, out_BxTxD = residuals
+  dbeta_BxTxN = jnp.einsum("nbtd,btd->btn", dH_NxBxTxD, out_BxTxD.astype(jnp.float32))
+  dout_BxTxD = jnp.einsum("nbtd,btn->btd", dH_NxBxTxD, beta_BxTxN)
+  return dbeta_BxTxN.astype(beta_BxTxN.dtype), dout_BxTxD.astype(out_BxTxD.dtype)
+
+
+written_output.defvjp(_written_output_fwd, _written_output_bwd)
 
 
 class HyperConnection(nn.Module):
@@ -105,8 +128,7 @@ class HyperConnections(Mixer):
 
   def leave(self, H_NxBxTxD: jax.Array, carry: None, out_BxTxD: jax.Array, mix):
     beta_BxTxN, residual_NxBxTxD = mix
-    H32_NxBxTxD = residual_NxBxTxD + jnp.einsum("btn,btd->nbtd", beta_BxTxN,
-                                                out_BxTxD.astype(jnp.float32))
+    H32_NxBxTxD = residual_NxBxTxD + written_output(beta_BxTxN, out_BxTxD)
     return H32_NxBxTxD.astype(H_NxBxTxD.dtype), carry
 
   def extra_params(self) -> int:
