@@ -14,7 +14,7 @@ from lime_jax.config import ModelConfig
 from lime_jax.model import flops, mixers, stack
 from lime_jax.model import transformer as M
 from lime_jax.model.mixers.base import project_kv
-from lime_jax.model.mixers.value_residual import LAMBDA_INIT, ValueResidual
+from lime_jax.model.mixers.value_residual import LAMBDA_INIT, ValueResidual, mixed_values
 from lime_jax.model.layers import normal_init
 from lime_jax.studies import bench
 from lime_jax.train.optimizer import param_labels
@@ -199,6 +199,31 @@ def test_training_memory_grows_linearly_with_depth(monkeypatch):
   naive_8, naive_16 = (model_checks.stack_grad_temp_bytes(cfg.replace(L=L)) for L in (8, 16))
   assert naive_16 > 2.1 * naive_8, (naive_8, naive_16)
   assert temp_16 < naive_16
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mixed_values_gradient_is_autodiffs(dtype):
+  """mixed_values' own backward (v and v_0 saved in their dtype) gives autodiff's gradients, in
+  the same dtypes."""
+  v_BxTxRxHd, v0_BxTxRxHd, dmixed_BxTxRxHd = (
+      jax.random.normal(jax.random.key(i), (2, 5, 3, 4)).astype(dtype) for i in range(3))
+  weights = (jnp.float32(0.7), jnp.float32(-0.4))
+  autodiff = lambda a, b, v, v0: (a * v.astype(jnp.float32)  # noqa: E731
+                                  + b * v0.astype(jnp.float32)).astype(v.dtype)
+  expected = jax.vjp(autodiff, *weights, v_BxTxRxHd, v0_BxTxRxHd)[1](dmixed_BxTxRxHd)
+  got = jax.vjp(mixed_values, *weights, v_BxTxRxHd, v0_BxTxRxHd)[1](dmixed_BxTxRxHd)
+  chex.assert_trees_all_equal_dtypes(got, expected)
+  chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_mix_saves_no_float32_copy_of_the_values(scan_layers):
+  """In bf16 under a remat policy the value residual saves no float32 [B, T, R, Hd] array (the
+  baseline saves none): autodiff of the float32 mix saved v's and v_0's copies, two a layer."""
+  cfg = BASE.replace(compute_dtype="bfloat16", remat_policy="dots", scan_layers=scan_layers)
+  per_depth = lambda cfg: [model_checks.saved_float32_residuals(  # noqa: E731
+      cfg.replace(L=L), (2, cfg.T, cfg.R, cfg.Hd)) for L in (2, 3)]
+  assert per_depth(cfg.replace(router="value-residual")) == per_depth(cfg)
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -20,7 +20,8 @@ Carry: layer 0's raw values v_0 [B, T, R, Hd] in the compute dtype, per position
 decoding recomputes it for the new tokens, and the KV cache holds the mixed values v'. Training
 memory: v_0 is one [B, T, R, Hd] carry, which autodiff of the scan saves once per layer
 (lambda_l,2's gradient reads it), like each layer's own values: linear in depth. The mix runs in
-float32 and returns in the compute dtype.
+float32 and returns in the compute dtype; its backward keeps v and v_0 in the compute dtype
+(`mixed_values`), not their float32 copies.
 """
 
 from __future__ import annotations
@@ -33,6 +34,35 @@ from lime_jax.model.layers import dtype_of, logical, normal_init
 from lime_jax.model.mixers.base import Mixer, project_kv
 
 LAMBDA_INIT = 0.5
+
+
+@jax.custom_vjp
+def mixed_values(self_weight, first_weight, v_BxTxRxHd: jax.Array,
+                 v0_BxTxRxHd: jax.Array) -> jax.Array:
+  """self_weight v + first_weight v_0, summed in float32 and returned in v's dtype. Its backward
+  keeps v and v_0 in their own dtype: autodiff of the float32 sum saved their float32 copies for
+  the weights' gradients, two float32 [B, T, R, Hd] a layer in bf16 runs."""
+  mixed32_BxTxRxHd = (self_weight * v_BxTxRxHd.astype(jnp.float32)
+                      + first_weight * v0_BxTxRxHd.astype(jnp.float32))
+  return mixed32_BxTxRxHd.astype(v_BxTxRxHd.dtype)
+
+
+def _mixed_values_fwd(self_weight, first_weight, v_BxTxRxHd, v0_BxTxRxHd):
+  return (mixed_values(self_weight, first_weight, v_BxTxRxHd, v0_BxTxRxHd),
+          (self_weight, first_weight, v_BxTxRxHd, v0_BxTxRxHd))
+
+
+def _mixed_values_bwd(residuals, dmixed_BxTxRxHd):
+  self_weight, first_weight, v_BxTxRxHd, v0_BxTxRxHd = residuals
+  dmixed32_BxTxRxHd = dmixed_BxTxRxHd.astype(jnp.float32)
+  dself = jnp.sum(dmixed32_BxTxRxHd * v_BxTxRxHd.astype(jnp.float32))
+  dfirst = jnp.sum(dmixed32_BxTxRxHd * v0_BxTxRxHd.astype(jnp.float32))
+  return (dself.astype(jnp.result_type(self_weight)), dfirst.astype(jnp.result_type(first_weight)),
+          (self_weight * dmixed32_BxTxRxHd).astype(v_BxTxRxHd.dtype),
+          (first_weight * dmixed32_BxTxRxHd).astype(v0_BxTxRxHd.dtype))
+
+
+mixed_values.defvjp(_mixed_values_fwd, _mixed_values_bwd)
 
 
 class ValueResidual(Mixer):
@@ -59,9 +89,7 @@ class ValueResidual(Mixer):
     # Layer 0 mixes with (1, 0): 1 v_0 + 0 v_0 is v_0 exactly, without a select over [B, T, R, Hd].
     self_weight = jnp.where(is_first, 1.0, lambda_2[0])
     first_weight = jnp.where(is_first, 0.0, lambda_2[1])
-    mixed32_BxTxRxHd = (self_weight * v_BxTxRxHd.astype(jnp.float32)
-                        + first_weight * v0_BxTxRxHd.astype(jnp.float32))
-    v_BxTxRxHd = mixed32_BxTxRxHd.astype(v_BxTxRxHd.dtype)
+    v_BxTxRxHd = mixed_values(self_weight, first_weight, v_BxTxRxHd, v0_BxTxRxHd)
     return jnp.stack([k_BxTxRxHd, v_BxTxRxHd], axis=3), v0_BxTxRxHd
 
   def extra_params(self) -> int:
