@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 
@@ -17,9 +18,18 @@ def quiet_libraries() -> None:
     pass
 
 
+# What asyncio logs for a task or future whose exception nobody retrieved, once it is collected.
+UNRETRIEVED = ("Task exception was never retrieved", "Future exception was never retrieved")
+
+
 def _quiet_orphaned_reads() -> None:
-  """After a failed orbax read, tensorstore callbacks still fire into orbax's closed event loop;
-  Python would print each as an ignored exception after our one-line message."""
+  """After a failed orbax read, tensorstore callbacks still fire into orbax's closed event loop,
+  and the read's sibling tasks fail on the same damage with nobody to retrieve their errors:
+  Python would print each as an ignored exception, and asyncio log each with its traceback,
+  after our one-line message (depending on when the tasks are collected). The library's own
+  code runs no asyncio."""
+  logging.getLogger("asyncio").addFilter(
+      lambda record: not str(record.msg).startswith(UNRETRIEVED))
   previous = sys.unraisablehook
 
   def hook(unraisable):
