@@ -127,6 +127,27 @@ def test_cache_memory_equals_baseline():
   assert 0 <= temp["kv-static"] - temp["none"] <= 2 * acc_bytes, temp
 
 
+@pytest.mark.parametrize("changes", [dict(router="kv-static"),
+                                     dict(router="none", connections="hyper-static")])
+def test_decoding_programs_carry_no_remat_barriers(changes):
+  """Straight-line layers (unrolled) with a remat policy: their gradient carries optimization
+  barriers (the remat's CSE guard), which would only cost fusion in decoding; the decode
+  step's program has none, though the MLP and the connections are wrapped in the same remat
+  there (a checkpoint that is never differentiated lowers to its body)."""
+  cfg = MHA.replace(scan_layers=False, remat_policy="dots", **changes)
+  params = jax.eval_shape(functools.partial(M.init_params, cfg), jax.random.key(0))
+  cache = jax.eval_shape(functools.partial(decode.init_cache, cfg, 2, cfg.T))
+  token_Bx1 = jax.ShapeDtypeStruct((2, 1), jnp.int32)
+  decode_text = decode._decode_step.lower(params, token_Bx1, cache, cfg=cfg).as_text()
+  assert "optimization_barrier" not in decode_text
+
+  def loss(params, tokens_BxT):
+    return M.Transformer(cfg).apply({"params": params}, tokens_BxT).mean()
+
+  tokens_BxT = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+  assert "optimization_barrier" in jax.jit(jax.grad(loss)).lower(params, tokens_BxT).as_text()
+
+
 def test_greedy_generate_matches_argmax_of_full_forwards():
   cfg = GQA
   params = _params(cfg)

@@ -57,7 +57,7 @@ class Block(nn.Module):
       attention = maybe_remat(Attention, cfg, straight_line)(cfg, mixer.query_mix, name="attn")
       attn_BxTxD, _ = attention(h_BxTxD, kv_BxTxRx2xHd, positions_BxT, positions_BxT,
                                 *((None, layer_idx, carry) if mixes_by_query else ()))
-    else:  # decoding takes no gradients, so no remat
+    else:  # decoding takes no gradients: no remat (the MLP's costs nothing either, tested)
       attn_BxTxD, cache = Attention(cfg, mixer.query_mix, name="attn")(
           h_BxTxD, kv_BxTxRx2xHd, positions_BxT, positions_BxT, cache, layer_idx,
           carry if mixes_by_query else None)
