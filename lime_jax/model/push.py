@@ -37,7 +37,7 @@ def push_and_read(acc_IxRxP: jax.Array, weights_IxRxS: jax.Array, payload_SxP: j
   """
   if isinstance(slot, int):
     slots = static_slots(np.asarray(live_slots))
-    acc_IxRxP = acc_IxRxP.at[slots].add(_mixed_live(weights_IxRxS[slots], payload_SxP))
+    acc_IxRxP = acc_IxRxP.at[slots].add(_mixed(weights_IxRxS[slots], payload_SxP))
     return acc_IxRxP, acc_IxRxP[slot]
   return _push_read(acc_IxRxP, weights_IxRxS, payload_SxP, slot)
 
@@ -49,15 +49,41 @@ def _payload_axes(payload_SxP: jax.Array) -> str:
   return "btcdefgh"[:payload_SxP.ndim - 1]
 
 
+@jax.custom_vjp
 def _mixed(weights_IxRxS: jax.Array, payload_SxP: jax.Array) -> jax.Array:
   """weights (x) payload, [I, R, *P]: one dot, except on the CPU, where it is S broadcast
   multiply-adds that XLA fuses into one loop over the output. Alone, XLA:CPU's dot with a
   contraction of S (the kv heads; 1 for DenseFormer) ran 7x slower (94 against 14 ms at
   I*R = 224, S = 4, the bench's shape); in the whole training step this is 5% at 16 layers and
   within noise at 64. Other platforms keep the dot their compilers were measured with: there
-  the loop could read the payload once per output row."""
+  the loop could read the payload once per output row.
+
+  Its backward is the dot's on every platform (`_mixed_cotangents`; the scan's push has a VJP
+  of its own, so this one serves the unrolled path). Autodiff of the CPU's loop made S products
+  [I, R, *P] per layer for the weights' gradient, and XLA:CPU kept them live across layers: an
+  unrolled 32-layer kv-static stack took 293 MiB of gradient temp memory against 39 scanned
+  (4 heads, D 64, T 64, B 2), 3.6x per doubling of depth; 31 MiB with this backward."""
   return jax.lax.platform_dependent(weights_IxRxS, payload_SxP, cpu=_mixed_by_loop,
                                     default=_mixed_by_dot)
+
+
+def _mixed_fwd(weights_IxRxS, payload_SxP):
+  return _mixed(weights_IxRxS, payload_SxP), (weights_IxRxS, payload_SxP)
+
+
+def _mixed_bwd(residuals, dmixed_IxRxP):
+  return _mixed_cotangents(dmixed_IxRxP, *residuals)
+
+
+_mixed.defvjp(_mixed_fwd, _mixed_bwd)
+
+
+def _mixed_cotangents(dmixed_IxRxP, weights_IxRxS, payload_SxP):
+  """(weights, payload) cotangents of weights (x) payload: two dots over the mix's cotangent."""
+  p = _payload_axes(payload_SxP)
+  dweights_IxRxS = jnp.einsum(f"ir{p},s{p}->irs", dmixed_IxRxP, payload_SxP)
+  dpayload_SxP = jnp.einsum(f"irs,ir{p}->s{p}", weights_IxRxS, dmixed_IxRxP)
+  return dweights_IxRxS.astype(weights_IxRxS.dtype), dpayload_SxP.astype(payload_SxP.dtype)
 
 
 def _mixed_by_dot(weights_IxRxS: jax.Array, payload_SxP: jax.Array) -> jax.Array:
@@ -70,30 +96,6 @@ def _mixed_by_loop(weights_IxRxS: jax.Array, payload_SxP: jax.Array) -> jax.Arra
   terms = (weights_IxRxS[:, :, s][(..., *trailing)] * payload_SxP[None, None, s]
            for s in range(payload_SxP.shape[0]))
   return functools.reduce(jnp.add, terms)
-
-
-@jax.custom_vjp
-def _mixed_live(weights_IxRxS: jax.Array, payload_SxP: jax.Array) -> jax.Array:
-  """`_mixed` for the unrolled path's live slots, with the backward of the dot on every
-  platform. Autodiff of the CPU's multiply-add loop made S products [I, R, *P] per layer for
-  the weights' gradient, and XLA:CPU kept them live across layers: an unrolled 32-layer
-  kv-static stack took 293 MiB of gradient temp memory against 39 scanned (4 heads, D 64,
-  T 64, B 2), 3.6x per doubling of depth; 31 MiB with this backward."""
-  return _mixed(weights_IxRxS, payload_SxP)
-
-
-def _mixed_live_fwd(weights_IxRxS, payload_SxP):
-  return _mixed(weights_IxRxS, payload_SxP), (weights_IxRxS, payload_SxP)
-
-
-def _mixed_live_bwd(residuals, dmixed_IxRxP):
-  weights_IxRxS, payload_SxP = residuals
-  p = _payload_axes(payload_SxP)
-  return (jnp.einsum(f"ir{p},s{p}->irs", dmixed_IxRxP, payload_SxP).astype(weights_IxRxS.dtype),
-          jnp.einsum(f"irs,ir{p}->s{p}", weights_IxRxS, dmixed_IxRxP).astype(payload_SxP.dtype))
-
-
-_mixed_live.defvjp(_mixed_live_fwd, _mixed_live_bwd)
 
 
 def static_slots(slots_I: np.ndarray):
@@ -142,10 +144,7 @@ def _cotangents(dacc_IxRxP, dread_RxP, weights_IxRxS, payload_SxP, slot):
   over the updated accumulator cotangent."""
   slot_RxP = jax.lax.dynamic_index_in_dim(dacc_IxRxP, slot, 0, keepdims=False)
   dacc_IxRxP = jax.lax.dynamic_update_index_in_dim(dacc_IxRxP, slot_RxP + dread_RxP, slot, 0)
-  p = _payload_axes(payload_SxP)
-  dweights_IxRxS = jnp.einsum(f"ir{p},s{p}->irs", dacc_IxRxP, payload_SxP)
-  dpayload_SxP = jnp.einsum(f"irs,ir{p}->s{p}", weights_IxRxS, dacc_IxRxP)
-  return dacc_IxRxP, dweights_IxRxS, dpayload_SxP
+  return dacc_IxRxP, *_mixed_cotangents(dacc_IxRxP, weights_IxRxS, payload_SxP)
 
 
 def _cotangents_on_rows(dacc_IxRxP, dread_RxP, weights_IxRxS, payload_SxP, slot):
