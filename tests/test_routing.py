@@ -152,10 +152,11 @@ def test_windowed_ring_work_and_memory_are_linear_in_depth():
 
 
 def test_unrolled_training_memory_grows_linearly_with_depth():
-  """`scan_layers: false` trains with plain autodiff through the unrolled push: its gradient's
-  compiled temp memory at 2L layers stays within the linear criterion of test_bench.py, and
-  not above the scanned stack's. On the CPU the multiply-add mix's autodiff kept S products of
-  every layer's live slots alive at once: 3.3x per doubling, 4.2x the scanned at 16 layers."""
+  """`scan_layers: false` trains by autodiff through the unrolled push (the mix's own VJP): its
+  gradient's compiled temp memory at 2L layers stays within the linear criterion of
+  test_bench.py, and not above the scanned stack's. On the CPU autodiff of the multiply-add mix
+  kept S products of every layer's live slots alive at once: 3.3x per doubling, 4.2x the
+  scanned at 16 layers."""
   cfg = ModelConfig(V=64, D=64, L=8, H=4, R=4, F=128, T=64, Hd=16, scan_segments=1,
                     scan_layers=False)
   unrolled_8, unrolled_16 = (model_checks.stack_grad_temp_bytes(cfg.replace(L=L))
