@@ -348,7 +348,10 @@ class _LayerResiduals:
   def without(self, leaf: jax.Array) -> "_LayerResiduals":
     """These residuals with `leaf` (one of them, the very array) left out; `with_left_out`
     puts an array in its place."""
-    k = next(i for i, x in enumerate(self.leaves) if x is leaf)
+    k = next((i for i, x in enumerate(self.leaves) if x is leaf), None)
+    if k is None:  # _rest_keeps_routed said the layer would save it
+      raise ValueError("kv_pull: a layer's VJP did not save its routed kv as the probe of layer 0"
+                       " did; the one-product backward needs every layer to")
     return _LayerResiduals(self.leaves[:k] + self.leaves[k + 1:], self.layout[:4] + (k,))
 
   def with_left_out(self, leaf: jax.Array) -> "_LayerResiduals":
