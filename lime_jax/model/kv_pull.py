@@ -445,7 +445,8 @@ def _forward(kv_fn, layer_fn, weights_fn, groups, window, kv_shape, unroll, para
 
   carry = (x_BxTxD, _fresh_buffer(tuple(shape), dtype, may_start_uninitialized, whole_reads))
   if gram:  # every slot is written before the backward reads any
-    carry += (_fresh_buffer(tuple(shape), dtype, True, False),)
+    carry += (_fresh_buffer(tuple(shape), dtype, may_start_uninitialized=True,
+                            whole_reads=False),)
   if unrolled:
     saved = []
     for l in range(L):
@@ -482,6 +483,20 @@ def _pull_stack_bwd(kv_fn, layer_fn, weights_fn, groups, window, kv_shape, unrol
   return jax.tree.map(jnp.add, dparams_S, dparams_from_W), dx_BxTxD, None
 
 
+def _layers_in_reverse(body, carry, saved, columns_LxLxRxR, source_L, unroll):
+  """`body(carry, layer l's residuals, its column, l) -> (carry, out)` from the last layer to
+  the first: a Python loop where the forward ran unrolled (`saved` a list), else a reversed
+  scan over l in `source_L` (0..L-1). (the final carry, the outs stacked over layers)."""
+  L = source_L.shape[0]
+  if isinstance(saved, list):
+    outs = [None] * L
+    for l in reversed(range(L)):  # the layers' remat keeps CSE off here (layers.maybe_remat)
+      carry, outs[l] = body(carry, saved[l], columns_LxLxRxR[l], l)
+    return carry, jax.tree.map(lambda *layers: jnp.stack(layers), *outs)
+  return jax.lax.scan(lambda carry, layer: body(carry, *layer), carry,
+                      (saved, columns_LxLxRxR, source_L), reverse=True, unroll=unroll)
+
+
 def _backward_by_rows(groups, window, unroll, buf_LxBxTxRx2xHd, columns_LxLxRxR, saved,
                       dx_BxTxD):
   """The layers' backward, in reverse, each layer taking its router row's gradient from the
@@ -516,16 +531,8 @@ def _backward_by_rows(groups, window, unroll, buf_LxBxTxRx2xHd, columns_LxLxRxR,
     dparams_l = jax.tree.map(jnp.add, dparams_kv, dparams_rest)
     return (dx_rest_BxTxD + dx_kv_BxTxD, buf_LxBxTxRx2xHd), (dparams_l, dW_RxLxR)
 
-  carry = (dx_BxTxD, buf_LxBxTxRx2xHd)
-  if isinstance(saved, list):  # the forward ran unrolled
-    outs = [None] * L
-    for l in reversed(range(L)):  # the layers' remat keeps CSE off here (layers.maybe_remat)
-      carry, outs[l] = body(carry, saved[l], columns_LxLxRxR[l], l)
-    dparams_L, dW_LxRxLxR = jax.tree.map(lambda *layers: jnp.stack(layers), *outs)
-  else:
-    carry, (dparams_L, dW_LxRxLxR) = jax.lax.scan(
-        lambda carry, layer: body(carry, *layer), carry, (saved, columns_LxLxRxR, source_L),
-        reverse=True, unroll=unroll)
+  carry, (dparams_L, dW_LxRxLxR) = _layers_in_reverse(
+      body, (dx_BxTxD, buf_LxBxTxRx2xHd), saved, columns_LxLxRxR, source_L, unroll)
   return carry[0], dparams_L, dW_LxRxLxR
 
 
@@ -557,17 +564,8 @@ def _backward_gram(groups, unroll, buf_LxBxTxRx2xHd, routed_LxBxTxRx2xHd, column
     dparams_l = jax.tree.map(jnp.add, dparams_kv, dparams_rest)
     return (dx_rest_BxTxD + dx_kv_BxTxD, routed_LxBxTxRx2xHd), dparams_l
 
-  carry = (dx_BxTxD, routed_LxBxTxRx2xHd)
-  if isinstance(saved, list):  # the forward ran unrolled
-    outs = [None] * L
-    for l in reversed(range(L)):
-      carry, outs[l] = body(carry, saved[l], columns_LxLxRxR[l], l)
-    dparams_L = jax.tree.map(lambda *layers: jnp.stack(layers), *outs)
-  else:
-    carry, dparams_L = jax.lax.scan(lambda carry, layer: body(carry, *layer), carry,
-                                    (saved, columns_LxLxRxR, source_L), reverse=True,
-                                    unroll=unroll)
-  dx_BxTxD, drouted_LxBxTxRx2xHd = carry
+  (dx_BxTxD, drouted_LxBxTxRx2xHd), dparams_L = _layers_in_reverse(
+      body, (dx_BxTxD, routed_LxBxTxRx2xHd), saved, columns_LxLxRxR, source_L, unroll)
   dW_LxRxLxR = jnp.einsum("ibtrcd,jbtscd->irjs", drouted_LxBxTxRx2xHd, buf_LxBxTxRx2xHd,
                           preferred_element_type=jnp.float32)
   return dx_BxTxD, dparams_L, jnp.where(
