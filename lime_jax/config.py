@@ -17,7 +17,7 @@ LIME_ROUTERS = ("kv-static", "hidden-static", "hidden-dynamic")
 HIDDEN_ROUTERS = ("hidden-static", "hidden-dynamic")  # the paper's v1; see hidden_routing.py
 TOP_P_ROUTERS = ("kv-static", "hidden-static")  # the static routers top-p prunes (top_p.py)
 REMAT_POLICIES = ("none", "full", "dots", "save_proj")
-ATTENTION_IMPLS = ("einsum", "dot_product")  # layers.causal_attention
+ATTENTION_IMPLS = ("einsum", "dot_product", "lse_recompute")  # layers.causal_attention
 # kv routing's training data movement (model/mixers/kv_routing.py): the float32 push accumulator,
 # or the pull over a compute-dtype buffer of raw kv with a read-only backward (model/kv_pull.py).
 ROUTING_IMPLS = ("push", "pull")
@@ -70,7 +70,9 @@ class ModelConfig(ConfigSection):
   scan_unroll: int = 1  # layers per scan iteration (L = straight-line code, same math)
   remat_policy: str = "none"
   # einsum: our float32-softmax attention; dot_product: jax.nn.dot_product_attention, which picks
-  # the fused kernel the device offers (cuDNN flash attention on NVIDIA GPUs) or XLA's own.
+  # the fused kernel the device offers (cuDNN flash attention on NVIDIA GPUs) or XLA's own;
+  # lse_recompute: the einsum's math, saving a log-sum-exp per query instead of the
+  # probabilities and recomputing them in the backward (model/lse_attention.py).
   attention_impl: str = "einsum"
   # Attention without a cache (training, evaluation) by this many query blocks, each reading
   # the keys up to its own end, so the masked triangle is mostly not computed; exact, since

@@ -24,6 +24,15 @@ def next_token_loss(params, cfg, tokens_BxT):
   return mean_loss(logits_BxTxV, tokens_BxT[:, 1:])
 
 
+def assert_same_loss_and_grads(cfg, other_cfg, params, tokens_BxT, rtol=1e-5, atol=1e-6):
+  """Training at `other_cfg` computes what it computes at `cfg`: the loss and every gradient."""
+  def loss_and_grads(c):
+    return jax.jit(jax.value_and_grad(lambda p: next_token_loss(p, c, tokens_BxT)))(params)
+
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=rtol, atol=atol),
+               loss_and_grads(other_cfg), loss_and_grads(cfg))
+
+
 def lowered_gradient(cfg, B=2):
   """The loss's gradient program for `cfg` on B token rows, lowered on abstract parameters and
   tokens (nothing initialized): for its text, or compiled, its cost and memory."""

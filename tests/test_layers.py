@@ -100,12 +100,7 @@ def test_model_with_query_blocks_trains_and_decodes_as_without(variant):
   params = M.init_params(cfg, jax.random.key(0))
   tokens_BxT = model_checks.tokens(cfg, T=12)
 
-  def loss_and_grads(c):
-    loss = lambda p: model_checks.next_token_loss(p, c, tokens_BxT)  # noqa: E731
-    return jax.jit(jax.value_and_grad(loss))(params)
-
-  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6),
-               loss_and_grads(blocked_cfg), loss_and_grads(cfg))
+  model_checks.assert_same_loss_and_grads(cfg, blocked_cfg, params, tokens_BxT)
   cache = decode.init_cache(blocked_cfg, 2, 16)
   prefilled_BxTxV, _ = decode.prefill(params, blocked_cfg, tokens_BxT, cache, all_logits=True)
   np.testing.assert_allclose(prefilled_BxTxV,

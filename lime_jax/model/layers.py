@@ -11,6 +11,7 @@ import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from lime_jax.config import ModelConfig
+from lime_jax.model.lse_attention import lse_attention
 
 normal_init = nn.initializers.normal(stddev=0.02)
 
@@ -108,12 +109,15 @@ def causal_attention(q_BxTxHxHd: jax.Array, k_BxSxRxHd: jax.Array, v_BxSxRxHd: j
   """
   T, S = q_BxTxHxHd.shape[1], k_BxSxRxHd.shape[1]
   blocks = min(query_blocks, T)  # a sequence shorter than the blocks: one query per block
+  if blocks > 1 and S != T:
+    raise ValueError(f"causal_attention: query_blocks={query_blocks} needs the queries' own"
+                     f" sequence as keys; got T={T} queries and S={S} keys")
+  if impl == "lse_recompute":  # blocks its backward too
+    return lse_attention(q_BxTxHxHd, k_BxSxRxHd, v_BxSxRxHd, q_positions_BxT, k_positions_BxS,
+                         blocks)
   if blocks == 1:
     return _masked_attention(q_BxTxHxHd, k_BxSxRxHd, v_BxSxRxHd, q_positions_BxT,
                              k_positions_BxS, impl)
-  if S != T:
-    raise ValueError(f"causal_attention: query_blocks={query_blocks} needs the queries' own"
-                     f" sequence as keys; got T={T} queries and S={S} keys")
   ends = [round(T * (b + 1) / blocks) for b in range(blocks)]
   outs_BxTbxHxHd = [
       _masked_attention(q_BxTxHxHd[:, start:end], k_BxSxRxHd[:, :end], v_BxSxRxHd[:, :end],

@@ -1,0 +1,145 @@
+"""Causal GQA attention with a hand-written backward that saves each query's log-sum-exp, not the
+probabilities (`attention_impl: lse_recompute`).
+
+Autodiff of the masked softmax attention (layers.causal_attention's einsum form) saves the float32
+probabilities [B, R, G, T, S] of every layer and runs its backward as several passes over them.
+This form saves the output and each query's log-sum-exp, as its two float32 parts (the row's
+maximum and its sum of exponentials, so that a row with no visible key recomputes as the einsum
+form's uniform row), and the backward recomputes the probabilities from the logits: one more
+[T, S] product per layer and far fewer bytes, which is where XLA:CPU's attention time went
+(README, "Attention with a saved log-sum-exp"). The math
+is the einsum form's: float32 logits, the same mask, probabilities cast to the value dtype before
+the value product; results agree with it to float32 rounding.
+
+`query_blocks` > 1 runs the queries in that many contiguous blocks, each against the keys up to
+the block's end only, forward and backward: exact only where both sides hold the sequence's own
+positions in order (layers.causal_attention checks S == T; transformer.py refuses given
+positions), since the keys past a block's end then lie in every one of its queries' future.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def lse_attention(q_BxTxHxHd: jax.Array, k_BxSxRxHd: jax.Array, v_BxSxRxHd: jax.Array,
+                  q_positions_BxT: jax.Array, k_positions_BxS: jax.Array,
+                  query_blocks: int = 1) -> jax.Array:
+  """out[b, t, h] = softmax over visible s of q.k / sqrt(Hd), times v; key s visible to query t
+  iff k_position <= q_position. Returns [B, T, H, Hd] in the value dtype."""
+  return _attention(q_BxTxHxHd, k_BxSxRxHd, v_BxSxRxHd, q_positions_BxT, k_positions_BxS,
+                    query_blocks)
+
+
+def _block_bounds(T: int, S: int, blocks: int) -> list[tuple[int, int, int]]:
+  """(query start, query end, key end) of each block; one block reads every key."""
+  if blocks == 1:
+    return [(0, T, S)]
+  ends = [round(T * (b + 1) / blocks) for b in range(blocks)]
+  return [(start, end, end) for start, end in zip([0] + ends[:-1], ends)]
+
+
+def _heads_major(q_BxTxHxHd: jax.Array, R: int) -> jax.Array:
+  B, T, H, Hd = q_BxTxHxHd.shape
+  return q_BxTxHxHd.reshape(B, T, R, H // R, Hd).transpose(0, 2, 3, 1, 4)
+
+
+def _tokens_major(x_BxRxGxTxHd: jax.Array) -> jax.Array:
+  B, R, G, T, Hd = x_BxRxGxTxHd.shape
+  return x_BxRxGxTxHd.transpose(0, 3, 1, 2, 4).reshape(B, T, R * G, Hd)
+
+
+def _join_blocks(blocks_BxRxGxTbxN: list[jax.Array]) -> jax.Array:
+  """The query blocks' parts, joined along the query axis."""
+  if len(blocks_BxRxGxTbxN) == 1:
+    return blocks_BxRxGxTbxN[0]
+  return jnp.concatenate(blocks_BxRxGxTbxN, axis=3)
+
+
+def _masked_logits(q_BxRxGxTbxHd, k_BxRxSbxHd, q_positions_BxTb, k_positions_BxSb):
+  """float32 logits of one block, invisible keys at float32's minimum (as the einsum form), and
+  which keys are visible, [B, 1, 1, Tb, Sb]."""
+  Hd = q_BxRxGxTbxHd.shape[-1]
+  logits_BxRxGxTbxSb = jnp.einsum("brgtd,brsd->brgts", q_BxRxGxTbxHd, k_BxRxSbxHd,
+                                  preferred_element_type=jnp.float32)
+  logits_BxRxGxTbxSb = logits_BxRxGxTbxSb / jnp.sqrt(Hd).astype(jnp.float32)
+  visible_BxTbxSb = k_positions_BxSb[:, None, :] <= q_positions_BxTb[:, :, None]
+  visible_Bx1x1xTbxSb = visible_BxTbxSb[:, None, None]
+  return (jnp.where(visible_Bx1x1xTbxSb, logits_BxRxGxTbxSb, jnp.finfo(jnp.float32).min),
+          visible_Bx1x1xTbxSb)
+
+
+def _forward(q_BxTxHxHd, k_BxSxRxHd, v_BxSxRxHd, q_positions_BxT, k_positions_BxS, query_blocks):
+  T, S, R = q_BxTxHxHd.shape[1], k_BxSxRxHd.shape[1], k_BxSxRxHd.shape[2]
+  q_BxRxGxTxHd = _heads_major(q_BxTxHxHd, R)
+  k_BxRxSxHd = k_BxSxRxHd.transpose(0, 2, 1, 3)
+  v_BxRxSxHd = v_BxSxRxHd.transpose(0, 2, 1, 3)
+  outs, maxes, sums = [], [], []
+  for start, end, key_end in _block_bounds(T, S, query_blocks):
+    logits, _ = _masked_logits(q_BxRxGxTxHd[:, :, :, start:end], k_BxRxSxHd[:, :, :key_end],
+                               q_positions_BxT[:, start:end], k_positions_BxS[:, :key_end])
+    max_BxRxGxTbx1 = jnp.max(logits, axis=-1, keepdims=True)
+    unnormalized = jnp.exp(logits - max_BxRxGxTbx1)
+    sum_BxRxGxTbx1 = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    probs = (unnormalized / sum_BxRxGxTbx1).astype(v_BxSxRxHd.dtype)
+    outs.append(jnp.einsum("brgts,brsd->brgtd", probs, v_BxRxSxHd[:, :, :key_end]))
+    maxes.append(max_BxRxGxTbx1)
+    sums.append(sum_BxRxGxTbx1)
+  out_BxRxGxTxHd = _join_blocks(outs)
+  residuals = (q_BxRxGxTxHd, k_BxRxSxHd, v_BxRxSxHd, out_BxRxGxTxHd, _join_blocks(maxes),
+               _join_blocks(sums), q_positions_BxT, k_positions_BxS)
+  return _tokens_major(out_BxRxGxTxHd), residuals
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q_BxTxHxHd, k_BxSxRxHd, v_BxSxRxHd, q_positions_BxT, k_positions_BxS,
+               query_blocks):
+  return _forward(q_BxTxHxHd, k_BxSxRxHd, v_BxSxRxHd, q_positions_BxT, k_positions_BxS,
+                  query_blocks)[0]
+
+
+def _backward(query_blocks, residuals, dout_BxTxHxHd):
+  """The softmax's VJP with the probabilities recomputed as the forward made them:
+  dlogits = p * (dp - sum_s p dp), where sum_s p dp = dout . out (one row sum, no [T, S] pass)."""
+  (q_BxRxGxTxHd, k_BxRxSxHd, v_BxRxSxHd, out_BxRxGxTxHd, max_BxRxGxTx1, sum_BxRxGxTx1,
+   q_positions_BxT, k_positions_BxS) = residuals
+  T, S, Hd = q_BxRxGxTxHd.shape[3], k_BxRxSxHd.shape[2], q_BxRxGxTxHd.shape[4]
+  R = k_BxRxSxHd.shape[1]
+  dout_BxRxGxTxHd = _heads_major(dout_BxTxHxHd, R)
+  dot_BxRxGxTx1 = jnp.sum(dout_BxRxGxTxHd.astype(jnp.float32)
+                          * out_BxRxGxTxHd.astype(jnp.float32), axis=-1, keepdims=True)
+  dqs = []
+  dk_BxRxSxHd = jnp.zeros(k_BxRxSxHd.shape, jnp.float32)
+  dv_BxRxSxHd = jnp.zeros(v_BxRxSxHd.shape, jnp.float32)
+  for start, end, key_end in _block_bounds(T, S, query_blocks):
+    q_blk, dout_blk = q_BxRxGxTxHd[:, :, :, start:end], dout_BxRxGxTxHd[:, :, :, start:end]
+    k_blk, v_blk = k_BxRxSxHd[:, :, :key_end], v_BxRxSxHd[:, :, :key_end]
+    logits, visible = _masked_logits(q_blk, k_blk, q_positions_BxT[:, start:end],
+                                     k_positions_BxS[:, :key_end])
+    probs_f32 = (jnp.exp(logits - max_BxRxGxTx1[:, :, :, start:end])
+                 / sum_BxRxGxTx1[:, :, :, start:end])
+    dv_BxRxSbxHd = jnp.einsum("brgts,brgtd->brsd", probs_f32.astype(v_blk.dtype), dout_blk,
+                              preferred_element_type=jnp.float32)
+    dprobs = jnp.einsum("brgtd,brsd->brgts", dout_blk, v_blk, preferred_element_type=jnp.float32)
+    # The mask passes no gradient to q or k (a row with no visible key has nonzero probs).
+    dscores = jnp.where(visible, probs_f32 * (dprobs - dot_BxRxGxTx1[:, :, :, start:end]), 0.0)
+    dlogits = dscores / jnp.sqrt(Hd).astype(jnp.float32)
+    dqs.append(jnp.einsum("brgts,brsd->brgtd", dlogits.astype(k_blk.dtype), k_blk,
+                          preferred_element_type=jnp.float32))
+    dk_BxRxSbxHd = jnp.einsum("brgts,brgtd->brsd", dlogits.astype(q_blk.dtype), q_blk,
+                              preferred_element_type=jnp.float32)
+    if key_end == S:
+      dk_BxRxSxHd, dv_BxRxSxHd = dk_BxRxSxHd + dk_BxRxSbxHd, dv_BxRxSxHd + dv_BxRxSbxHd
+    else:
+      dk_BxRxSxHd = dk_BxRxSxHd.at[:, :, :key_end].add(dk_BxRxSbxHd)
+      dv_BxRxSxHd = dv_BxRxSxHd.at[:, :, :key_end].add(dv_BxRxSbxHd)
+  dq = _tokens_major(_join_blocks(dqs)).astype(q_BxRxGxTxHd.dtype)
+  dk = dk_BxRxSxHd.transpose(0, 2, 1, 3).astype(k_BxRxSxHd.dtype)
+  dv = dv_BxRxSxHd.transpose(0, 2, 1, 3).astype(v_BxRxSxHd.dtype)
+  return dq, dk, dv, None, None
+
+
+_attention.defvjp(_forward, _backward)
