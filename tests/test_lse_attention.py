@@ -1,6 +1,8 @@
 """lse_attention.py: the einsum attention's values and gradients, by query blocks too, with no
 [T, S] array saved for the backward."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,3 +91,19 @@ def test_model_trains_as_with_einsum_attention(variant, blocks):
 
   model_checks.assert_same_loss_and_grads(cfg, cfg.replace(attention_impl="lse_recompute"), params,
                                          tokens_BxT)
+
+
+def test_blocked_backward_adds_no_copy_of_the_push_accumulator():
+  """The blocks' key gradients are joined by key ranges: as in-place adds into a zero buffer,
+  XLA:CPU fused them into the push's accumulator update and copied the whole accumulator in
+  the backward's loops (8 copies here against the einsum attention's 2; at 64 layers on the
+  bench, LIMe's step 5.26 s against 5.00 s)."""
+  cfg = ModelConfig(V=64, D=64, L=8, H=4, R=4, F=128, T=32, scan_segments=2,
+                    attention_query_blocks=4)
+  B = 2  # model_checks.lowered_gradient's rows
+  accumulator_copy = re.compile(rf"= f32\[\d+,{cfg.R},{B},{cfg.T},2,{cfg.Hd}\]\{{[\d,]+\}} copy\(")
+
+  def accumulator_copies(c):
+    return len(accumulator_copy.findall(model_checks.lowered_gradient(c, B=B).compile().as_text()))
+
+  assert accumulator_copies(cfg.replace(attention_impl="lse_recompute")) <= accumulator_copies(cfg)

@@ -94,6 +94,22 @@ def _forward(q_BxTxHxHd, k_BxSxRxHd, v_BxSxRxHd, q_positions_BxT, k_positions_Bx
   return _tokens_major(out_BxRxGxTxHd), residuals
 
 
+def _sum_over_query_blocks(per_block_BxRxSbxHd: list[jax.Array], bounds) -> jax.Array:
+  """[B, R, S, Hd]: key s's gradient summed over the query blocks that read it (block b reads
+  keys below its key end). Built by key ranges and joined, not by in-place adds into a zero
+  buffer: on XLA:CPU those adds fused into the push's accumulator update and cost it copies
+  of its whole accumulator (README, "Attention with a saved log-sum-exp")."""
+  if len(per_block_BxRxSbxHd) == 1:
+    return per_block_BxRxSbxHd[0]
+  key_starts = [0] + [key_end for _, _, key_end in bounds[:-1]]
+  pieces = []
+  for key_start, (_, _, key_end) in zip(key_starts, bounds):
+    readers = [grad[:, :, key_start:key_end] for grad, (_, _, block_key_end)
+               in zip(per_block_BxRxSbxHd, bounds) if block_key_end >= key_end]
+    pieces.append(functools.reduce(jnp.add, readers))
+  return jnp.concatenate(pieces, axis=2)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _attention(q_BxTxHxHd, k_BxSxRxHd, v_BxSxRxHd, q_positions_BxT, k_positions_BxS,
                query_blocks):
@@ -111,34 +127,28 @@ def _backward(query_blocks, residuals, dout_BxTxHxHd):
   dout_BxRxGxTxHd = _heads_major(dout_BxTxHxHd, R)
   dot_BxRxGxTx1 = jnp.sum(dout_BxRxGxTxHd.astype(jnp.float32)
                           * out_BxRxGxTxHd.astype(jnp.float32), axis=-1, keepdims=True)
-  dqs = []
-  dk_BxRxSxHd = jnp.zeros(k_BxRxSxHd.shape, jnp.float32)
-  dv_BxRxSxHd = jnp.zeros(v_BxRxSxHd.shape, jnp.float32)
-  for start, end, key_end in _block_bounds(T, S, query_blocks):
+  bounds = _block_bounds(T, S, query_blocks)
+  dqs, dks, dvs = [], [], []
+  for start, end, key_end in bounds:
     q_blk, dout_blk = q_BxRxGxTxHd[:, :, :, start:end], dout_BxRxGxTxHd[:, :, :, start:end]
     k_blk, v_blk = k_BxRxSxHd[:, :, :key_end], v_BxRxSxHd[:, :, :key_end]
     logits, visible = _masked_logits(q_blk, k_blk, q_positions_BxT[:, start:end],
                                      k_positions_BxS[:, :key_end])
     probs_f32 = (jnp.exp(logits - max_BxRxGxTx1[:, :, :, start:end])
                  / sum_BxRxGxTx1[:, :, :, start:end])
-    dv_BxRxSbxHd = jnp.einsum("brgts,brgtd->brsd", probs_f32.astype(v_blk.dtype), dout_blk,
-                              preferred_element_type=jnp.float32)
+    dvs.append(jnp.einsum("brgts,brgtd->brsd", probs_f32.astype(v_blk.dtype), dout_blk,
+                          preferred_element_type=jnp.float32))
     dprobs = jnp.einsum("brgtd,brsd->brgts", dout_blk, v_blk, preferred_element_type=jnp.float32)
     # The mask passes no gradient to q or k (a row with no visible key has nonzero probs).
     dscores = jnp.where(visible, probs_f32 * (dprobs - dot_BxRxGxTx1[:, :, :, start:end]), 0.0)
     dlogits = dscores / jnp.sqrt(Hd).astype(jnp.float32)
     dqs.append(jnp.einsum("brgts,brsd->brgtd", dlogits.astype(k_blk.dtype), k_blk,
                           preferred_element_type=jnp.float32))
-    dk_BxRxSbxHd = jnp.einsum("brgts,brgtd->brsd", dlogits.astype(q_blk.dtype), q_blk,
-                              preferred_element_type=jnp.float32)
-    if key_end == S:
-      dk_BxRxSxHd, dv_BxRxSxHd = dk_BxRxSxHd + dk_BxRxSbxHd, dv_BxRxSxHd + dv_BxRxSbxHd
-    else:
-      dk_BxRxSxHd = dk_BxRxSxHd.at[:, :, :key_end].add(dk_BxRxSbxHd)
-      dv_BxRxSxHd = dv_BxRxSxHd.at[:, :, :key_end].add(dv_BxRxSbxHd)
+    dks.append(jnp.einsum("brgts,brgtd->brsd", dlogits.astype(q_blk.dtype), q_blk,
+                          preferred_element_type=jnp.float32))
   dq = _tokens_major(_join_blocks(dqs)).astype(q_BxRxGxTxHd.dtype)
-  dk = dk_BxRxSxHd.transpose(0, 2, 1, 3).astype(k_BxRxSxHd.dtype)
-  dv = dv_BxRxSxHd.transpose(0, 2, 1, 3).astype(v_BxRxSxHd.dtype)
+  dk = _sum_over_query_blocks(dks, bounds).transpose(0, 2, 1, 3).astype(k_BxRxSxHd.dtype)
+  dv = _sum_over_query_blocks(dvs, bounds).transpose(0, 2, 1, 3).astype(v_BxRxSxHd.dtype)
   return dq, dk, dv, None, None
 
 
