@@ -7,9 +7,10 @@ This form saves the output and each query's log-sum-exp, as its two float32 part
 maximum and its sum of exponentials, so that a row with no visible key recomputes as the einsum
 form's uniform row), and the backward recomputes the probabilities from the logits: one more
 [T, S] product per layer and far fewer bytes, which is where XLA:CPU's attention time went
-(README, "Attention with a saved log-sum-exp"). The math
-is the einsum form's: float32 logits, the same mask, probabilities cast to the value dtype before
-the value product; results agree with it to float32 rounding.
+(README, "Attention with a saved log-sum-exp"). The math is the einsum form's: float32 logits,
+the same mask, float32 softmax statistics; the forward's output is normalized after the value
+product (the exponentials cast to the value dtype for it), and results agree with the einsum
+form to float32 rounding.
 
 `query_blocks` > 1 runs the queries in that many contiguous blocks, each against the keys up to
 the block's end only, forward and backward: exact only where both sides hold the sequence's own
@@ -84,8 +85,11 @@ def _forward(q_BxTxHxHd, k_BxSxRxHd, v_BxSxRxHd, q_positions_BxT, k_positions_Bx
     max_BxRxGxTbx1 = jnp.max(logits, axis=-1, keepdims=True)
     unnormalized = jnp.exp(logits - max_BxRxGxTbx1)
     sum_BxRxGxTbx1 = jnp.sum(unnormalized, axis=-1, keepdims=True)
-    probs = (unnormalized / sum_BxRxGxTbx1).astype(v_BxSxRxHd.dtype)
-    outs.append(jnp.einsum("brgts,brsd->brgtd", probs, v_BxRxSxHd[:, :, :key_end]))
+    # Normalized after the value product, so the exponentials have one [T, S] consumer each
+    # (the sum and the product) and need not be written out between them.
+    unnormalized_out = jnp.einsum("brgts,brsd->brgtd", unnormalized.astype(v_BxSxRxHd.dtype),
+                                  v_BxRxSxHd[:, :, :key_end], preferred_element_type=jnp.float32)
+    outs.append((unnormalized_out / sum_BxRxGxTbx1).astype(v_BxSxRxHd.dtype))
     maxes.append(max_BxRxGxTbx1)
     sums.append(sum_BxRxGxTbx1)
   out_BxRxGxTxHd = _join_blocks(outs)
