@@ -78,18 +78,20 @@ def _forward(q_BxTxHxHd, k_BxSxRxHd, v_BxSxRxHd, q_positions_BxT, k_positions_Bx
   q_BxRxGxTxHd = _heads_major(q_BxTxHxHd, R)
   k_BxRxSxHd = k_BxSxRxHd.transpose(0, 2, 1, 3)
   v_BxRxSxHd = v_BxSxRxHd.transpose(0, 2, 1, 3)
-  outs, maxes, sums = [], [], []
+  outs, maxes, sums = [], [], []  # per query block
   for start, end, key_end in _block_bounds(T, S, query_blocks):
-    logits, _ = _masked_logits(q_BxRxGxTxHd[:, :, :, start:end], k_BxRxSxHd[:, :, :key_end],
-                               q_positions_BxT[:, start:end], k_positions_BxS[:, :key_end])
-    max_BxRxGxTbx1 = jnp.max(logits, axis=-1, keepdims=True)
-    unnormalized = jnp.exp(logits - max_BxRxGxTbx1)
-    sum_BxRxGxTbx1 = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    logits_BxRxGxTbxSb, _ = _masked_logits(
+        q_BxRxGxTxHd[:, :, :, start:end], k_BxRxSxHd[:, :, :key_end],
+        q_positions_BxT[:, start:end], k_positions_BxS[:, :key_end])
+    max_BxRxGxTbx1 = jnp.max(logits_BxRxGxTbxSb, axis=-1, keepdims=True)
+    exp_BxRxGxTbxSb = jnp.exp(logits_BxRxGxTbxSb - max_BxRxGxTbx1)
+    sum_BxRxGxTbx1 = jnp.sum(exp_BxRxGxTbxSb, axis=-1, keepdims=True)
     # Normalized after the value product, so the exponentials have one [T, S] consumer each
     # (the sum and the product) and need not be written out between them.
-    unnormalized_out = jnp.einsum("brgts,brsd->brgtd", unnormalized.astype(v_BxSxRxHd.dtype),
-                                  v_BxRxSxHd[:, :, :key_end], preferred_element_type=jnp.float32)
-    outs.append((unnormalized_out / sum_BxRxGxTbx1).astype(v_BxSxRxHd.dtype))
+    unnormalized_BxRxGxTbxHd = jnp.einsum(
+        "brgts,brsd->brgtd", exp_BxRxGxTbxSb.astype(v_BxSxRxHd.dtype),
+        v_BxRxSxHd[:, :, :key_end], preferred_element_type=jnp.float32)
+    outs.append((unnormalized_BxRxGxTbxHd / sum_BxRxGxTbx1).astype(v_BxSxRxHd.dtype))
     maxes.append(max_BxRxGxTbx1)
     sums.append(sum_BxRxGxTbx1)
   out_BxRxGxTxHd = _join_blocks(outs)
@@ -122,8 +124,8 @@ def _attention(q_BxTxHxHd, k_BxSxRxHd, v_BxSxRxHd, q_positions_BxT, k_positions_
 
 
 def _backward(query_blocks, residuals, dout_BxTxHxHd):
-  """The softmax's VJP with the probabilities recomputed as the forward made them:
-  dlogits = p * (dp - sum_s p dp), where sum_s p dp = dout . out (one row sum, no [T, S] pass)."""
+  """The softmax's VJP, the probabilities recomputed in float32 from the saved max and sum:
+  dlogits = p * (dp - sum_s p dp), where sum_s p dp = dout . out (a row sum, no [T, S] pass)."""
   (q_BxRxGxTxHd, k_BxRxSxHd, v_BxRxSxHd, out_BxRxGxTxHd, max_BxRxGxTx1, sum_BxRxGxTx1,
    q_positions_BxT, k_positions_BxS) = residuals
   T, S, Hd = q_BxRxGxTxHd.shape[3], k_BxRxSxHd.shape[2], q_BxRxGxTxHd.shape[4]
@@ -132,24 +134,28 @@ def _backward(query_blocks, residuals, dout_BxTxHxHd):
   dot_BxRxGxTx1 = jnp.sum(dout_BxRxGxTxHd.astype(jnp.float32)
                           * out_BxRxGxTxHd.astype(jnp.float32), axis=-1, keepdims=True)
   bounds = _block_bounds(T, S, query_blocks)
-  dqs, dks, dvs = [], [], []
+  dqs, dks, dvs = [], [], []  # per query block
   for start, end, key_end in bounds:
-    q_blk, dout_blk = q_BxRxGxTxHd[:, :, :, start:end], dout_BxRxGxTxHd[:, :, :, start:end]
-    k_blk, v_blk = k_BxRxSxHd[:, :, :key_end], v_BxRxSxHd[:, :, :key_end]
-    logits, visible = _masked_logits(q_blk, k_blk, q_positions_BxT[:, start:end],
-                                     k_positions_BxS[:, :key_end])
-    probs_f32 = (jnp.exp(logits - max_BxRxGxTx1[:, :, :, start:end])
-                 / sum_BxRxGxTx1[:, :, :, start:end])
-    dvs.append(jnp.einsum("brgts,brgtd->brsd", probs_f32.astype(v_blk.dtype), dout_blk,
-                          preferred_element_type=jnp.float32))
-    dprobs = jnp.einsum("brgtd,brsd->brgts", dout_blk, v_blk, preferred_element_type=jnp.float32)
+    q_BxRxGxTbxHd = q_BxRxGxTxHd[:, :, :, start:end]
+    dout_BxRxGxTbxHd = dout_BxRxGxTxHd[:, :, :, start:end]
+    k_BxRxSbxHd, v_BxRxSbxHd = k_BxRxSxHd[:, :, :key_end], v_BxRxSxHd[:, :, :key_end]
+    logits_BxRxGxTbxSb, visible_Bx1x1xTbxSb = _masked_logits(
+        q_BxRxGxTbxHd, k_BxRxSbxHd, q_positions_BxT[:, start:end], k_positions_BxS[:, :key_end])
+    probs_BxRxGxTbxSb = (jnp.exp(logits_BxRxGxTbxSb - max_BxRxGxTx1[:, :, :, start:end])
+                         / sum_BxRxGxTx1[:, :, :, start:end])
+    dvs.append(jnp.einsum("brgts,brgtd->brsd", probs_BxRxGxTbxSb.astype(v_BxRxSbxHd.dtype),
+                          dout_BxRxGxTbxHd, preferred_element_type=jnp.float32))
+    dprobs_BxRxGxTbxSb = jnp.einsum("brgtd,brsd->brgts", dout_BxRxGxTbxHd, v_BxRxSbxHd,
+                                    preferred_element_type=jnp.float32)
     # The mask passes no gradient to q or k (a row with no visible key has nonzero probs).
-    dscores = jnp.where(visible, probs_f32 * (dprobs - dot_BxRxGxTx1[:, :, :, start:end]), 0.0)
-    dlogits = dscores / jnp.sqrt(Hd).astype(jnp.float32)
-    dqs.append(jnp.einsum("brgts,brsd->brgtd", dlogits.astype(k_blk.dtype), k_blk,
-                          preferred_element_type=jnp.float32))
-    dks.append(jnp.einsum("brgts,brgtd->brsd", dlogits.astype(q_blk.dtype), q_blk,
-                          preferred_element_type=jnp.float32))
+    dscores_BxRxGxTbxSb = jnp.where(
+        visible_Bx1x1xTbxSb,
+        probs_BxRxGxTbxSb * (dprobs_BxRxGxTbxSb - dot_BxRxGxTx1[:, :, :, start:end]), 0.0)
+    dlogits_BxRxGxTbxSb = dscores_BxRxGxTbxSb / jnp.sqrt(Hd).astype(jnp.float32)
+    dqs.append(jnp.einsum("brgts,brsd->brgtd", dlogits_BxRxGxTbxSb.astype(k_BxRxSbxHd.dtype),
+                          k_BxRxSbxHd, preferred_element_type=jnp.float32))
+    dks.append(jnp.einsum("brgts,brgtd->brsd", dlogits_BxRxGxTbxSb.astype(q_BxRxGxTbxHd.dtype),
+                          q_BxRxGxTbxHd, preferred_element_type=jnp.float32))
   dq = _tokens_major(_join_blocks(dqs)).astype(q_BxRxGxTxHd.dtype)
   dk = _sum_over_query_blocks(dks, bounds).transpose(0, 2, 1, 3).astype(k_BxRxSxHd.dtype)
   dv = _sum_over_query_blocks(dvs, bounds).transpose(0, 2, 1, 3).astype(v_BxRxSxHd.dtype)
