@@ -11,7 +11,7 @@ import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from lime_jax.config import ModelConfig
-from lime_jax.model.lse_attention import lse_attention
+from lime_jax.model.lse_attention import lse_attention, query_block_bounds
 
 normal_init = nn.initializers.normal(stddev=0.02)
 
@@ -118,11 +118,10 @@ def causal_attention(q_BxTxHxHd: jax.Array, k_BxSxRxHd: jax.Array, v_BxSxRxHd: j
   if blocks == 1:
     return _masked_attention(q_BxTxHxHd, k_BxSxRxHd, v_BxSxRxHd, q_positions_BxT,
                              k_positions_BxS, impl)
-  ends = [round(T * (b + 1) / blocks) for b in range(blocks)]
   outs_BxTbxHxHd = [
       _masked_attention(q_BxTxHxHd[:, start:end], k_BxSxRxHd[:, :end], v_BxSxRxHd[:, :end],
                         q_positions_BxT[:, start:end], k_positions_BxS[:, :end], impl)
-      for start, end in zip([0] + ends[:-1], ends)]
+      for start, end in query_block_bounds(T, blocks)]
   return jnp.concatenate(outs_BxTbxHxHd, axis=1)
 
 

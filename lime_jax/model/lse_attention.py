@@ -35,12 +35,18 @@ def lse_attention(q_BxTxHxHd: jax.Array, k_BxSxRxHd: jax.Array, v_BxSxRxHd: jax.
                     query_blocks)
 
 
+def query_block_bounds(T: int, blocks: int) -> list[tuple[int, int]]:
+  """(start, end) of each of `blocks` contiguous query blocks of near-equal size (also the
+  einsum form's blocks, layers.causal_attention)."""
+  ends = [round(T * (b + 1) / blocks) for b in range(blocks)]
+  return list(zip([0] + ends[:-1], ends))
+
+
 def _block_bounds(T: int, S: int, blocks: int) -> list[tuple[int, int, int]]:
   """(query start, query end, key end) of each block; one block reads every key."""
   if blocks == 1:
     return [(0, T, S)]
-  ends = [round(T * (b + 1) / blocks) for b in range(blocks)]
-  return [(start, end, end) for start, end in zip([0] + ends[:-1], ends)]
+  return [(start, end, end) for start, end in query_block_bounds(T, blocks)]
 
 
 def _heads_major(q_BxTxHxHd: jax.Array, R: int) -> jax.Array:
