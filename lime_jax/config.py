@@ -69,16 +69,17 @@ class ModelConfig(ConfigSection):
   scan_segments: int = 8  # LIMe: scans over contiguous layer ranges; see routing.segment_bounds
   scan_unroll: int = 1  # layers per scan iteration (L = straight-line code, same math)
   remat_policy: str = "none"
-  # einsum: our float32-softmax attention; dot_product: jax.nn.dot_product_attention, which picks
-  # the fused kernel the device offers (cuDNN flash attention on NVIDIA GPUs) or XLA's own;
-  # lse_recompute: the einsum's math, saving a log-sum-exp per query instead of the
-  # probabilities and recomputing them in the backward (model/lse_attention.py).
-  attention_impl: str = "einsum"
+  # lse_recompute: float32-softmax attention that saves a log-sum-exp per query instead of the
+  # probabilities and recomputes them in the backward (model/lse_attention.py); einsum: the same
+  # math by plain autodiff, which saves the float32 [B, H, T, S] probabilities (the default
+  # until 2026-12-06); dot_product: jax.nn.dot_product_attention, which picks the fused kernel
+  # the device offers (cuDNN flash attention on NVIDIA GPUs) or XLA's own.
+  attention_impl: str = "lse_recompute"
   # Attention without a cache (training, evaluation) by this many query blocks, each reading
-  # the keys up to its own end, so the masked triangle is mostly not computed; exact, since
-  # those forwards run at positions 0..T-1 (layers.causal_attention). 1: every query against
-  # every key, masked.
-  attention_query_blocks: int = 1
+  # the keys up to its own end, so the masked triangle is mostly not computed (4: 5/8 of the
+  # scores); exact, since those forwards run at positions 0..T-1 (layers.causal_attention).
+  # 1: every query against every key, masked (the default until 2026-12-06).
+  attention_query_blocks: int = 4
   # Sparse LIMe routing (any LIMe router): reader i reads source j <= i only if j == 0, or
   # i - j < router_window (the last `window` layers, itself included), or (i - j) % router_dilation
   # == 0. Both set: the union. None: dense. See routing.live_mask.

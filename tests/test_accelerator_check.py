@@ -35,8 +35,8 @@ def test_a_point_reports_speed_memory_and_mfu(tmp_path, monkeypatch):
   assert (record["setup"], record["router"], record["batch"], record["length"]) == (
       "tiny", "kv-static", 2, 16)
   # LIMe in its accelerator form whatever the config says (TINY says neither)
-  assert (record["routing_impl"], record["scan_segments"], record["attention_impl"]) == (
-      "pull", 1, "dot_product")
+  assert (record["routing_impl"], record["scan_segments"], record["attention_impl"],
+          record["attention_query_blocks"]) == ("pull", 1, "dot_product", 1)
   assert record["step_s"] > 0 and record["tokens_per_s"] == pytest.approx(32 / record["step_s"])
   assert record["temp_bytes"] > 0
   assert record["mfu"] is None  # the CPU has no peak in the table

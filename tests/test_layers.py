@@ -32,13 +32,20 @@ def test_dot_product_attention_equals_einsum_attention(R):
       got[0], rtol=1e-6, atol=1e-6)
 
 
-def test_model_logits_do_not_depend_on_the_attention_impl():
-  cfg = ModelConfig(V=32, D=32, L=2, H=4, R=2, F=64, T=8, scan_segments=2)
+@pytest.mark.parametrize("impl", ["dot_product", "lse_recompute"])
+def test_model_logits_do_not_depend_on_the_attention_impl(impl):
+  cfg = ModelConfig(V=32, D=32, L=2, H=4, R=2, F=64, T=8, scan_segments=2,
+                    attention_impl="einsum")
   params = M.init_params(cfg, jax.random.key(0))
   tokens_BxT = jax.random.randint(jax.random.key(1), (2, 8), 0, cfg.V)
   logits = lambda c: M.Transformer(c).apply({"params": params}, tokens_BxT)
-  np.testing.assert_allclose(logits(cfg.replace(attention_impl="dot_product")), logits(cfg),
+  np.testing.assert_allclose(logits(cfg.replace(attention_impl=impl)), logits(cfg),
                              rtol=1e-5, atol=1e-5)
+
+
+def test_the_default_attention_saves_no_probabilities_and_skips_the_masked_blocks():
+  cfg = ModelConfig()
+  assert (cfg.attention_impl, cfg.attention_query_blocks) == ("lse_recompute", 4)
 
 
 def test_unknown_attention_impl_is_a_one_line_error():
@@ -95,7 +102,8 @@ def test_attention_by_query_blocks_refuses_a_cache_length():
 def test_model_with_query_blocks_trains_and_decodes_as_without(variant):
   """The option changes only how the forward without a cache computes attention: the loss,
   its gradient and cached decoding (which attends by position over the cache) stay."""
-  cfg = ModelConfig(V=32, D=32, L=3, H=4, R=2, F=64, T=12, scan_segments=2, **variant)
+  cfg = ModelConfig(V=32, D=32, L=3, H=4, R=2, F=64, T=12, scan_segments=2,
+                    attention_query_blocks=1, **variant)
   blocked_cfg = cfg.replace(attention_query_blocks=4)
   params = M.init_params(cfg, jax.random.key(0))
   tokens_BxT = model_checks.tokens(cfg, T=12)

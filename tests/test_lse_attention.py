@@ -85,7 +85,7 @@ def test_saves_no_query_by_key_array_for_the_backward(impl, saves_scores):
 @pytest.mark.parametrize("blocks", [1, 4])
 def test_model_trains_as_with_einsum_attention(variant, blocks):
   cfg = ModelConfig(V=32, D=32, L=3, H=4, R=2, F=64, T=12, scan_segments=2,
-                    attention_query_blocks=blocks, **variant)
+                    attention_query_blocks=blocks, attention_impl="einsum", **variant)
   params = M.init_params(cfg, jax.random.key(0))
   tokens_BxT = model_checks.tokens(cfg, T=12)
 
@@ -99,7 +99,7 @@ def test_blocked_backward_adds_no_copy_of_the_push_accumulator():
   the backward's loops (8 copies here against the einsum attention's 2; at 64 layers on the
   bench, LIMe's step 5.26 s against 5.00 s)."""
   cfg = ModelConfig(V=64, D=64, L=8, H=4, R=4, F=128, T=32, scan_segments=2,
-                    attention_query_blocks=4)
+                    attention_query_blocks=4, attention_impl="einsum")
   B = 2  # model_checks.lowered_gradient's rows
   accumulator_copy = re.compile(rf"= f32\[\d+,{cfg.R},{B},{cfg.T},2,{cfg.Hd}\]\{{[\d,]+\}} copy\(")
 

@@ -8,7 +8,7 @@ the device's peak memory in use (`memory_stats()`), the compiled temp bytes and 
 (train/environment.py). Writes one JSON object with the records and the LIMe/baseline
 step-time ratio per setup, rewritten after every point (a failed point is recorded with its
 error, and the rest run). bf16 compute, `attention_impl: dot_product` (cuDNN flash attention
-on NVIDIA GPUs), remat as the configs say, LIMe as `routing_impl: pull` over one segment. Each
+on NVIDIA GPUs) over all queries at once (a fused kernel skips the masked work itself), remat as the configs say, LIMe as `routing_impl: pull` over one segment. Each
 point runs in its own process, so each peak memory is that point's alone.
 """
 
@@ -52,7 +52,8 @@ def measure_point(repo: str, index: int, steps: int) -> dict[str, Any]:
   (setup, path, batch, length), (router, suffix, overrides) = point_of(index)
   device = jax.devices()[0]
   exp = load_experiment(os.path.join(repo, path.format(router=suffix)),
-                        ["model.attention_impl=dot_product", f"model.T={length}",
+                        ["model.attention_impl=dot_product", "model.attention_query_blocks=1",
+                         f"model.T={length}",
                          f"data.seq_len={length}", f"data.batch_size={batch}", *overrides])
   start = time.perf_counter()
   point = bench_point(exp.model, batch, steps, measure_flops=False)
@@ -61,6 +62,7 @@ def measure_point(repo: str, index: int, steps: int) -> dict[str, Any]:
   model_flops_per_s = flops.train_flops_per_token(exp.model, length) * tokens_per_s
   return {"setup": setup, "router": router, "routing_impl": exp.model.routing_impl,
           "scan_segments": exp.model.scan_segments, "attention_impl": exp.model.attention_impl,
+          "attention_query_blocks": exp.model.attention_query_blocks,
           "batch": batch, "length": length, "step_s": point["step_s"],
           "tokens_per_s": tokens_per_s,
           "mfu": metrics.mfu(model_flops_per_s, metrics.device_peak_flops(device.device_kind)),
