@@ -78,8 +78,8 @@ class ModelConfig(ConfigSection):
   # Attention without a cache (training, evaluation) by this many query blocks, each reading
   # the keys up to its own end, so the masked triangle is mostly not computed (4: 5/8 of the
   # scores); exact, since those forwards run at positions 0..T-1 (layers.causal_attention).
-  # 1: every query against every key, masked (the default until 2026-12-06).
-  attention_query_blocks: int = 4
+  # 1: every query against every key, masked. configs/setups/paper_1p2b.yaml sets 4.
+  attention_query_blocks: int = 1
   # Sparse LIMe routing (any LIMe router): reader i reads source j <= i only if j == 0, or
   # i - j < router_window (the last `window` layers, itself included), or (i - j) % router_dilation
   # == 0. Both set: the union. None: dense. See routing.live_mask.

@@ -43,9 +43,9 @@ def test_model_logits_do_not_depend_on_the_attention_impl(impl):
                              rtol=1e-5, atol=1e-5)
 
 
-def test_the_default_attention_saves_no_probabilities_and_skips_the_masked_blocks():
+def test_the_default_attention_is_the_one_that_saves_no_probabilities():
   cfg = ModelConfig()
-  assert (cfg.attention_impl, cfg.attention_query_blocks) == ("lse_recompute", 4)
+  assert (cfg.attention_impl, cfg.attention_query_blocks) == ("lse_recompute", 1)
 
 
 def test_unknown_attention_impl_is_a_one_line_error():
