@@ -8,8 +8,9 @@ the device's peak memory in use (`memory_stats()`), the compiled temp bytes and 
 (train/environment.py). Writes one JSON object with the records and the LIMe/baseline
 step-time ratio per setup, rewritten after every point (a failed point is recorded with its
 error, and the rest run). bf16 compute, `attention_impl: dot_product` (cuDNN flash attention
-on NVIDIA GPUs) over all queries at once (a fused kernel skips the masked work itself), remat as the configs say, LIMe as `routing_impl: pull` over one segment. Each
-point runs in its own process, so each peak memory is that point's alone.
+on NVIDIA GPUs) over all queries at once (a fused kernel skips the masked work itself), remat
+as the configs say, LIMe as `routing_impl: pull` over one segment. Each point runs in its own
+process, so each peak memory is that point's alone.
 """
 
 from __future__ import annotations
