@@ -38,7 +38,7 @@ SETUPS = (
 )
 # (router, config suffix, overrides): LIMe in its accelerator form, the pull over one scan
 # segment (README: the least HBM and bytes of the forms on the TPU compiler at both setups;
-# the 1.2B config sets it, the deep configs keep the CPU's push).
+# both setups' LIMe configs set it; the overrides hold it whatever a config says).
 ROUTERS = (("none", "none", ()),
            ("kv-static", "lime", ("model.routing_impl=pull", "model.scan_segments=1")))
 
