@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
+from typing import NoReturn
 
 COLUMNS = (  # (header, field, scale, digits)
     ("HBM GiB/device", "per_device_bytes", 2**-30, 2),
@@ -21,7 +22,7 @@ COLUMNS = (  # (header, field, scale, digits)
 BASELINE = "none"
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
   print(f"plan_table: {message}", file=sys.stderr)
   sys.exit(2)
 
@@ -32,7 +33,8 @@ def _record(path: pathlib.Path) -> dict:
   except json.JSONDecodeError as error:
     _fail(f"{path}: not JSON ({error})")
   record = record[0] if isinstance(record, list) and record else record
-  missing = [field for _, field, *_ in COLUMNS if not isinstance(record, dict) or field not in record]
+  fields = ("topology", "devices", "cost_method", *(field for _, field, *_ in COLUMNS))
+  missing = [field for field in fields if not isinstance(record, dict) or field not in record]
   if missing:
     _fail(f"{path}: not a `lime-jax plan --json` record (no {', '.join(missing)})")
   return record
