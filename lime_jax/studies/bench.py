@@ -43,6 +43,7 @@ from lime_jax.model import flops
 from lime_jax.config import CONNECTIONS, ModelConfig
 from lime_jax.model.transformer import init_params
 from lime_jax.parallel.topology import Slice
+from lime_jax.studies import plan_table
 from lime_jax.train import environment, plan
 from lime_jax.train.experiment import ExperimentConfig
 from lime_jax.train.optimizer import OptimConfig, make_optimizer
@@ -152,8 +153,7 @@ def step_ratio(method: dict[str, Any], base: dict[str, Any]) -> tuple[float, flo
   return statistics.median(ratios), min(ratios), max(ratios)
 
 
-TOPOLOGY_KEYS = ("per_device_bytes", "xla_flops", "xla_bytes", "compiler_step_s",
-                 "roofline_step_s")
+TOPOLOGY_KEYS = tuple(column.field for column in plan_table.COLUMNS)
 
 
 def topology_point(cfg: ModelConfig, tpu: Slice, batch: int) -> dict[str, Any]:
@@ -170,15 +170,15 @@ def topology_point(cfg: ModelConfig, tpu: Slice, batch: int) -> dict[str, Any]:
 
 def topology_table(records: list[dict[str, Any]]) -> str:
   """Per point, and each variant over its baseline (`baseline_of`) at the same depth."""
-  lines = ["| router | depth | HBM GiB/device | XLA TFLOPs/device | GB accessed/device |"
-           " compiler step s | roofline s |", "|---|---:|---:|---:|---:|---:|---:|"]
+  columns = plan_table.COLUMNS
+  rule = "|---|---:|" + "---:|" * len(columns)
+  lines = ["| router | depth | " + " | ".join(c.header for c in columns) + " |", rule]
   for r in records:
-    lines.append(f"| {r['router']} | {r['depth']} | {r['per_device_bytes'] / 2**30:.2f} |"
-                 f" {r['xla_flops'] / 1e12:.3f} | {r['xla_bytes'] / 1e9:.1f} |"
-                 f" {r['compiler_step_s']:.4g} | {r['roofline_step_s']:.4g} |")
+    lines.append(f"| {r['router']} | {r['depth']} | "
+                 + " | ".join(c.format(r) for c in columns) + " |")
   by_key = {(r["router"], r["depth"]): r for r in records}
-  lines += ["", "| router | depth | HBM ratio | FLOPs ratio | bytes ratio | compiler step ratio |"
-            " roofline ratio |", "|---|---:|---:|---:|---:|---:|---:|"]
+  lines += ["", "| router | depth | " + " | ".join(f"{c.ratio_name} ratio" for c in columns)
+            + " |", rule]
   for r in records:
     base_name = baseline_of(r["router"], r["depth"], by_key)
     b = by_key.get((base_name, r["depth"]))

@@ -10,14 +10,30 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
-COLUMNS = (  # (header, field, scale, digits)
-    ("HBM GiB/device", "per_device_bytes", 2**-30, 2),
-    ("XLA TFLOPs/device", "xla_flops", 1e-12, 2),
-    ("GB accessed/device", "xla_bytes", 1e-9, 1),
-    ("compiler step s", "compiler_step_s", 1.0, 4),
-    ("roofline s", "roofline_step_s", 1.0, 4),
+
+class Column(NamedTuple):
+  """One figure of a TPU plan: its header (with the unit), its ratio's name, the plan record's
+  field, and how it prints."""
+
+  header: str
+  ratio_name: str
+  field: str
+  scale: float
+  spec: str  # a format spec: significant digits (g) where tiny models give small figures
+
+  def format(self, record: dict) -> str:
+    return format(record[self.field] * self.scale, self.spec)
+
+
+# The figures of a TPU plan, as this table and `lime-jax bench --topology` print them.
+COLUMNS = (
+    Column("HBM GiB/device", "HBM", "per_device_bytes", 2**-30, ".2f"),
+    Column("XLA TFLOPs/device", "FLOPs", "xla_flops", 1e-12, "#.4g"),
+    Column("GB accessed/device", "bytes", "xla_bytes", 1e-9, ".1f"),
+    Column("compiler step s", "compiler step", "compiler_step_s", 1.0, "#.4g"),
+    Column("roofline s", "roofline", "roofline_step_s", 1.0, "#.4g"),
 )
 BASELINE = "none"
 
@@ -33,7 +49,7 @@ def _record(path: pathlib.Path) -> dict:
   except json.JSONDecodeError as error:
     _fail(f"{path}: not JSON ({error})")
   record = record[0] if isinstance(record, list) and record else record
-  fields = ("topology", "devices", "cost_method", *(field for _, field, *_ in COLUMNS))
+  fields = ("topology", "devices", "cost_method", *(column.field for column in COLUMNS))
   missing = [field for field in fields if not isinstance(record, dict) or field not in record]
   if missing:
     _fail(f"{path}: not a `lime-jax plan --json` record (no {', '.join(missing)})")
@@ -45,14 +61,14 @@ def table(folder: pathlib.Path) -> str:
   if BASELINE not in records:
     _fail(f"no {BASELINE}.json in {folder}: the ratios need the baseline")
   base = records.pop(BASELINE)
-  lines = ["| config | " + " | ".join(header for header, *_ in COLUMNS) + " |",
+  lines = ["| config | " + " | ".join(column.header for column in COLUMNS) + " |",
            "|---|" + "---:|" * len(COLUMNS)]
   for name, record in [(BASELINE, base), *records.items()]:
     cells = []
-    for _, field, scale, digits in COLUMNS:
-      cell = f"{record[field] * scale:.{digits}f}"
+    for column in COLUMNS:
+      cell = column.format(record)
       if name != BASELINE:
-        cell += f" ({record[field] / base[field]:.3f}x)"
+        cell += f" ({record[column.field] / base[column.field]:.3f}x)"
       cells.append(cell)
     fits = "" if record.get("fits", True) else " (does not fit)"
     lines.append(f"| {name}{fits} | " + " | ".join(cells) + " |")
