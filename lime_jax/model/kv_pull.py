@@ -47,13 +47,13 @@ Reads are bounded by read groups (`read_groups`, one per parameter segment): a l
 group, so the masked slots are not read. A router window of k reads by dynamic slices instead:
 layer 0's slot plus the k slots up to the layer (forward, and the router gradient), and the k
 readers from it on (backward; layer 0's cotangent from all): O(L k) slot reads, the ring's
-count. Two other forms cost more bytes on the TPU compiler (deep setup, README): rings of k + 1
-raw kv and k cotangents read whole (the compiler copied them between layouts every layer), and
-the one-product router gradient below (fewer bytes scanned, more unrolled, more HBM). The same
-switch picks the layer's parameters from its segment's
-stacked tree, so the segments are never concatenated into one copy of all layer parameters
-(1.2B setup: 3.4 GiB per device). One scan, not one per segment: the TPU compiler kept several
-layers' attention temporaries live across per-segment loops (1.2B: +6.6 GiB with 4 loops).
+count. Two other forms cost more on the TPU compiler (deep setup, README): rings of k + 1 raw
+kv and k cotangents read whole (the compiler copied them between layouts every layer), and the
+one-product router gradient (`_backward_gram`: fewer bytes scanned, more unrolled, more HBM).
+The same switch picks the layer's parameters from its segment's stacked tree, so the segments are
+never concatenated into one copy of all layer parameters (1.2B setup: 3.4 GiB per device). One scan,
+not one per segment: the TPU compiler kept several layers' attention temporaries live across
+per-segment loops (1.2B: +6.6 GiB with 4 loops).
 Same parameters, same math as the push (tested equal); init, decoding and analysis use the push.
 """
 
