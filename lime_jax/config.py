@@ -21,6 +21,9 @@ ATTENTION_IMPLS = ("einsum", "dot_product", "lse_recompute")  # layers.causal_at
 # kv routing's training data movement (model/mixers/kv_routing.py): the float32 push accumulator,
 # or the pull over a compute-dtype buffer of raw kv with a read-only backward (model/kv_pull.py).
 ROUTING_IMPLS = ("push", "pull")
+# The push's raw kv under nn.scan: recomputed in the backward from the layer's normed input, or
+# saved (one float32 kv per layer more memory, one kv projection per layer less compute).
+PUSH_RAW_KV = ("recompute", "save")
 # kv-static's kv projection init: the reference code's U(+-1/sqrt(D)), or the baseline's N(0, 0.02).
 KV_INITS = ("reference", "baseline")
 CONNECTIONS = ("none", "hyper-static", "hyper-dynamic", "denseformer", "attn-res",
@@ -91,6 +94,7 @@ class ModelConfig(ConfigSection):
   top_p: float | None = None
   top_p_refresh: int = 100
   routing_impl: str = "push"  # kv-static training under nn.scan: push or pull (ROUTING_IMPLS)
+  push_raw_kv: str = "recompute"  # PUSH_RAW_KV; kv_routing.py's module doc
   # kv-static init ablations (experiments/RESULTS.md): the kv projection's init (KV_INITS), and a
   # factor on the routers' off-diagonal init bound (1: the reference; 0: each layer reads itself).
   kv_init: str = "reference"
@@ -153,6 +157,9 @@ class ModelConfig(ConfigSection):
     if self.routing_impl not in ROUTING_IMPLS:
       raise ValueError(f"ModelConfig.routing_impl: unknown {self.routing_impl!r}; choose from"
                        f" {ROUTING_IMPLS}")
+    if self.push_raw_kv not in PUSH_RAW_KV:
+      raise ValueError(f"ModelConfig.push_raw_kv: unknown {self.push_raw_kv!r}; choose from"
+                       f" {PUSH_RAW_KV}")
     if self.kv_init not in KV_INITS:
       raise ValueError(f"ModelConfig.kv_init: unknown {self.kv_init!r}; choose from {KV_INITS}")
     if not self.router_init_scale >= 0:

@@ -55,10 +55,11 @@ class ShapeTest(chex.TestCase):
     L, R, B, T, Hd = 6, 2, 3, 5, 4
     push_LxRxR = routing.init_push_weights(jax.random.key(0), 2, L, R)
     kv_BxTxRx2xHd = jnp.ones((B, T, R, 2, Hd), jnp.bfloat16)
+    payload_RxBxTx2xHd = routing.as_payload(kv_BxTxRx2xHd)
     for first_reader in (0, 2):
       acc = jnp.zeros((L - first_reader, R, B, T, 2, Hd), jnp.float32)
       fn = self.variant(functools.partial(routing.push_and_read, first_reader=first_reader))
-      acc_out, routed_BxTxRx2xHd = fn(acc, push_LxRxR, kv_BxTxRx2xHd, jnp.int32(2))
+      acc_out, routed_BxTxRx2xHd = fn(acc, push_LxRxR, payload_RxBxTx2xHd, jnp.int32(2))
       chex.assert_shape(acc_out, acc.shape)
       chex.assert_shape(routed_BxTxRx2xHd, (B, T, R, 2, Hd))
       chex.assert_type(routed_BxTxRx2xHd, jnp.float32)  # routing math stays float32

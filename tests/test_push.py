@@ -1,12 +1,15 @@
 """The push accumulator (model/push.py): its hand-written VJP against autodiff of the plain
 formula, and its CPU forms against the einsums other platforms compile."""
 
+import contextlib
+import io
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 from lime_jax.model import push
 
@@ -82,6 +85,77 @@ def test_static_slot_gradients_equal_autodiff(I, R, S, P, live):
   got = jax.grad(_objective(unrolled), argnums=(0, 1, 2))(*args)
   for name, g, e in zip(("acc", "weights", "payload"), got, expected):
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def _payload_from(x_xD, proj_DxSxC):
+  """A payload [S, *P] made from other arrays, as LIMe's raw kv from the normed input."""
+  return jnp.tanh(jnp.einsum("...d,dsc->s...c", x_xD, proj_DxSxC))
+
+
+def _payload_inputs(S, P, D=3):
+  """x [*P[:-1], D] and proj [D, S, P[-1]], which `_payload_from` makes a payload [S, *P]."""
+  keys = jax.random.split(jax.random.key(1), 2)
+  return (jax.random.normal(keys[0], (*P[:-1], D)), jax.random.normal(keys[1], (D, S, P[-1])))
+
+
+def _recomputed_objective(recompute: bool):
+  """`_objective` of a push whose payload is `_payload_from(*inputs)`, given as a `Recomputed`
+  one or computed before the push."""
+  def push_read(acc_IxRxP, weights_IxRxS, inputs, slot):
+    payload = push.Recomputed(_payload_from, inputs)
+    return push.push_and_read(acc_IxRxP, weights_IxRxS,
+                              payload if recompute else payload.value(), slot)
+  return _objective(push_read)
+
+
+@pytest.mark.parametrize("I,R,S,P", SHAPES)
+@pytest.mark.parametrize("slot", [0, 3])
+def test_recomputed_payload_gradients_equal_autodiff(I, R, S, P, slot):
+  """A `Recomputed` payload: the same values and gradients, its inputs' included, as autodiff
+  of the plain formula on fn(*inputs)."""
+  acc_IxRxP, weights_IxRxS, _, probe_RxP = _operands(I, R, S, P)
+  inputs = _payload_inputs(S, P)
+
+  def plain(acc_IxRxP, weights_IxRxS, inputs, slot):
+    payload_SxP = _payload_from(*inputs)
+    return _plain_push_read(acc_IxRxP, weights_IxRxS, payload_SxP, slot)
+
+  args = (acc_IxRxP, weights_IxRxS, inputs, probe_RxP)
+  expected_value, expected = jax.value_and_grad(_objective(plain), argnums=(0, 1, 2))(*args, slot)
+  value, got = jax.jit(jax.value_and_grad(_recomputed_objective(True), argnums=(0, 1, 2)))(
+      *args, jnp.int32(slot))
+  np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+  got, expected = jax.tree.leaves(got), jax.tree.leaves(expected)
+  for name, g, e in zip(("acc", "weights", "x", "proj"), got, expected):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def _scan_residuals(recompute: bool, I, R, S, P) -> list[str]:
+  """What the gradient of a scan of pushes, one payload computed per layer, saves: a line per
+  residual, its type first (f32[...])."""
+  acc_IxRxP, weights_IxRxS, _, probe_RxP = _operands(I, R, S, P)
+  x_xD, proj_DxSxC = _payload_inputs(S, P)
+  objective = _recomputed_objective(recompute)
+
+  def loss(x_LxxD, proj_LxDxSxC):
+    def layer(acc_IxRxP, xs):
+      x_xD, proj_DxSxC, slot = xs
+      return acc_IxRxP, objective(acc_IxRxP, weights_IxRxS, (x_xD, proj_DxSxC), probe_RxP, slot)
+    return jnp.sum(jax.lax.scan(layer, acc_IxRxP, (x_LxxD, proj_LxDxSxC, jnp.arange(I)))[1])
+
+  stacked = (jnp.stack([x_xD] * I), jnp.stack([proj_DxSxC] * I))
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    print_saved_residuals(loss, *stacked)
+  return [line.split()[0] for line in printed.getvalue().splitlines()]
+
+
+@pytest.mark.parametrize("I,R,S,P", SHAPES)
+def test_recomputed_payload_is_not_saved(I, R, S, P):
+  """Under a scan the plain payload is saved once per layer, a `Recomputed` one is not."""
+  stacked_payload = f"f32[{','.join(map(str, (I, S, *P)))}]"
+  assert stacked_payload in _scan_residuals(False, I, R, S, P)
+  assert stacked_payload not in _scan_residuals(True, I, R, S, P)
 
 
 @pytest.mark.parametrize("I,R,S,P", SHAPES)

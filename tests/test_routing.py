@@ -1,5 +1,6 @@
-"""Sparse kv routing (`router_window`, `router_dilation`): masks, parameter count, init, and
-the model against a dense model whose dead router entries are zero."""
+"""kv routing's push under nn.scan (its raw kv recomputed or saved), and sparse kv routing
+(`router_window`, `router_dilation`): masks, parameter count, init, and the model against a
+dense model whose dead router entries are zero."""
 
 import chex
 import jax
@@ -13,6 +14,7 @@ from lime_jax.model import transformer as M
 from lime_jax.model import stack
 from lime_jax.model.mixers import kv_routing as routing
 from lime_jax.config import ModelConfig
+from lime_jax.studies import bench
 from lime_jax.train.loss import mean_loss
 import model_checks
 
@@ -173,6 +175,30 @@ def test_unrolled_training_memory_grows_linearly_with_depth(attention_impl):
     assert unrolled_16 <= scanned_16, (unrolled_16, scanned_16)
 
 
+@pytest.mark.parametrize("changes", [dict(scan_segments=2), dict(router_window=2, scan_segments=1)],
+                         ids=["dense", "ring"])
+def test_recomputed_raw_kv_saves_a_float32_kv_per_layer(changes):
+  """`push_raw_kv: recompute` (the default) holds at least one float32 raw kv per layer less
+  compiled temp memory in the scanned training step than `save`, and computes the same loss
+  and gradients."""
+  cfg = ModelConfig(V=64, D=64, L=8, H=4, R=4, F=128, T=64, **changes)
+  B = 2
+  temp_bytes = {mode: bench.bench_point(cfg.replace(push_raw_kv=mode), B, steps=0,
+                                        measure_flops=False)["temp_bytes"]
+                for mode in ("recompute", "save")}
+  raw_kv_bytes = B * cfg.T * cfg.R * 2 * cfg.Hd * 4
+  assert temp_bytes["save"] - temp_bytes["recompute"] >= 0.9 * cfg.L * raw_kv_bytes, temp_bytes
+
+  small = cfg.replace(D=32, Hd=8, F=64, T=8, R=2)
+  params = _random_router_params(small)
+  tokens_BxT = model_checks.tokens(small, T=small.T + 1)
+  loss_and_grad = jax.jit(jax.value_and_grad(model_checks.next_token_loss), static_argnums=1)
+  loss_r, grads_r = loss_and_grad(params, small, tokens_BxT)
+  loss_s, grads_s = loss_and_grad(params, small.replace(push_raw_kv="save"), tokens_BxT)
+  np.testing.assert_allclose(loss_r, loss_s, rtol=1e-6)
+  chex.assert_trees_all_close(grads_r, grads_s, rtol=1e-5, atol=1e-6)
+
+
 def test_windowed_ring_executes_what_flops_counts():
   """XLA's count of the routing work (the scan unrolled so every layer counts, as bench.py
   does) matches flops.executed_push_macs_per_token for the ring: L (k + 1) slots, not L^2."""
@@ -189,7 +215,8 @@ def test_windowed_ring_executes_what_flops_counts():
   ring, dense = base.replace(router_window=2), base
   for cfg in (ring, dense):
     formula = 3 * 2 * flops.executed_push_macs_per_token(cfg) * 2 * cfg.T
-    assert 0.8 < (step_flops(cfg) - baseline) / formula < 1.25
+    recompute = flops.recompute_flops_per_token(cfg, cfg.T) * 2 * cfg.T  # the raw kv's
+    assert 0.8 < (step_flops(cfg) - baseline - recompute) / formula < 1.25
   assert flops.executed_push_macs_per_token(ring) < flops.executed_push_macs_per_token(dense) / 4
 
 

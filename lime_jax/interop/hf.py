@@ -49,7 +49,7 @@ LIME_ROUTER_KEY = "lime_router"
 # computes: an import may load into a config that differs from the file's only in these.
 LAYOUT_FIELDS = ("T", "param_dtype", "compute_dtype", "scan_layers", "scan_segments",
                  "scan_unroll", "remat_policy", "attention_query_blocks", "attention_impl",
-                 "routing_impl")
+                 "routing_impl", "push_raw_kv")
 
 # config.json keys derived from ModelConfig; on import each must agree with lime_jax_config.
 _HF_KEYS = {"vocab_size": "V", "hidden_size": "D", "num_hidden_layers": "L",

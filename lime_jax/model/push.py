@@ -12,6 +12,10 @@ memory L^2). Heads r, s lead the slot so the mix is one plain matmul [I*R, S] x 
 (on the CPU, S fused multiply-adds: see `_mixed`; its backward works on the accumulator as
 rows [I*R, rest]: see `_cotangents_on_rows`); a method without heads uses R = S = 1.
 
+The payload may be given as `Recomputed(fn, inputs)`: under `nn.scan` the backward then
+recomputes fn(*inputs) instead of saving the payload, one [S, *P] float32 array per layer
+(LIMe's raw kv, from the layer's normed input, which autodiff saves anyway).
+
 Scans are split into segments (`segment_bounds`): each segment's accumulator only holds readers
 >= its start, which cuts the work of a traced layer index (it updates every slot of its
 segment, masked ones included) from L^2 to about L^2 (S+1) / (2S) slot updates.
@@ -20,26 +24,48 @@ segment, masked ones included) from L^2 to about L^2 (S+1) / (2S) slot updates.
 from __future__ import annotations
 
 import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
-def push_and_read(acc_IxRxP: jax.Array, weights_IxRxS: jax.Array, payload_SxP: jax.Array,
-                  slot, live_slots: np.ndarray | None = None) -> tuple[jax.Array, jax.Array]:
+class Recomputed(NamedTuple):
+  """A payload given as fn(*inputs), which the scanned push's backward recomputes rather than
+  saves. `fn` is a plain function of arrays (no closed-over tracers)."""
+
+  fn: Callable[..., jax.Array]
+  inputs: tuple[jax.Array, ...]
+
+  def value(self) -> jax.Array:
+    return self.fn(*self.inputs)
+
+
+def push_and_read(acc_IxRxP: jax.Array, weights_IxRxS: jax.Array,
+                  payload_SxP: jax.Array | Recomputed, slot,
+                  live_slots: np.ndarray | None = None) -> tuple[jax.Array, jax.Array]:
   """Adds `weights (x) payload` into the accumulator; returns (accumulator, its slot `slot`).
 
-  acc [I, R, *P] float32, weights [I, R, S], payload [S, *P] float32 (P any trailing axes).
-  With a Python-int slot (unrolled layers) only `live_slots` (which must hold `slot`) are
-  touched, each method's exact work; with a traced slot (nn.scan) every slot is updated, the
-  masked weights being exactly zero.
+  acc [I, R, *P] float32, weights [I, R, S], payload [S, *P] float32 (P any trailing axes), or
+  a `Recomputed` one. With a Python-int slot (unrolled layers) only `live_slots` (which must
+  hold `slot`) are touched, each method's exact work, and a `Recomputed` payload is saved by
+  autodiff as any array; with a traced slot (nn.scan) every slot is updated, the masked weights
+  being exactly zero.
   """
   if isinstance(slot, int):
+    if isinstance(payload_SxP, Recomputed):
+      payload_SxP = payload_SxP.value()
     slots = static_slots(np.asarray(live_slots))
     acc_IxRxP = acc_IxRxP.at[slots].add(_mixed(weights_IxRxS[slots], payload_SxP))
     return acc_IxRxP, acc_IxRxP[slot]
-  return _push_read(acc_IxRxP, weights_IxRxS, payload_SxP, slot)
+  if isinstance(payload_SxP, Recomputed):
+    return _push_read(payload_SxP.fn, acc_IxRxP, weights_IxRxS, payload_SxP.inputs, slot)
+  return _push_read(_itself, acc_IxRxP, weights_IxRxS, (payload_SxP,), slot)
+
+
+def _itself(payload_SxP: jax.Array) -> jax.Array:
+  return payload_SxP
 
 
 def _payload_axes(payload_SxP: jax.Array) -> str:
@@ -117,26 +143,29 @@ def segment_bounds(L: int, num_segments: int) -> list[tuple[int, int]]:
   return [(start, start + size) for start, size in zip(starts, sizes)]
 
 
-@jax.custom_vjp
-def _push_read(acc_IxRxP, weights_IxRxS, payload_SxP, slot):
-  """acc + weights (x) payload, and slot `slot` of the result; traced-index form for nn.scan."""
-  acc_IxRxP = acc_IxRxP + _mixed(weights_IxRxS, payload_SxP)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _push_read(payload_fn, acc_IxRxP, weights_IxRxS, payload_inputs, slot):
+  """acc + weights (x) payload_fn(*payload_inputs), and slot `slot` of the result; the
+  traced-index form for nn.scan."""
+  acc_IxRxP = acc_IxRxP + _mixed(weights_IxRxS, payload_fn(*payload_inputs))
   return acc_IxRxP, jax.lax.dynamic_index_in_dim(acc_IxRxP, slot, 0, keepdims=False)
 
 
-def _push_read_fwd(acc_IxRxP, weights_IxRxS, payload_SxP, slot):
-  outputs = _push_read(acc_IxRxP, weights_IxRxS, payload_SxP, slot)
-  return outputs, (weights_IxRxS, payload_SxP, slot)  # never the accumulator
+def _push_read_fwd(payload_fn, acc_IxRxP, weights_IxRxS, payload_inputs, slot):
+  outputs = _push_read(payload_fn, acc_IxRxP, weights_IxRxS, payload_inputs, slot)
+  return outputs, (weights_IxRxS, payload_inputs, slot)  # never the accumulator
 
 
-def _push_read_bwd(residuals, cotangents):
+def _push_read_bwd(payload_fn, residuals, cotangents):
   # Hand-written so the read's cotangent lands in its slot in place: autodiff's version
   # scatters it into a zero buffer and adds that to the whole carry cotangent (2.6x slower).
-  weights_IxRxS, payload_SxP, slot = residuals
+  weights_IxRxS, payload_inputs, slot = residuals
   dacc_IxRxP, dread_RxP = cotangents
-  return (*jax.lax.platform_dependent(dacc_IxRxP, dread_RxP, weights_IxRxS, payload_SxP, slot,
-                                      cpu=_cotangents_on_rows, default=_cotangents),
-          None)
+  payload_SxP, payload_vjp = jax.vjp(payload_fn, *payload_inputs)
+  dacc_IxRxP, dweights_IxRxS, dpayload_SxP = jax.lax.platform_dependent(
+      dacc_IxRxP, dread_RxP, weights_IxRxS, payload_SxP, slot,
+      cpu=_cotangents_on_rows, default=_cotangents)
+  return dacc_IxRxP, dweights_IxRxS, payload_vjp(dpayload_SxP), None
 
 
 def _cotangents(dacc_IxRxP, dread_RxP, weights_IxRxS, payload_SxP, slot):

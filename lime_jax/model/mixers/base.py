@@ -164,6 +164,15 @@ def layer_rerun_flops_per_token(cfg: ModelConfig, forward_flops_per_token: int) 
 
 def project_kv(block: nn.Module, cfg: ModelConfig, h_BxTxD: jax.Array, init) -> jax.Array:
   """The standard kv projection of the normed input: a `kv_proj` [D, R, 2, Hd] in `block`."""
-  kv_proj_DxRx2xHd = block.param("kv_proj", logical(init, "embed", "kv_heads", None, "head_dim"),
-                                 (cfg.D, cfg.R, 2, cfg.Hd), dtype_of(cfg.param_dtype))
-  return jnp.einsum("btd,drck->btrck", h_BxTxD, kv_proj_DxRx2xHd.astype(dtype_of(cfg.compute_dtype)))
+  return kv_projection(h_BxTxD, kv_proj_param(block, cfg, init))
+
+
+def kv_proj_param(block: nn.Module, cfg: ModelConfig, init) -> jax.Array:
+  """`block`'s kv projection [D, R, 2, Hd], in the parameter dtype."""
+  return block.param("kv_proj", logical(init, "embed", "kv_heads", None, "head_dim"),
+                     (cfg.D, cfg.R, 2, cfg.Hd), dtype_of(cfg.param_dtype))
+
+
+def kv_projection(h_BxTxD: jax.Array, kv_proj_DxRx2xHd: jax.Array) -> jax.Array:
+  """The normed input's keys and values [B, T, R, 2, Hd], in its dtype (the compute dtype)."""
+  return jnp.einsum("btd,drck->btrck", h_BxTxD, kv_proj_DxRx2xHd.astype(h_BxTxD.dtype))

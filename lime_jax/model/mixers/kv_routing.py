@@ -34,7 +34,7 @@ import numpy as np
 
 from lime_jax.model import kv_pull, push
 from lime_jax.model.layers import constrain, logical, normal_init
-from lime_jax.model.mixers.base import Mixer, project_kv
+from lime_jax.model.mixers.base import Mixer, kv_proj_param, kv_projection
 
 ACC_AXES = ("readers", "kv_heads", "batch", "length", None, "head_dim")
 
@@ -110,23 +110,41 @@ def effective_push_weights(push_LxRxR: jax.Array, layer_idx, window: int | None 
   return push_LxRxR.astype(jnp.float32) * learnable_L[:, None, None] + fixed_LxRxR
 
 
-def push_and_read(acc_IxRxBxTx2xHd: jax.Array, push_LxRxR: jax.Array, kv_BxTxRx2xHd: jax.Array,
-                  layer_idx, first_reader: int = 0, window: int | None = None,
+def raw_kv_payload(h_BxTxD: jax.Array, kv_proj_DxRx2xHd: jax.Array) -> jax.Array:
+  """Layer l's raw kv as the push's payload [R, B, T, 2, Hd]: the projection of its normed
+  input, gathered over `tensor` once (the push mixes over source heads; sharding.py), in
+  float32, heads first. A plain function of its inputs, so the scanned push's backward can
+  recompute it (`push.Recomputed`, `push_raw_kv: recompute`)."""
+  return as_payload(_gathered(kv_projection(h_BxTxD, kv_proj_DxRx2xHd)))
+
+
+def as_payload(kv_BxTxRx2xHd: jax.Array) -> jax.Array:
+  """kv [B, T, R, 2, Hd] as the push's payload [R, B, T, 2, Hd], float32."""
+  return jnp.transpose(kv_BxTxRx2xHd.astype(jnp.float32), (2, 0, 1, 3, 4))
+
+
+def _gathered(kv_BxTxRx2xHd: jax.Array) -> jax.Array:
+  return constrain(kv_BxTxRx2xHd, "batch", "length", None, None, "head_dim")
+
+
+def push_and_read(acc_IxRxBxTx2xHd: jax.Array, push_LxRxR: jax.Array,
+                  payload_RxBxTx2xHd: jax.Array | push.Recomputed, layer_idx,
+                  first_reader: int = 0, window: int | None = None,
                   dilation: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Adds layer l's kv into every live reader slot; returns (accumulator, routed kv of layer l).
 
-  The accumulator holds slots for readers `first_reader .. L-1` (earlier readers are done).
-  With a Python-int layer index (the unrolled path) only the live readers i >= l are touched,
-  the spec's exact routing work; under `nn.scan` every slot of the segment's accumulator.
+  The payload is layer l's raw kv (`as_payload`), or a `push.Recomputed` one. The accumulator
+  holds slots for readers `first_reader .. L-1` (earlier readers are done). With a Python-int
+  layer index (the unrolled path) only the live readers i >= l are touched, the spec's exact
+  routing work; under `nn.scan` every slot of the segment's accumulator.
   """
   weights_IxRxR = effective_push_weights(push_LxRxR, layer_idx, window, dilation)[first_reader:]
-  kv32_RxBxTx2xHd = jnp.transpose(kv_BxTxRx2xHd.astype(jnp.float32), (2, 0, 1, 3, 4))
   live_slots = None
   if isinstance(layer_idx, int):
     L = push_LxRxR.shape[0]
     live_slots = np.flatnonzero(live(np.arange(L), layer_idx, window, dilation)) - first_reader
   acc_IxRxBxTx2xHd, routed_RxBxTx2xHd = push.push_and_read(
-      acc_IxRxBxTx2xHd, weights_IxRxR, kv32_RxBxTx2xHd, layer_idx - first_reader, live_slots)
+      acc_IxRxBxTx2xHd, weights_IxRxR, payload_RxBxTx2xHd, layer_idx - first_reader, live_slots)
   return acc_IxRxBxTx2xHd, jnp.transpose(routed_RxBxTx2xHd, (1, 2, 0, 3, 4))
 
 
@@ -242,11 +260,14 @@ class KvRouting(Mixer):
     # kv_init "reference": the reference code's kaiming-uniform default for the raw kv
     # projection (spec section 2), U(+-1/sqrt(D)); "baseline": the baseline's k/v init.
     kv_init = normal_init if cfg.kv_init == "baseline" else _symmetric_uniform(1.0 / cfg.D ** 0.5)
-    kv_BxTxRx2xHd = project_kv(block, cfg, h_BxTxD, kv_init)
-    # The push mixes over source heads: gather this layer's kv over `tensor` once (sharding.py).
-    kv_BxTxRx2xHd = constrain(kv_BxTxRx2xHd, "batch", "length", None, None, "head_dim")
+    kv_proj_DxRx2xHd = kv_proj_param(block, cfg, kv_init)
     if isinstance(carry, Pulled):  # the pull form's first half: its raw kv (kv_pull.py)
-      return kv_BxTxRx2xHd, carry
+      return _gathered(kv_projection(h_BxTxD, kv_proj_DxRx2xHd)), carry
+    # Recomputed: the backward projects the normed input again (saved anyway) rather than
+    # save the float32 raw kv, one accumulator slot of memory per layer.
+    payload_RxBxTx2xHd = push.Recomputed(raw_kv_payload, (h_BxTxD, kv_proj_DxRx2xHd))
+    if cfg.push_raw_kv == "save":
+      payload_RxBxTx2xHd = raw_kv_payload(h_BxTxD, kv_proj_DxRx2xHd)
     push_LxRxR = block.param("router", logical(
         lambda rng: init_push_weights(rng, layer_idx, cfg.L, cfg.R, cfg.router_window,
                                       cfg.router_dilation, cfg.router_init_scale),
@@ -256,16 +277,17 @@ class KvRouting(Mixer):
                                (cfg.L, cfg.R, cfg.R), jnp.float32)
       push_LxRxR = push_LxRxR * jax.lax.stop_gradient(mask_LxRxR)
     if self.ring:
-      kv32_BxTxRx2xHd, ring = self._ring_push_and_read(carry, push_LxRxR, kv_BxTxRx2xHd,
+      kv32_BxTxRx2xHd, ring = self._ring_push_and_read(carry, push_LxRxR, payload_RxBxTx2xHd,
                                                        layer_idx)
       return kv32_BxTxRx2xHd.astype(h_BxTxD.dtype), ring
     acc_IxRxBxTx2xHd, kv32_BxTxRx2xHd = push_and_read(
-        carry, push_LxRxR, kv_BxTxRx2xHd, layer_idx, block.first_reader,
+        carry, push_LxRxR, payload_RxBxTx2xHd, layer_idx, block.first_reader,
         cfg.router_window, cfg.router_dilation)
     acc_IxRxBxTx2xHd = constrain(acc_IxRxBxTx2xHd, *ACC_AXES)
     return kv32_BxTxRx2xHd.astype(h_BxTxD.dtype), acc_IxRxBxTx2xHd
 
-  def _ring_push_and_read(self, ring: Ring, push_LxRxR: jax.Array, kv_BxTxRx2xHd: jax.Array,
+  def _ring_push_and_read(self, ring: Ring, push_LxRxR: jax.Array,
+                          payload_RxBxTx2xHd: jax.Array | push.Recomputed,
                           layer_idx) -> tuple[jax.Array, Ring]:
     """Layer l (traced) pushes into the k ring slots of readers l..l+k-1 and reads its own."""
     cfg = self.cfg
@@ -274,21 +296,31 @@ class KvRouting(Mixer):
     reader_K = layer_idx + (jnp.arange(k) - layer_idx) % k  # the reader of each ring slot
     weights_KxRxR = jnp.where((reader_K < L)[:, None, None],
                               weights_LxRxR[jnp.minimum(reader_K, L - 1)], 0.0)
-    kv32_RxBxTx2xHd = jnp.transpose(kv_BxTxRx2xHd.astype(jnp.float32), (2, 0, 1, 3, 4))
     slot = layer_idx % k
     acc_KxRxBxTx2xHd, routed_RxBxTx2xHd = push.push_and_read(
-        ring.acc_KxRxBxTx2xHd, weights_KxRxR, kv32_RxBxTx2xHd, slot)
+        ring.acc_KxRxBxTx2xHd, weights_KxRxR, payload_RxBxTx2xHd, slot)
     acc_KxRxBxTx2xHd = jax.lax.dynamic_update_index_in_dim(  # free for reader l + k
         acc_KxRxBxTx2xHd, jnp.zeros_like(routed_RxBxTx2xHd), slot, 0)
     is_first = layer_idx == 0
     first_LxRxR = jnp.where(is_first, weights_LxRxR, ring.first_LxRxR)
-    first_RxBxTx2xHd = jnp.where(is_first, kv32_RxBxTx2xHd, ring.first_RxBxTx2xHd)
+    # Layer 0 reads its own raw kv exactly (the fixed identity into a fresh slot): kept from
+    # the read, the raw kv has one consumer, the push, which may recompute it.
+    first_RxBxTx2xHd = jnp.where(is_first, routed_RxBxTx2xHd, ring.first_RxBxTx2xHd)
     # Layer 0 lies outside the window of readers l >= k: they read it from the carry.
     first_RxR = jax.lax.dynamic_index_in_dim(first_LxRxR, layer_idx, 0, keepdims=False)
     from_first_RxBxTx2xHd = jnp.einsum("rs,sbtcd->rbtcd", first_RxR, first_RxBxTx2xHd)
     routed_RxBxTx2xHd = routed_RxBxTx2xHd + jnp.where(layer_idx >= k, from_first_RxBxTx2xHd, 0.0)
     ring = Ring(constrain(acc_KxRxBxTx2xHd, *ACC_AXES), first_LxRxR, first_RxBxTx2xHd)
     return jnp.transpose(routed_RxBxTx2xHd, (1, 2, 0, 3, 4)), ring
+
+  def recompute_flops_per_token(self, forward_flops_per_token: int) -> int:
+    """The scanned push's backward projects every layer's raw kv again (`push_raw_kv:
+    recompute`); 0 for the pull form, unrolled layers and `push_raw_kv: save`."""
+    del forward_flops_per_token
+    cfg = self.cfg
+    if self.pulls or not cfg.scan_layers or cfg.push_raw_kv != "recompute":
+      return 0
+    return cfg.L * 2 * cfg.D * cfg.R * 2 * cfg.Hd
 
   def extra_params(self) -> int:
     cfg = self.cfg
