@@ -2,14 +2,18 @@
 (`router_window`, `router_dilation`): masks, parameter count, init, and the model against a
 dense model whose dead router entries are zero."""
 
+import contextlib
+import io
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 from lime_jax.inference import decode
-from lime_jax.model import flops, mixers
+from lime_jax.model import flops, mixers, push
 from lime_jax.model import transformer as M
 from lime_jax.model import stack
 from lime_jax.model.mixers import kv_routing as routing
@@ -197,6 +201,34 @@ def test_recomputed_raw_kv_saves_a_float32_kv_per_layer(changes):
   loss_s, grads_s = loss_and_grad(params, small.replace(push_raw_kv="save"), tokens_BxT)
   np.testing.assert_allclose(loss_r, loss_s, rtol=1e-6)
   chex.assert_trees_all_close(grads_r, grads_s, rtol=1e-5, atol=1e-6)
+
+
+def _saved_per_layer(cfg, B=2):
+  """The types (f32[...]) of what autodiff saves for the training loss's backward stacked
+  over a scan's layers (the scans' outputs)."""
+  params = jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0)))
+  tokens = jnp.zeros((B, cfg.T + 1), jnp.int32)
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    print_saved_residuals(lambda p: _loss(p, cfg, tokens), params)
+  return [line.split()[0] for line in printed.getvalue().splitlines() if "output of scan" in line]
+
+
+def test_windowed_ring_saves_layer_zero_kv_per_layer_of_its_segment_only():
+  """The ring carries layer 0's raw kv for the readers beyond its window. Segments after layer
+  0's pass it through unchanged, so autodiff saves it once there instead of once per layer:
+  float32 raw-kv-shaped residuals stacked over layers cover layer 0's segment only (2 of 16
+  layers here; 16 before), and with the raw kv recomputed nothing else of that shape is saved
+  per layer."""
+  cfg = ModelConfig(V=64, D=32, L=16, H=4, R=2, F=64, T=8, router_window=2)  # 8 segments
+  B = 2
+  stacked_layers = 0
+  for residual in _saved_per_layer(cfg, B):
+    dims = [int(d) for d in residual[residual.index("[") + 1:-1].split(",") if d]
+    if residual.startswith("f32[") and tuple(dims[1:]) == (cfg.R, B, cfg.T, 2, cfg.Hd):
+      stacked_layers += dims[0]
+  first_segment = push.segment_bounds(cfg.L, cfg.scan_segments)[0]
+  assert stacked_layers == first_segment[1] - first_segment[0], stacked_layers
 
 
 def test_windowed_ring_executes_what_flops_counts():

@@ -12,14 +12,20 @@ layer-0 self entry is the fixed identity (layer 0 does no routing), not a parame
 
 All routing math runs in float32 whatever the compute dtype.
 
+Under `nn.scan` the push's backward recomputes each layer's raw kv from the layer's normed input
+(`push_raw_kv: recompute`, the default; `push.Recomputed`) rather than saving it: one float32
+kv per layer less memory, for one more kv projection per layer. `push_raw_kv: save` saves it.
+
 Sparse routing (`router_window`, `router_dilation`; see `live`, shared with the hidden routers):
 dead (reader, source) pairs are masked like future sources, exactly zero with zero gradient, and
 not counted as parameters. The unrolled path touches only live reader slots. Under `nn.scan` a
 window alone (no dilation) runs a ring of k = router_window slots instead of one slot per
 reader: source l pushes into the slots of readers l..l+k-1 (slot i mod k), reader l reads and
 clears slot l mod k, and layer 0's kv and weights ride in the carry for the readers beyond its
-window. Routing then costs O(L k) slot updates, not O(L^2), and the carry is k + 1 slots. With a
-dilation the scanned path keeps the full accumulator, where the masked mix is still computed.
+window (segments after layer 0's pass them through unchanged, so autodiff saves them once per
+segment, not per layer). Routing then costs O(L k) slot updates, not O(L^2), and the carry is
+k + 1 slots. With a dilation the scanned path keeps the full accumulator, where the masked mix
+is still computed.
 """
 
 from __future__ import annotations
@@ -278,7 +284,7 @@ class KvRouting(Mixer):
       push_LxRxR = push_LxRxR * jax.lax.stop_gradient(mask_LxRxR)
     if self.ring:
       kv32_BxTxRx2xHd, ring = self._ring_push_and_read(carry, push_LxRxR, payload_RxBxTx2xHd,
-                                                       layer_idx)
+                                                       layer_idx, block.first_reader)
       return kv32_BxTxRx2xHd.astype(h_BxTxD.dtype), ring
     acc_IxRxBxTx2xHd, kv32_BxTxRx2xHd = push_and_read(
         carry, push_LxRxR, payload_RxBxTx2xHd, layer_idx, block.first_reader,
@@ -288,8 +294,9 @@ class KvRouting(Mixer):
 
   def _ring_push_and_read(self, ring: Ring, push_LxRxR: jax.Array,
                           payload_RxBxTx2xHd: jax.Array | push.Recomputed,
-                          layer_idx) -> tuple[jax.Array, Ring]:
-    """Layer l (traced) pushes into the k ring slots of readers l..l+k-1 and reads its own."""
+                          layer_idx, segment_start: int) -> tuple[jax.Array, Ring]:
+    """Layer l (traced, in the scan segment from `segment_start`) pushes into the k ring slots
+    of readers l..l+k-1 and reads its own."""
     cfg = self.cfg
     L, k = cfg.L, cfg.router_window
     weights_LxRxR = effective_push_weights(push_LxRxR, layer_idx, k)
@@ -301,11 +308,15 @@ class KvRouting(Mixer):
         ring.acc_KxRxBxTx2xHd, weights_KxRxR, payload_RxBxTx2xHd, slot)
     acc_KxRxBxTx2xHd = jax.lax.dynamic_update_index_in_dim(  # free for reader l + k
         acc_KxRxBxTx2xHd, jnp.zeros_like(routed_RxBxTx2xHd), slot, 0)
-    is_first = layer_idx == 0
-    first_LxRxR = jnp.where(is_first, weights_LxRxR, ring.first_LxRxR)
-    # Layer 0 reads its own raw kv exactly (the fixed identity into a fresh slot): kept from
-    # the read, the raw kv has one consumer, the push, which may recompute it.
-    first_RxBxTx2xHd = jnp.where(is_first, routed_RxBxTx2xHd, ring.first_RxBxTx2xHd)
+    first_LxRxR, first_RxBxTx2xHd = ring.first_LxRxR, ring.first_RxBxTx2xHd
+    # Segments after layer 0's pass its kv through unchanged, so autodiff saves it once per
+    # segment, not once per layer (the read below needs it for the weights' gradient).
+    if segment_start == 0:
+      is_first = layer_idx == 0
+      first_LxRxR = jnp.where(is_first, weights_LxRxR, first_LxRxR)
+      # Layer 0 reads its own raw kv exactly (the fixed identity into a fresh slot): kept from
+      # the read, the raw kv has one consumer, the push, which may recompute it.
+      first_RxBxTx2xHd = jnp.where(is_first, routed_RxBxTx2xHd, first_RxBxTx2xHd)
     # Layer 0 lies outside the window of readers l >= k: they read it from the carry.
     first_RxR = jax.lax.dynamic_index_in_dim(first_LxRxR, layer_idx, 0, keepdims=False)
     from_first_RxBxTx2xHd = jnp.einsum("rs,sbtcd->rbtcd", first_RxR, first_RxBxTx2xHd)
