@@ -229,14 +229,15 @@ def test_import_into_another_layout_and_dtype(tmp_path):
 
 
 def test_import_into_other_attention_and_routing_forms(tmp_path):
-  """The attention and routing forms compute the same model (each tested equal to the others
-  where it is defined): an export loads into a config that picks other ones, as into another
-  layout. An export from before 2026-12-06 says `attention_impl: einsum`, then the default."""
+  """The attention and routing forms (the push's raw kv recomputed or saved too) compute the
+  same model (each tested equal to the others where it is defined): an export loads into a
+  config that picks other ones, as into another layout. An export from before 2026-12-06 says
+  `attention_impl: einsum`, then the default."""
   cfg = _cfg(MHA, "kv-static", tied=True, scan=True).replace(attention_impl="einsum",
                                                              routing_impl="push")
   params = _trained_like(cfg)
   export.export_params(params, cfg, str(tmp_path))
-  other = cfg.replace(attention_impl="lse_recompute", routing_impl="pull")
+  other = cfg.replace(attention_impl="lse_recompute", routing_impl="pull", push_raw_kv="save")
   imported, got_cfg = export.import_params(str(tmp_path), other)
   assert got_cfg == other
   _assert_trees_equal(imported, params)
