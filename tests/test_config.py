@@ -24,6 +24,8 @@ def test_defaults_fill_kv_heads_and_head_size():
     (dict(scan_segments=0), "scan_segments"),
     (dict(rope_theta=0.0), "rope_theta"),
     (dict(kv_init="xavier"), "kv_init"),
+    (dict(push_raw_kv="checkpoint"), "push_raw_kv"),
+    (dict(routing_impl="gather"), "routing_impl"),
     (dict(kv_init="baseline", router="none"), "kv_init"),
     (dict(router_init_scale=-0.5), "router_init_scale"),
     (dict(router_init_scale=0.5, router="hidden-static"), "router_init_scale"),
