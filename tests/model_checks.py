@@ -41,18 +41,23 @@ def lowered_gradient(cfg, B=2):
   return jax.jit(jax.grad(next_token_loss), static_argnums=1).lower(params, cfg, tokens_BxT)
 
 
-def saved_float32_residuals(cfg, shape_tail, B=2):
-  """How many float32 arrays whose shape ends in `shape_tail` the loss's gradient on B token
-  rows saves for its backward (`jax.ad_checkpoint.print_saved_residuals`, one line each)."""
-  params = M.init_params(cfg, jax.random.key(0))
-  tokens_BxT = tokens(cfg, B=B, T=cfg.T + 1)
+def saved_residuals(fn, *args) -> list[str]:
+  """What autodiff of `fn` at `args` saves for its backward, in JAX's public view
+  (`jax.ad_checkpoint.print_saved_residuals`): one "dtype[shape] from ..." line each."""
   printed = io.StringIO()
   with contextlib.redirect_stdout(printed):
-    jax.ad_checkpoint.print_saved_residuals(
-        lambda params: next_token_loss(params, cfg, tokens_BxT), params)
+    jax.ad_checkpoint.print_saved_residuals(fn, *args)
+  return printed.getvalue().splitlines()
+
+
+def saved_float32_residuals(cfg, shape_tail, B=2):
+  """How many float32 arrays whose shape ends in `shape_tail` the loss's gradient on B token
+  rows saves for its backward (`saved_residuals`)."""
+  params = M.init_params(cfg, jax.random.key(0))
+  tokens_BxT = tokens(cfg, B=B, T=cfg.T + 1)
   tail = ",".join(map(str, shape_tail)) + "]"
   return sum(line.startswith("f32[") and line.split()[0].endswith(tail)
-             for line in printed.getvalue().splitlines())
+             for line in saved_residuals(lambda p: next_token_loss(p, cfg, tokens_BxT), params))
 
 
 def assert_full_remat_recomputes(cfg):

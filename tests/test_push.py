@@ -1,17 +1,15 @@
 """The push accumulator (model/push.py): its hand-written VJP against autodiff of the plain
 formula, and its CPU forms against the einsums other platforms compile."""
 
-import contextlib
-import io
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.ad_checkpoint import print_saved_residuals
 
 from lime_jax.model import push
+import model_checks
 
 # (I, R, S, payload's trailing axes): kv routing's [B, T, 2, Hd] payload, DenseFormer's [B, T, D]
 SHAPES = [(5, 2, 2, (2, 3, 2, 4)), (4, 1, 1, (2, 3, 8))]
@@ -144,10 +142,7 @@ def _scan_residuals(recompute: bool, I, R, S, P) -> list[str]:
     return jnp.sum(jax.lax.scan(layer, acc_IxRxP, (x_LxxD, proj_LxDxSxC, jnp.arange(I)))[1])
 
   stacked = (jnp.stack([x_xD] * I), jnp.stack([proj_DxSxC] * I))
-  printed = io.StringIO()
-  with contextlib.redirect_stdout(printed):
-    print_saved_residuals(loss, *stacked)
-  return [line.split()[0] for line in printed.getvalue().splitlines()]
+  return [line.split()[0] for line in model_checks.saved_residuals(loss, *stacked)]
 
 
 @pytest.mark.parametrize("I,R,S,P", SHAPES)

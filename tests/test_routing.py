@@ -2,15 +2,11 @@
 (`router_window`, `router_dilation`): masks, parameter count, init, and the model against a
 dense model whose dead router entries are zero."""
 
-import contextlib
-import io
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.ad_checkpoint import print_saved_residuals
 
 from lime_jax.inference import decode
 from lime_jax.model import flops, mixers, push
@@ -196,12 +192,8 @@ def test_recomputed_raw_kv_saves_a_float32_kv_per_layer(changes):
 
   small = cfg.replace(D=32, Hd=8, F=64, T=8, R=2)
   params = _random_router_params(small)
-  tokens_BxT = model_checks.tokens(small, T=small.T + 1)
-  loss_and_grad = jax.jit(jax.value_and_grad(model_checks.next_token_loss), static_argnums=1)
-  loss_r, grads_r = loss_and_grad(params, small, tokens_BxT)
-  loss_s, grads_s = loss_and_grad(params, small.replace(push_raw_kv="save"), tokens_BxT)
-  np.testing.assert_allclose(loss_r, loss_s, rtol=1e-6)
-  chex.assert_trees_all_close(grads_r, grads_s, rtol=1e-5, atol=1e-6)
+  model_checks.assert_same_loss_and_grads(small, small.replace(push_raw_kv="save"), params,
+                                          model_checks.tokens(small, T=small.T + 1), rtol=1e-6)
 
 
 def _saved_per_layer(cfg, B=2):
@@ -209,10 +201,8 @@ def _saved_per_layer(cfg, B=2):
   over a scan's layers (the scans' outputs)."""
   params = jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0)))
   tokens = jnp.zeros((B, cfg.T + 1), jnp.int32)
-  printed = io.StringIO()
-  with contextlib.redirect_stdout(printed):
-    print_saved_residuals(lambda p: _loss(p, cfg, tokens), params)
-  return [line.split()[0] for line in printed.getvalue().splitlines() if "output of scan" in line]
+  return [line.split()[0] for line in model_checks.saved_residuals(
+              lambda p: _loss(p, cfg, tokens), params) if "output of scan" in line]
 
 
 def test_windowed_ring_saves_layer_zero_kv_per_layer_of_its_segment_only():

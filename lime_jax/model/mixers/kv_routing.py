@@ -273,7 +273,7 @@ class KvRouting(Mixer):
     # save the float32 raw kv, one accumulator slot of memory per layer.
     payload_RxBxTx2xHd = push.Recomputed(raw_kv_payload, (h_BxTxD, kv_proj_DxRx2xHd))
     if cfg.push_raw_kv == "save":
-      payload_RxBxTx2xHd = raw_kv_payload(h_BxTxD, kv_proj_DxRx2xHd)
+      payload_RxBxTx2xHd = payload_RxBxTx2xHd.value()
     push_LxRxR = block.param("router", logical(
         lambda rng: init_push_weights(rng, layer_idx, cfg.L, cfg.R, cfg.router_window,
                                       cfg.router_dilation, cfg.router_init_scale),
