@@ -2,9 +2,7 @@
 with memory linear in depth."""
 
 import collections
-import contextlib
 import functools
-import io
 import re
 
 import chex
@@ -15,8 +13,6 @@ import numpy as np
 import pytest
 
 from lime_jax.config import ModelConfig
-from jax.ad_checkpoint import print_saved_residuals
-
 from lime_jax.model import flops, kv_pull, stack
 from lime_jax.model.mixers import kv_routing
 from lime_jax.model import transformer as M
@@ -171,12 +167,10 @@ def _kv_sized_residuals(cfg, router: str) -> int:
       return kv_routing._pulled_layer(layer_fn, p, x, attn_input_BxTxD, routed, 1,
                                       positions_BxT), kv_BxTxRx2xHd
     args = (params_l, x_BxTxD, routed_BxTxRx2xHd)
-  printed = io.StringIO()
-  with contextlib.redirect_stdout(printed):  # JAX's public view: one "dtype[shape] from ..." each
-    print_saved_residuals(run, *args)
-  shapes = [tuple(int(n) for n in dims.split(",") if n)
-            for dims in re.findall(r"^\w+\[([\d,]*)\]", printed.getvalue(), re.MULTILINE)]
-  assert shapes, printed.getvalue()
+  residuals = model_checks.saved_residuals(run, *args)
+  shapes = [tuple(int(n) for n in match.group(1).split(",") if n)
+            for match in map(re.compile(r"^\w+\[([\d,]*)\]").match, residuals) if match]
+  assert shapes, residuals
   kv_size = B * cfg.T * cfg.R * 2 * cfg.Hd
   return sum(1 for shape in shapes if np.prod(shape) == kv_size and len(shape) >= 4)
 
