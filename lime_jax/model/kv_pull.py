@@ -515,6 +515,7 @@ def _backward_by_rows(groups, window, unroll, buf_LxBxTxRx2xHd, columns_LxLxRxR,
   dtype = buf_LxBxTxRx2xHd.dtype
   source_L = jnp.arange(L)
   whole_reads = _reads_whole(groups, window)
+  first_column_LxRxR = columns_LxLxRxR[0]  # W[i, r, 0, s]: each reader's weights on layer 0
 
   def body(carry, layer_residuals: _LayerResiduals, column_LxRxR, l):
     # buf: slots j <= l raw kv, slots i > l the cotangents of readers i's routed kv. dfirst
@@ -549,7 +550,6 @@ def _backward_by_rows(groups, window, unroll, buf_LxBxTxRx2xHd, columns_LxLxRxR,
     return (dx_rest_BxTxD + dx_kv_BxTxD, buf_LxBxTxRx2xHd, *dfirst), (dparams_l, dW_RxLxR)
 
   carry = (dx_BxTxD, buf_LxBxTxRx2xHd)
-  first_column_LxRxR = columns_LxLxRxR[0]  # W[i, r, 0, s]: each reader's weights on layer 0
   if _sums_layer_zero_cotangent(window, not isinstance(saved, list), L):
     carry += (jnp.zeros(buf_LxBxTxRx2xHd.shape[1:], jnp.float32),)
   carry, (dparams_L, dW_LxRxLxR) = _layers_in_reverse(
