@@ -46,10 +46,9 @@ Reads are bounded by read groups (`read_groups`, one per parameter segment): a l
 [start, stop) reads slots < stop forward and i >= start backward, through a `lax.switch` on its
 group, so the masked slots are not read. A router window of k reads by dynamic slices instead:
 layer 0's slot plus the k slots up to the layer (forward, and the router gradient), and the k
-readers from it on (backward; layer 0's cotangent, from all readers, summed as they go under
-the scan, with no branch on the layer index): O(L k) slot reads, the ring's count. Two other
-forms cost more on the TPU compiler (deep setup, README): rings of k + 1 raw kv and k
-cotangents read whole (the compiler copied them between layouts every layer), and the
+readers from it on (backward; layer 0's cotangent from all): O(L k) slot reads, the ring's
+count. Two other forms cost more on the TPU compiler (deep setup, README): rings of k + 1 raw
+kv and k cotangents read whole (the compiler copied them between layouts every layer), and the
 one-product router gradient (`_backward_gram`: fewer bytes scanned, more unrolled, more HBM).
 The same switch picks the layer's parameters from its segment's stacked tree, so the segments are
 never concatenated into one copy of all layer parameters (1.2B setup: 3.4 GiB per device). One scan,
@@ -282,26 +281,20 @@ def _mix_window(window: int, l, W_RxLxR, buf_LxBxTxRx2xHd, may_start_uninitializ
 
 def _cotangent_from_window(window: int, l, W_LxRxR, buf_LxBxTxRx2xHd):
   """Backward: the raw kv's cotangent from the readers i = l .. l+k-1 of its window (itself
-  included). Layer 0's comes from every reader (all of them read it): here where l is static;
-  under the scan the backward sums it as the readers go (`_backward_by_rows`), and this gives
-  layer 0 a window's share that the caller replaces."""
+  included); layer 0's from every reader (all of them read it)."""
   L = buf_LxBxTxRx2xHd.shape[0]
   pull = lambda W, dr: jnp.einsum("irs,ibtrcd->btscd", W, dr,  # noqa: E731
                                   preferred_element_type=jnp.float32)
   size = _window_size(window, L)
+  def from_window(W_LxRxR, buf_LxBxTxRx2xHd):
+    start = _window_start(l, size, L)
+    return pull(read_slots(W_LxRxR, start, size), read_slots(buf_LxBxTxRx2xHd, start, size))
+  from_all = lambda W_LxRxR, buf_LxBxTxRx2xHd: pull(W_LxRxR, buf_LxBxTxRx2xHd)  # noqa: E731
   if size == 0 or (isinstance(l, int) and l == 0):  # size 0: a one-layer stack
-    return pull(W_LxRxR, buf_LxBxTxRx2xHd)
-  start = _window_start(l, size, L)
-  return pull(read_slots(W_LxRxR, start, size), read_slots(buf_LxBxTxRx2xHd, start, size))
-
-
-def _sums_layer_zero_cotangent(window: int | None, scanned: bool, L: int) -> bool:
-  """Whether the backward carries layer 0's raw kv cotangent, summed reader by reader: a
-  window under the scan. Read from every reader's slot at layer 0 instead, behind a conditional
-  on the traced index, the TPU compiler charged that read of the whole buffer to every layer
-  (deep setup, window 8, `--cost scaled`: 3.86 GB a layer; with the sum 3.33, the baseline
-  3.25)."""
-  return window is not None and scanned and _window_size(window, L) > 0
+    return from_all(W_LxRxR, buf_LxBxTxRx2xHd)
+  if isinstance(l, int):
+    return from_window(W_LxRxR, buf_LxBxTxRx2xHd)
+  return jax.lax.cond(l == 0, from_all, from_window, W_LxRxR, buf_LxBxTxRx2xHd)
 
 
 def _router_row_gradient_window(window: int, l, drouted_BxTxRx2xHd, buf_LxBxTxRx2xHd):
@@ -515,12 +508,10 @@ def _backward_by_rows(groups, window, unroll, buf_LxBxTxRx2xHd, columns_LxLxRxR,
   dtype = buf_LxBxTxRx2xHd.dtype
   source_L = jnp.arange(L)
   whole_reads = _reads_whole(groups, window)
-  first_column_LxRxR = columns_LxLxRxR[0]  # W[i, r, 0, s]: each reader's weights on layer 0
 
   def body(carry, layer_residuals: _LayerResiduals, column_LxRxR, l):
-    # buf: slots j <= l raw kv, slots i > l the cotangents of readers i's routed kv. dfirst
-    # (`_sums_layer_zero_cotangent`): layer 0's raw kv cotangent from readers l+1 and later.
-    dx_BxTxD, buf_LxBxTxRx2xHd, *dfirst = carry
+    # buf: slots j <= l raw kv, slots i > l the cotangents of readers i's routed kv.
+    dx_BxTxD, buf_LxBxTxRx2xHd = carry
     vjp_kv, vjp_rest = layer_residuals.vjps()
     dparams_rest, dx_rest_BxTxD, dhandoff, drouted_BxTxRx2xHd = vjp_rest(dx_BxTxD)
     if window is None:
@@ -532,28 +523,19 @@ def _backward_by_rows(groups, window, unroll, buf_LxBxTxRx2xHd, columns_LxLxRxR,
     # Slot l's raw kv is read above and not needed again: its cotangent takes the slot, after
     # that read (nothing else orders them; a compiler that wrote first would copy the buffer).
     drouted_BxTxRx2xHd, dW_RxLxR = jax.lax.optimization_barrier((drouted_BxTxRx2xHd, dW_RxLxR))
-    drouted_BxTxRx2xHd = drouted_BxTxRx2xHd.astype(dtype)
     buf_LxBxTxRx2xHd = _slot_major(jax.lax.dynamic_update_index_in_dim(
-        buf_LxBxTxRx2xHd, drouted_BxTxRx2xHd, l, 0), whole_reads)
+        buf_LxBxTxRx2xHd, drouted_BxTxRx2xHd.astype(dtype), l, 0), whole_reads)
     if window is None:
       dkv_BxTxRx2xHd = _switch_on_group(groups, l, _cotangent_from_readers, column_LxRxR,
                                         buf_LxBxTxRx2xHd)
     else:
       dkv_BxTxRx2xHd = _cotangent_from_window(window, l, column_LxRxR, buf_LxBxTxRx2xHd)
-    if dfirst:  # reader l's share of layer 0's cotangent; at layer 0 the sum is its cotangent
-      reader_RxR = jax.lax.dynamic_index_in_dim(first_column_LxRxR, l, 0, keepdims=False)
-      dfirst = [dfirst[0] + jnp.einsum("rs,btrcd->btscd", reader_RxR, drouted_BxTxRx2xHd,
-                                       preferred_element_type=jnp.float32)]
-      dkv_BxTxRx2xHd = jnp.where(l == 0, dfirst[0], dkv_BxTxRx2xHd)
     dparams_kv, dx_kv_BxTxD = vjp_kv((dkv_BxTxRx2xHd.astype(dtype), dhandoff))
     dparams_l = jax.tree.map(jnp.add, dparams_kv, dparams_rest)
-    return (dx_rest_BxTxD + dx_kv_BxTxD, buf_LxBxTxRx2xHd, *dfirst), (dparams_l, dW_RxLxR)
+    return (dx_rest_BxTxD + dx_kv_BxTxD, buf_LxBxTxRx2xHd), (dparams_l, dW_RxLxR)
 
-  carry = (dx_BxTxD, buf_LxBxTxRx2xHd)
-  if _sums_layer_zero_cotangent(window, not isinstance(saved, list), L):
-    carry += (jnp.zeros(buf_LxBxTxRx2xHd.shape[1:], jnp.float32),)
   carry, (dparams_L, dW_LxRxLxR) = _layers_in_reverse(
-      body, carry, saved, columns_LxLxRxR, source_L, unroll)
+      body, (dx_BxTxD, buf_LxBxTxRx2xHd), saved, columns_LxLxRxR, source_L, unroll)
   return carry[0], dparams_L, dW_LxRxLxR
 
 
