@@ -5,7 +5,7 @@ the time.
 `lime-jax plan --cost scaled` counts a layer as the step compiled with two layers per loop body
 minus the step with one; this prints that difference itself (bytes, FLOPs, step estimate) next
 to both programs' totals, so that variants of one layer can be compared without the rest of the
-step. With `--top N` it also lists, for each loop body of the one-layer program, the N
+step. With `--top N` it also lists, for each loop body of both programs, the N
 instructions with the most `estimated_cycles` in the compiler's codegen dump (the per-instruction
 view `cost_analysis()` does not give), grouped by the operation they came from.
 
@@ -80,27 +80,27 @@ def main(argv: list[str]) -> int:
   backends.avoid_absent_tpu()  # libtpu is only the compiler here
   tpu = topology.tpu_slice(args.topology)
   cfg = load_experiment(args.config, args.overrides)
-  dump_dir = tempfile.mkdtemp(prefix="scaled_layer_cost_") if args.top else None
-  costs = []
-  for per_body in (1, 2):
-    one = cfg.replace(model=cfg.model.replace(scan_unroll=per_body))
-    compiled, _, _ = plan._compile(one, list(tpu.devices),
-                                   dump_dir and os.path.join(dump_dir, str(per_body)))
-    costs.append(plan.compiled_cost(compiled))
-  (flops_1, bytes_1, step_1), (flops_2, bytes_2, step_2) = costs
-  L = cfg.model.L
-  print(f"one layer per body: {bytes_1 / 1e9:.2f} GB, {flops_1 / 1e12:.3f} TFLOPs,"
-        f" step estimate {step_1 * 1e3:.3f} ms; two: {bytes_2 / 1e9:.2f} GB,"
-        f" {flops_2 / 1e12:.3f} TFLOPs, {step_2 * 1e3:.3f} ms")
-  print(f"a layer: {(bytes_2 - bytes_1) / 1e6:.1f} MB, {(flops_2 - flops_1) / 1e9:.2f} GFLOPs,"
-        f" {(step_2 - step_1) * 1e6:.1f} us; the step scaled to {L} layers:"
-        f" {(bytes_1 + (L - 1) * (bytes_2 - bytes_1)) / 1e9:.1f} GB")
-  for per_body in (1, 2) if args.top else ():
-    for body, by_op in _body_cycles(os.path.join(dump_dir, str(per_body))).items():
-      print(f"{per_body} layer(s) per body, loop body {body}:"
-            f" {sum(by_op.values()) / 1e3:.1f} k estimated cycles")
-      for where, n in by_op.most_common(args.top):
-        print(f"  {n / 1e3:9.1f} k  {where}")
+  with tempfile.TemporaryDirectory(prefix="scaled_layer_cost_") as dump_dir:
+    costs = []
+    for per_body in (1, 2):
+      one = cfg.replace(model=cfg.model.replace(scan_unroll=per_body))
+      compiled, _, _ = plan._compile(one, list(tpu.devices),
+                                     os.path.join(dump_dir, str(per_body)) if args.top else None)
+      costs.append(plan.compiled_cost(compiled))
+    (flops_1, bytes_1, step_1), (flops_2, bytes_2, step_2) = costs
+    _, scaled_bytes, _ = plan.scaled_cost(*costs, cfg.model.L)
+    print(f"one layer per body: {bytes_1 / 1e9:.2f} GB, {flops_1 / 1e12:.3f} TFLOPs,"
+          f" step estimate {step_1 * 1e3:.3f} ms; two: {bytes_2 / 1e9:.2f} GB,"
+          f" {flops_2 / 1e12:.3f} TFLOPs, {step_2 * 1e3:.3f} ms")
+    print(f"a layer: {(bytes_2 - bytes_1) / 1e6:.1f} MB, {(flops_2 - flops_1) / 1e9:.2f} GFLOPs,"
+          f" {(step_2 - step_1) * 1e6:.1f} us; the step scaled to {cfg.model.L} layers"
+          f" (plan --cost scaled): {scaled_bytes / 1e9:.1f} GB")
+    for per_body in (1, 2) if args.top else ():
+      for body, by_op in _body_cycles(os.path.join(dump_dir, str(per_body))).items():
+        print(f"{per_body} layer(s) per body, loop body {body}:"
+              f" {sum(by_op.values()) / 1e3:.1f} k estimated cycles")
+        for where, n in by_op.most_common(args.top):
+          print(f"  {n / 1e3:9.1f} k  {where}")
   return 0
 
 
