@@ -146,3 +146,17 @@ def all_eqns(jaxpr):
   """Every equation of `jaxpr` and of the jaxprs nested in its equations."""
   for each in all_jaxprs(jaxpr):
     yield from each.eqns
+
+
+def grad_jaxpr(cfg):
+  """The jaxpr of the loss's gradient for `cfg` (a small random batch)."""
+  params = M.init_params(cfg, jax.random.key(0))
+  return jax.make_jaxpr(jax.grad(next_token_loss), static_argnums=1)(
+      params, cfg, tokens(cfg, T=cfg.T + 1)).jaxpr
+
+
+def value_branches(jaxpr) -> int:
+  """How many conditionals (`cond`, `switch`) in `jaxpr` and the jaxprs nested in it branch on
+  a computed value rather than on the platform compiled for (`lax.platform_dependent`)."""
+  return sum(eqn.primitive.name == "cond" and not eqn.params.get("branches_platforms")
+             for eqn in all_eqns(jaxpr))

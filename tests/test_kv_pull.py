@@ -100,7 +100,8 @@ def _minor_to_major(layout: tuple[int, ...]) -> tuple[int, ...]:
 def test_pull_in_its_tpu_layouts_equals_push(changes, monkeypatch):
   """On a TPU the pull constrains layouts (kv_pull.LAYOUT_PLATFORMS): a buffer read whole (one
   read group, no window) slots major (SLOT_MAJOR_LAYOUT), the routed kv by whether the reads
-  are dense or a window (ROUTED_LAYOUTS); the CPU's program has none. Here the CPU takes that
+  are dense or a window (ROUTED_LAYOUTS), and a scanned window's backward reads in the
+  buffer's own layout (WINDOW_BUFFER_LAYOUT); the CPU's program has none. Here the CPU takes that
   path too: the program then carries exactly those constraints and gives the push's loss and
   gradients."""
   cfg = CFG.replace(**changes)
@@ -111,11 +112,16 @@ def test_pull_in_its_tpu_layouts_equals_push(changes, monkeypatch):
   routed = _minor_to_major(kv_pull.ROUTED_LAYOUTS["dense" if cfg.router_window is None
                                                    else "window"])
   slot_major = _minor_to_major(kv_pull.SLOT_MAJOR_LAYOUT)
+  window_slices = _minor_to_major(kv_pull.WINDOW_BUFFER_LAYOUT)
   whole = cfg.router_window is None and cfg.scan_segments == 1
-  assert set(constraints) == ({routed, slot_major} if whole else {routed})
+  windowed = cfg.router_window is not None and cfg.scan_unroll < cfg.L  # scanned only
+  assert set(constraints) == ({routed, slot_major} if whole else
+                              {routed, window_slices} if windowed else {routed})
   assert constraints[routed] >= 1  # each layer's routed kv (a scan body once)
   if whole:  # the fresh buffer and each write of it, forward and backward
     assert constraints[slot_major] >= 3
+  if windowed:  # the backward's two window reads, the readers' and the router row's
+    assert constraints[window_slices] >= 2
   (loss_push, grads_push), (loss_pull, grads_pull) = _push_and_pull(cfg)
   np.testing.assert_allclose(loss_pull, loss_push, rtol=1e-6)
   chex.assert_trees_all_close(grads_pull, grads_push, rtol=1e-5, atol=1e-6)
@@ -189,7 +195,7 @@ def test_pull_does_not_concatenate_the_segments_parameters():
   cfg = CFG.replace(routing_impl="pull", scan_segments=3)
   params = M.init_params(cfg, jax.random.key(0))
   gate_up_shape = stack.stacked_layer_params(params, cfg)["mlp"]["gate_up"].shape  # [L, ...]
-  shapes = [eqn.outvars[0].aval.shape for eqn in model_checks.all_eqns(_grad_jaxpr(cfg))
+  shapes = [eqn.outvars[0].aval.shape for eqn in model_checks.all_eqns(model_checks.grad_jaxpr(cfg))
             if eqn.primitive.name == "concatenate"]
   assert shapes, "expected the router concatenation at least"
   assert gate_up_shape not in shapes, shapes
@@ -222,19 +228,9 @@ def test_fully_unrolled_pull_picks_each_layers_reads_at_trace_time():
   left, since XLA keeps it and counts every branch's reads. (A `lax.platform_dependent` choice
   is a cond too, resolved when lowering: not counted.)"""
   cfg = CFG.replace(routing_impl="pull", scan_segments=3)
-  def switches(cfg):
-    return sum(eqn.primitive.name == "cond" and not eqn.params.get("branches_platforms")
-               for eqn in model_checks.all_eqns(_grad_jaxpr(cfg)))
+  switches = lambda cfg: model_checks.value_branches(model_checks.grad_jaxpr(cfg))  # noqa: E731
   assert switches(cfg) > 0  # the scan's per-layer choice of reads
   assert switches(cfg.replace(scan_unroll=cfg.L)) == 0
-
-
-def _grad_jaxpr(cfg):
-  """The jaxpr of the loss's gradient for `cfg` (a small random batch)."""
-  params = M.init_params(cfg, jax.random.key(0))
-  tokens_BxT = model_checks.tokens(cfg, T=cfg.T + 1)
-  return jax.make_jaxpr(jax.grad(model_checks.next_token_loss), static_argnums=1)(
-      params, cfg, tokens_BxT).jaxpr
 
 
 def _buffer_test(cfg):
@@ -296,7 +292,7 @@ def test_buffer_slot_reads_start_where_the_compiler_cannot_see(changes):
   start that is not a constant, in the unrolled program too, where the layer index is."""
   cfg = CFG.replace(routing_impl="pull", scan_unroll=CFG.L, **changes)
   counts = [_static_slot_reads(each, _buffer_test(cfg))
-            for each in model_checks.all_jaxprs(_grad_jaxpr(cfg))]
+            for each in model_checks.all_jaxprs(model_checks.grad_jaxpr(cfg))]
   reads, static = map(sum, zip(*counts))
   assert reads >= 2 * cfg.L  # each layer reads slots forward and backward
   assert static == 0
@@ -313,7 +309,7 @@ def test_each_layers_buffer_write_follows_its_reads(changes):
   each layer's reads and write are separate equations."""
   cfg = CFG.replace(routing_impl="pull", scan_segments=1, scan_unroll=CFG.L, **changes)
   counts = [_writes_not_after_reads(each, _buffer_test(cfg))
-            for each in model_checks.all_jaxprs(_grad_jaxpr(cfg))]
+            for each in model_checks.all_jaxprs(model_checks.grad_jaxpr(cfg))]
   writes, unordered = map(sum, zip(*counts))
   assert writes >= 2 * cfg.L  # each layer writes once forward and once backward
   assert unordered == 0
@@ -328,7 +324,7 @@ def _router_gradient_products(cfg) -> collections.Counter:
     return "row" if len(shape) == 3 and shape[0] == shape[2] == cfg.R else None
   is_slots = lambda v: getattr(v.aval, "ndim", 0) == 6  # noqa: E731
   return collections.Counter(
-      kind(eqn.outvars[0].aval.shape) for eqn in model_checks.all_eqns(_grad_jaxpr(cfg))
+      kind(eqn.outvars[0].aval.shape) for eqn in model_checks.all_eqns(model_checks.grad_jaxpr(cfg))
       if eqn.primitive.name == "dot_general" and any(map(is_slots, eqn.invars)))
 
 
@@ -355,7 +351,7 @@ def test_routed_buffer_writes_follow_their_reads():
   may schedule it first and copy the buffer."""
   cfg = CFG.replace(routing_impl="pull", scan_segments=1, remat_policy="dots")
   counts = [_writes_not_after_reads(each, _buffer_test(cfg))
-            for each in model_checks.all_jaxprs(_grad_jaxpr(cfg))]
+            for each in model_checks.all_jaxprs(model_checks.grad_jaxpr(cfg))]
   writes, unordered = map(sum, zip(*counts))
   assert writes >= 3  # the forward's two buffers and the backward's routed kv buffer
   assert unordered == 0

@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+import model_checks
+from lime_jax.config import CONNECTIONS, ROUTERS, ModelConfig
 from lime_jax.model import flops as flops_lib
 from lime_jax.train import plan
 from lime_jax.cli.main import main
@@ -61,3 +63,26 @@ def test_cli_prints_the_table_and_exits_by_the_verdict(capsys, tmp_path):
       80e9 / 2 ** 30)
   assert main([*args, "--hbm-gib", "1e-6"]) == 1
   assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("does not fit: ")
+
+
+# A small model in the form `--cost scaled` accepts: one scan segment, an even L.
+SCALABLE = ModelConfig(V=64, D=32, L=6, H=4, R=4, F=64, T=8, scan_segments=1)
+
+
+@pytest.mark.parametrize("changes", [
+    *({"router": router} for router in ROUTERS),
+    *({"router": "none", "connections": c} for c in CONNECTIONS
+      if c not in ("none", "block-attn-res")),
+    {"router": "none", "connections": "block-attn-res", "attn_res_blocks": 4},
+    {"router": "kv-static", "router_window": 2},
+    {"router": "kv-static", "routing_impl": "pull"},
+    {"router": "kv-static", "routing_impl": "pull", "router_window": 2}], ids=str)
+def test_programs_the_scaled_cost_counts_branch_on_no_value(changes):
+  """`--cost scaled` counts one loop body per layer, and the TPU compiler counts every branch
+  of a conditional in that body, though one runs: layer 0's branch in the windowed pull's
+  backward, a read of all L slots, was charged to every layer (deep setup, window 8: 400.8 k
+  estimated cycles a layer). No program that the count accepts may branch on a computed
+  value."""
+  cfg = SCALABLE.replace(**changes)
+  plan._check_scalable(cfg)  # the count accepts it
+  assert model_checks.value_branches(model_checks.grad_jaxpr(cfg)) == 0

@@ -46,10 +46,13 @@ Reads are bounded by read groups (`read_groups`, one per parameter segment): a l
 [start, stop) reads slots < stop forward and i >= start backward, through a `lax.switch` on its
 group, so the masked slots are not read. A router window of k reads by dynamic slices instead:
 layer 0's slot plus the k slots up to the layer (forward, and the router gradient), and the k
-readers from it on (backward; layer 0's cotangent from all): O(L k) slot reads, the ring's
-count. Two other forms cost more on the TPU compiler (deep setup, README): rings of k + 1 raw
-kv and k cotangents read whole (the compiler copied them between layouts every layer), and the
-one-product router gradient (`_backward_gram`: fewer bytes scanned, more unrolled, more HBM).
+readers from it on (backward; layer 0's cotangent from all, summed as they go under the scan,
+so that no layer branches on its index): O(L k) slot reads, the ring's count. The backward
+slices its windows in the buffer's layout (WINDOW_BUFFER_LAYOUT), or the TPU compiler copies
+the whole buffer to read k slots. Two other forms cost more on the TPU compiler (deep setup,
+README): rings of k + 1 raw kv and k cotangents read whole (the compiler copied them between
+layouts every layer), and the one-product router gradient (`_backward_gram`: fewer bytes
+scanned, more unrolled, more HBM).
 The same switch picks the layer's parameters from its segment's stacked tree, so the segments are
 never concatenated into one copy of all layer parameters (1.2B setup: 3.4 GiB per device). One scan,
 not one per segment: the TPU compiler kept several layers' attention temporaries live across
@@ -153,6 +156,14 @@ SLOT_MAJOR_LAYOUT = (0, 1, 3, 4, 5, 2)
 # (293.6 in the dense layout). Unrolled: 1.2B 641.2 -> 639.6 GB, 8 read groups 673.8 -> 667.9,
 # deep dense 223.5 -> 222.3; the deep window rose, 180.3 -> 180.4 (8 read groups: 180.4 -> 180.6).
 ROUTED_LAYOUTS = {"dense": (3, 0, 2, 4, 1), "window": (0, 2, 3, 4, 1)}
+
+# A windowed backward's buffer ([L, B, T, R, 2, Hd] as [L, B, 2, Hd, R, T]: the layout of its
+# one-slot writes) and each window of readers sliced from it, before the product takes its own
+# copy of the k slots. Unconstrained, the TPU compiler gave the product's layout (slots next to
+# heads) to the slice's operand and so copied the whole buffer to read k of its slots, at every
+# layer (deep setup, window 8: 935.6 k estimated cycles a layer; constrained, the slice with its
+# copy 92.6 k).
+WINDOW_BUFFER_LAYOUT = (0, 1, 4, 5, 3, 2)
 
 
 def _on_platforms(platforms: tuple[str, ...], chosen: Callable, default: Callable, *args):
@@ -279,22 +290,44 @@ def _mix_window(window: int, l, W_RxLxR, buf_LxBxTxRx2xHd, may_start_uninitializ
                                           may_start_uninitialized))
 
 
+def _window_slots(buf_LxBxTxRx2xHd: jax.Array, start, size: int, l) -> jax.Array:
+  """Slots [start, start + size) of a windowed backward's buffer; under the scan (l traced)
+  sliced in the buffer's layout (WINDOW_BUFFER_LAYOUT), so that a product that wants another
+  copies only these. An unrolled stack's program counted more with the constraint (deep setup,
+  window 8: 163.1 -> 173.2 GB a step)."""
+  window_KxBxTxRx2xHd = read_slots(buf_LxBxTxRx2xHd, start, size)
+  if isinstance(l, int):
+    return window_KxBxTxRx2xHd
+  return _in_layout(window_KxBxTxRx2xHd, WINDOW_BUFFER_LAYOUT)
+
+
+def _pull_readers(W_NxRxR, dr_NxBxTxRx2xHd) -> jax.Array:
+  """sum_{i, r} W[i, r, s] drouted_i[r]: the cotangent N readers give one source's raw kv."""
+  return jnp.einsum("irs,ibtrcd->btscd", W_NxRxR, dr_NxBxTxRx2xHd,
+                    preferred_element_type=jnp.float32)
+
+
 def _cotangent_from_window(window: int, l, W_LxRxR, buf_LxBxTxRx2xHd):
   """Backward: the raw kv's cotangent from the readers i = l .. l+k-1 of its window (itself
-  included); layer 0's from every reader (all of them read it)."""
+  included). Layer 0's comes from every reader (all of them read it): here where l is static;
+  under the scan (l traced) the backward sums it as the readers go (`_sums_layer_zero_cotangent`)
+  and replaces what this gives layer 0."""
   L = buf_LxBxTxRx2xHd.shape[0]
-  pull = lambda W, dr: jnp.einsum("irs,ibtrcd->btscd", W, dr,  # noqa: E731
-                                  preferred_element_type=jnp.float32)
   size = _window_size(window, L)
-  def from_window(W_LxRxR, buf_LxBxTxRx2xHd):
-    start = _window_start(l, size, L)
-    return pull(read_slots(W_LxRxR, start, size), read_slots(buf_LxBxTxRx2xHd, start, size))
-  from_all = lambda W_LxRxR, buf_LxBxTxRx2xHd: pull(W_LxRxR, buf_LxBxTxRx2xHd)  # noqa: E731
   if size == 0 or (isinstance(l, int) and l == 0):  # size 0: a one-layer stack
-    return from_all(W_LxRxR, buf_LxBxTxRx2xHd)
-  if isinstance(l, int):
-    return from_window(W_LxRxR, buf_LxBxTxRx2xHd)
-  return jax.lax.cond(l == 0, from_all, from_window, W_LxRxR, buf_LxBxTxRx2xHd)
+    return _pull_readers(W_LxRxR, buf_LxBxTxRx2xHd)
+  start = _window_start(l, size, L)
+  return _pull_readers(read_slots(W_LxRxR, start, size),
+                       _window_slots(buf_LxBxTxRx2xHd, start, size, l))
+
+
+def _sums_layer_zero_cotangent(window: int | None, scanned: bool, L: int) -> bool:
+  """Whether the backward carries layer 0's raw kv cotangent, summed reader by reader (float32,
+  one slot): a window under the scan. Read from all L slots at layer 0 instead, behind a
+  conditional on the traced index, the TPU compiler counted that read at every layer (deep
+  setup, window 8: 400.8 k estimated cycles a layer; run at one). Read once after the loop, it
+  held one more copy of the buffer at the peak (deep setup, window 8: HBM 4.35 -> 4.83 GiB)."""
+  return window is not None and scanned and _window_size(window, L) > 0
 
 
 def _router_row_gradient_window(window: int, l, drouted_BxTxRx2xHd, buf_LxBxTxRx2xHd):
@@ -310,7 +343,7 @@ def _router_row_gradient_window(window: int, l, drouted_BxTxRx2xHd, buf_LxBxTxRx
     return dW_RxLxR
   start = _window_start(l - size + 1, size, L)
   return jax.lax.dynamic_update_slice_in_dim(
-      dW_RxLxR, grad(read_slots(buf_LxBxTxRx2xHd, start, size)), start, 1)
+      dW_RxLxR, grad(_window_slots(buf_LxBxTxRx2xHd, start, size, l)), start, 1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5, 6))
@@ -508,10 +541,12 @@ def _backward_by_rows(groups, window, unroll, buf_LxBxTxRx2xHd, columns_LxLxRxR,
   dtype = buf_LxBxTxRx2xHd.dtype
   source_L = jnp.arange(L)
   whole_reads = _reads_whole(groups, window)
+  first_column_LxRxR = columns_LxLxRxR[0]  # W[i, r, 0, s]: each reader's weights on layer 0
 
   def body(carry, layer_residuals: _LayerResiduals, column_LxRxR, l):
-    # buf: slots j <= l raw kv, slots i > l the cotangents of readers i's routed kv.
-    dx_BxTxD, buf_LxBxTxRx2xHd = carry
+    # buf: slots j <= l raw kv, slots i > l the cotangents of readers i's routed kv. dfirst
+    # (`_sums_layer_zero_cotangent`): layer 0's raw kv cotangent from readers l+1 and later.
+    dx_BxTxD, buf_LxBxTxRx2xHd, *dfirst = carry
     vjp_kv, vjp_rest = layer_residuals.vjps()
     dparams_rest, dx_rest_BxTxD, dhandoff, drouted_BxTxRx2xHd = vjp_rest(dx_BxTxD)
     if window is None:
@@ -523,19 +558,27 @@ def _backward_by_rows(groups, window, unroll, buf_LxBxTxRx2xHd, columns_LxLxRxR,
     # Slot l's raw kv is read above and not needed again: its cotangent takes the slot, after
     # that read (nothing else orders them; a compiler that wrote first would copy the buffer).
     drouted_BxTxRx2xHd, dW_RxLxR = jax.lax.optimization_barrier((drouted_BxTxRx2xHd, dW_RxLxR))
+    drouted_BxTxRx2xHd = drouted_BxTxRx2xHd.astype(dtype)
     buf_LxBxTxRx2xHd = _slot_major(jax.lax.dynamic_update_index_in_dim(
-        buf_LxBxTxRx2xHd, drouted_BxTxRx2xHd.astype(dtype), l, 0), whole_reads)
+        buf_LxBxTxRx2xHd, drouted_BxTxRx2xHd, l, 0), whole_reads)
     if window is None:
       dkv_BxTxRx2xHd = _switch_on_group(groups, l, _cotangent_from_readers, column_LxRxR,
                                         buf_LxBxTxRx2xHd)
     else:
       dkv_BxTxRx2xHd = _cotangent_from_window(window, l, column_LxRxR, buf_LxBxTxRx2xHd)
+    if dfirst:  # reader l's share of layer 0's cotangent; at layer 0 the sum is its cotangent
+      dfirst = [dfirst[0] + _pull_readers(read_slots(first_column_LxRxR, l, 1),
+                                          drouted_BxTxRx2xHd[None])]
+      dkv_BxTxRx2xHd = jnp.where(l == 0, dfirst[0], dkv_BxTxRx2xHd)
     dparams_kv, dx_kv_BxTxD = vjp_kv((dkv_BxTxRx2xHd.astype(dtype), dhandoff))
     dparams_l = jax.tree.map(jnp.add, dparams_kv, dparams_rest)
-    return (dx_rest_BxTxD + dx_kv_BxTxD, buf_LxBxTxRx2xHd), (dparams_l, dW_RxLxR)
+    return (dx_rest_BxTxD + dx_kv_BxTxD, buf_LxBxTxRx2xHd, *dfirst), (dparams_l, dW_RxLxR)
 
+  carry = (dx_BxTxD, buf_LxBxTxRx2xHd)
+  if _sums_layer_zero_cotangent(window, not isinstance(saved, list), L):
+    carry += (jnp.zeros(buf_LxBxTxRx2xHd.shape[1:], jnp.float32),)
   carry, (dparams_L, dW_LxRxLxR) = _layers_in_reverse(
-      body, (dx_BxTxD, buf_LxBxTxRx2xHd), saved, columns_LxLxRxR, source_L, unroll)
+      body, carry, saved, columns_LxLxRxR, source_L, unroll)
   return carry[0], dparams_L, dW_LxRxLxR
 
 
