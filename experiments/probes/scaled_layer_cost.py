@@ -16,12 +16,15 @@ Measured 2026-12-06 (jax 0.10.2, v5p:2x2x1, deep setup): a layer of the baseline
 window of 8 3.86 GB. The bodies' cycles showed why, and what the difference misses: a copy of the
 whole kv buffer into another layout (935.6 k cycles) inside the window's backward branch, and,
 in a variant without that branch, two such copies in every loop body whether it held one layer
-or two, which the difference cancels (README, "What the scaled window count holds"). The dump's
-format is the compiler's and may change.
+or two, which the difference cancels (README, "What the scanned window cost"). 2026-12-07, with
+the window read in the buffer's layout: a layer of the window 3.46 GB, its backward body 1896.4 k
+cycles against 3193.7 k. `--keep-dump DIR` keeps both programs' dumps (DIR/1, DIR/2) to read
+an instruction whole. The dump's format is the compiler's and may change.
 """
 
 import argparse
 import collections
+import contextlib
 import glob
 import os
 import re
@@ -69,6 +72,8 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--config", required=True)
   parser.add_argument("--topology", default="v5p:2x2x1")
   parser.add_argument("--top", type=int, default=0, help="list each loop body's N costliest ops")
+  parser.add_argument("--keep-dump", metavar="DIR",
+                      help="write the codegen dumps under DIR (kept) instead of a temporary one")
   parser.add_argument("overrides", nargs="*")
   args = parser.parse_args(argv)
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
@@ -80,12 +85,14 @@ def main(argv: list[str]) -> int:
   backends.avoid_absent_tpu()  # libtpu is only the compiler here
   tpu = topology.tpu_slice(args.topology)
   cfg = load_experiment(args.config, args.overrides)
-  with tempfile.TemporaryDirectory(prefix="scaled_layer_cost_") as dump_dir:
+  with (contextlib.nullcontext(args.keep_dump) if args.keep_dump
+        else tempfile.TemporaryDirectory(prefix="scaled_layer_cost_")) as dump_dir:
     costs = []
     for per_body in (1, 2):
       one = cfg.replace(model=cfg.model.replace(scan_unroll=per_body))
       compiled, _, _ = plan._compile(one, list(tpu.devices),
-                                     os.path.join(dump_dir, str(per_body)) if args.top else None)
+                                     os.path.join(dump_dir, str(per_body))
+                                     if args.top or args.keep_dump else None)
       costs.append(plan.compiled_cost(compiled))
     (flops_1, bytes_1, step_1), (flops_2, bytes_2, step_2) = costs
     _, scaled_bytes, _ = plan.scaled_cost(*costs, cfg.model.L)
