@@ -237,13 +237,19 @@ def _mix_sources(group: ReadGroup, may_start_uninitialized: bool):
   return mix
 
 
+def _pull_readers(W_NxRxR, dr_NxBxTxRx2xHd) -> jax.Array:
+  """sum_{i, r} W[i, r, s] drouted_i[r]: the cotangent N readers give one source's raw kv."""
+  return jnp.einsum("irs,ibtrcd->btscd", W_NxRxR, dr_NxBxTxRx2xHd,
+                    preferred_element_type=jnp.float32)
+
+
 def _cotangent_from_readers(group: ReadGroup):
   """Backward: the raw kv's cotangent sum_{i, r} W[i, r, l, s] drouted_i[r] over the group's
   readers (the column is zero for i < l, whose slots still hold raw kv)."""
   lo, hi = group.readers
   def pull(W_LxRxR, buf_LxBxTxRx2xHd):
-    return jnp.einsum("irs,ibtrcd->btscd", read_slots(W_LxRxR, lo, hi - lo),
-                      read_slots(buf_LxBxTxRx2xHd, lo, hi - lo), preferred_element_type=jnp.float32)
+    return _pull_readers(read_slots(W_LxRxR, lo, hi - lo),
+                         read_slots(buf_LxBxTxRx2xHd, lo, hi - lo))
   return pull
 
 
@@ -299,12 +305,6 @@ def _window_slots(buf_LxBxTxRx2xHd: jax.Array, start, size: int, l) -> jax.Array
   if isinstance(l, int):
     return window_KxBxTxRx2xHd
   return _in_layout(window_KxBxTxRx2xHd, WINDOW_BUFFER_LAYOUT)
-
-
-def _pull_readers(W_NxRxR, dr_NxBxTxRx2xHd) -> jax.Array:
-  """sum_{i, r} W[i, r, s] drouted_i[r]: the cotangent N readers give one source's raw kv."""
-  return jnp.einsum("irs,ibtrcd->btscd", W_NxRxR, dr_NxBxTxRx2xHd,
-                    preferred_element_type=jnp.float32)
 
 
 def _cotangent_from_window(window: int, l, W_LxRxR, buf_LxBxTxRx2xHd):

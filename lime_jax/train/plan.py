@@ -15,11 +15,11 @@ published figures. `cost="scaled"` counts the scanned program itself instead: co
 `scan_unroll` 1 and 2 (one and two layers per loop body), a layer's cost is the difference and
 the step's is c1 + (L - 1) (c2 - c1). That is the program training runs, and deep stacks compile
 in a minute where unrolling takes several; it needs one layer loop of the same body each way
-(one scan segment, an even L) and counts both branches of a `lax.cond` in the body (the windowed
-pull's backward has one for layer 0). Being a difference of two programs, it also drops what
-they share once per loop body, such as a layout copy at the body's edges, which training's
-program (one layer a body) runs at every layer; experiments/probes/scaled_layer_cost.py shows
-each body's instructions.
+(one scan segment, an even L) and would count every branch of a conditional in the body at
+every layer (no accepted program has one: test_plan checks). Being a difference of two
+programs, it also drops what they share once per loop body, such as a layout copy at the body's
+edges, which training's program (one layer a body) runs at every layer;
+experiments/probes/scaled_layer_cost.py shows each body's instructions.
 
 CPU plans report per device:
 
