@@ -4,6 +4,7 @@ LIMe and the other cross-layer methods (lime_jax/studies/bench.py says what each
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 
@@ -11,7 +12,7 @@ from lime_jax.cli import glibc_tunables
 from lime_jax.config import CONNECTIONS, ROUTERS
 from lime_jax.parallel import topology
 from lime_jax.studies import torch_reference
-from lime_jax.studies.bench import (bench_decode, finish_point, format_tables,
+from lime_jax.studies.bench import (TORCH_LLAMA, bench_decode, finish_point, format_tables,
                                     prepare_point, ratio_rows, time_rounds, topology_point,
                                     topology_table, torch_table, variant_config)
 from lime_jax.train import environment
@@ -32,10 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--length", type=int, default=256)
   parser.add_argument("--steps", type=int, default=3,
                       help="timed steps per point (median), in as many rounds: each round runs"
-                           " one step of every variant at the depth (PyTorch's run on their own)")
+                           " one step of every variant at the depth (PyTorch's Llama's too)")
   parser.add_argument("--sequential", action="store_true",
                       help="time each point on its own, one after the other, instead of in"
-                           " rounds (holds one compiled point at a time)")
+                           " rounds (holds one compiled point at a time; PyTorch's after ours)")
   parser.add_argument("--remat", default="none")
   parser.add_argument("--decode", action="store_true",
                       help="also time greedy cached decoding (--length/2 prompt tokens, then"
@@ -47,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            " it on the CPU; needs libtpu: pip install 'lime_jax[tpu]'")
   parser.add_argument("--against-torch", action="store_true",
                       help="also time transformers' LlamaForCausalLM (PyTorch, float32, AdamW) at"
-                           " each depth's baseline shape, and report ours/PyTorch step ratios;"
-                           " needs pip install 'lime_jax[hf]'")
+                           " each depth's baseline shape, in a process of its own, and report"
+                           " ours/PyTorch step ratios; needs pip install 'lime_jax[hf]'")
   parser.add_argument("--json", default=None, help="write the records to this JSON file")
 
 
@@ -64,23 +65,35 @@ def _parse_ints(text: str, flag: str) -> list[int]:
 
 def _time_depth(args: argparse.Namespace, depth: int, routers: list[str],
                 shape: dict[str, int]) -> list[dict]:
-  """The depth's variants on this CPU: compiled, then timed in rounds (or each on its own with
-  --sequential); then PyTorch's Llama, in a process of its own: right after a PyTorch step, our
-  next step ran slower (64 layers: 5.2 against 4.4 s, README)."""
-  records, ready = [], []
-  for router in routers:
-    cfg = variant_config(router, L=depth, remat_policy=args.remat, **shape)
-    point = prepare_point(cfg, args.batch)
-    point.record.update(router=router, _cfg=cfg)  # the variant's label
-    if args.sequential:
-      (times,) = time_rounds([point], args.steps)
-      records.append(finish_point(point, times, "sequential"))
-    else:
-      ready.append(point)
-  if ready:
-    records = [finish_point(point, times, "interleaved")
-               for point, times in zip(ready, time_rounds(ready, args.steps))]
+  """The depth's variants on this CPU: compiled, then timed in rounds, PyTorch's Llama among
+  them in a worker process of its own (studies/torch_reference.py); with --sequential each
+  point on its own, and PyTorch's after ours in a process of its own."""
+  with contextlib.ExitStack() as stack:
+    records, ready = [], []
+    for router in routers:
+      cfg = variant_config(router, L=depth, remat_policy=args.remat, **shape)
+      point = prepare_point(cfg, args.batch)
+      point.record.update(router=router, _cfg=cfg)  # the variant's label
+      if args.sequential:
+        (times,) = time_rounds([point], args.steps)
+        records.append(finish_point(point, times, "sequential"))
+      else:
+        ready.append(point)
+    torch_worker = None
+    if args.against_torch and not args.sequential:  # started after our compiles: not beside them
+      torch_worker = stack.enter_context(torch_reference.LlamaApart(
+          variant_config("none", L=depth, **shape), args.batch, _torch_env()))
+      ready.append(torch_worker.point)
+    if ready:
+      records = [finish_point(point, times, "interleaved")
+                 for point, times in zip(ready, time_rounds(ready, args.steps))]
+    if torch_worker is not None:
+      records[-1]["environment"] = torch_worker.worker_environment()
   for record in records:
+    if record["router"] == TORCH_LLAMA:
+      print(f"router={record['router']} depth={depth:4d} step={record['step_s']:7.3f} s",
+            flush=True)
+      continue
     if args.decode:
       record.update(bench_decode(record["_cfg"], args.batch, args.length // 2,
                                  args.decode_tokens))
@@ -90,7 +103,7 @@ def _time_depth(args: argparse.Namespace, depth: int, routers: list[str],
     print(f"router={record['router']:9s} depth={depth:4d}"
           f" temp={record['temp_bytes'] / 2**20:9.1f} MiB flops={record['flops'] / 1e9:9.2f} G"
           f" compile={record['compile_s']:6.2f} s step={record['step_s']:7.3f} s", flush=True)
-  if args.against_torch:
+  if args.against_torch and args.sequential:
     record = torch_reference.llama_step_point_apart(
         variant_config("none", L=depth, **shape), args.batch, args.steps, _torch_env())
     print(f"router={record['router']} depth={depth:4d} step={record['step_s']:7.3f} s",

@@ -17,8 +17,8 @@ Step times are taken in rounds (`time_rounds`): every variant at a depth runs on
 round, so a slowdown of the shared machine lands on all of them alike, and a step ratio is the
 median over rounds of the ratio within each round (`timing: interleaved`). `--sequential` times
 each point on its own instead, one after the other, as earlier tables were (`timing:
-sequential`; the ratio of the medians). PyTorch's Llama (`--against-torch`) is always timed on
-its own: a step of ours right after one of PyTorch's runs slower.
+sequential`; the ratio of the medians). PyTorch's Llama (`--against-torch`) runs in a process of
+its own (studies/torch_reference.py), in the rounds too unless `--sequential`.
 
 With a TPU topology (`topology_point`), the sharded step (fsdp over the slice) is compiled by
 the TPU compiler instead and nothing runs: per-device HBM of the scanned step, and XLA FLOPs,

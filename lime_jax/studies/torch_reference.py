@@ -2,11 +2,16 @@
 trained one step at a time on the CPU, at the shape of our baseline (`router: none`).
 
 The step is what ours does: float32 forward, loss, backward, global-norm clipping and AdamW
-with our optimizer's defaults (train/optimizer.py), one warm-up step, then the median of
-`steps` timed ones, in a Python process of their own (`llama_step_point_apart`: not in our
-rounds, nor in our process, studies/bench.py). The model is built from `interop.hf.hf_config`,
-so its shape is exactly the one our export writes. This times Llama only: the reference LIMe
-code is not a package and is not fetched here.
+with our optimizer's defaults (train/optimizer.py). It always runs in a Python process of its
+own (in ours, a step of ours right after a PyTorch step ran slower, and each library keeps its
+own allocator settings, cli/bench.py). Two ways to time it:
+- `LlamaApart`: a worker process that runs one step per request, so PyTorch's steps join our
+  rounds (bench.time_rounds) and ours/PyTorch is a median of ratios taken a step apart;
+- `llama_step_point_apart`: one warm-up step, then the median of `steps` timed ones, after ours
+  (`--sequential`): the ratio of two medians taken minutes apart, which this shared machine's
+  drift moved by up to 20%.
+The model is built from `interop.hf.hf_config`, so its shape is exactly the one our export
+writes. This times Llama only: the reference LIMe code is not a package and is not fetched here.
 
 torch and transformers are the optional `hf` extra; without them, a one-line error says so.
 """
@@ -17,12 +22,14 @@ import importlib.util
 import json
 import subprocess
 import sys
+import tempfile
 import time
-from typing import Any
+from typing import Any, IO
 
 from lime_jax.config import ModelConfig
 from lime_jax.interop import hf
 from lime_jax.studies import bench
+from lime_jax.train import environment
 from lime_jax.train.optimizer import OptimConfig
 
 
@@ -118,7 +125,111 @@ def llama_step_point_apart(cfg: ModelConfig, batch: int, steps: int, env: dict[s
                          text=True, env=env, check=False)
   lines = child.stdout.strip().splitlines()
   if child.returncode != 0 or not lines:
-    tail = (child.stderr.strip().splitlines() or ["no output"])[-1]
-    raise ValueError(f"--against-torch: the PyTorch process failed (exit {child.returncode}):"
-                     f" {tail}")
+    raise _child_failed(child.returncode, child.stderr)
   return json.loads(lines[-1])
+
+
+def _child_failed(returncode: int | None, stderr: str) -> ValueError:
+  tail = (stderr.strip().splitlines() or ["no output"])[-1]
+  return ValueError(f"--against-torch: the PyTorch process failed (exit {returncode}): {tail}")
+
+
+def _describe_torch() -> dict[str, Any]:
+  torch, transformers = _import_torch()
+  return dict(environment.describe(), torch=torch.__version__,
+              transformers=transformers.__version__)
+
+
+def serve_llama_steps(requests: IO[str], replies: IO[str]) -> None:
+  """The worker's loop (`LlamaApart`'s child): a JSON request (model, batch, seed), then one
+  line per command: `step` runs a step and replies its seconds and whether its loss was finite,
+  `describe` replies this process's environment; end of input ends it. A reply is one JSON line
+  (whatever else a library prints goes to stderr, not here)."""
+  request = json.loads(requests.readline())
+  point = prepare_llama(ModelConfig.from_dict(request["model"]), request["batch"],
+                        request["seed"])
+
+  def reply(obj: dict[str, Any]) -> None:
+    replies.write(json.dumps(obj) + "\n")
+    replies.flush()
+
+  reply({"ready": True})
+  for line in requests:
+    command = line.strip()
+    if command == "step":
+      seconds = point.step()
+      reply({"step_s": seconds, "finite": point.finite()})
+    elif command == "describe":
+      reply({"environment": _describe_torch()})
+    else:
+      raise ValueError(f"serve_llama_steps: unknown command {command!r}")
+
+
+_WORKER = """
+import sys
+from lime_jax.studies import torch_reference
+replies = sys.stdout
+sys.stdout = sys.stderr  # the replies' stream carries replies only
+torch_reference.serve_llama_steps(sys.stdin, replies)
+"""
+
+
+class LlamaApart:
+  """PyTorch's Llama step in a worker process of its own (environment `env`), timed one step
+  per request: `point` joins bench.time_rounds beside ours, so each round pairs a step of ours
+  with one of PyTorch's taken seconds apart. Only one library runs at a time: the worker waits
+  on its input while ours steps, and ours waits on the reply while it steps. A context manager:
+  leaving it ends the worker; `worker_environment()` is the worker's own (versions, malloc settings),
+  for its record."""
+
+  def __init__(self, cfg: ModelConfig, batch: int, env: dict[str, str], seed: int = 0):
+    _require_torch_installed()  # without torch: the one-line error here, not a child's traceback
+    if cfg.router != "none" or cfg.connections != "none":  # said before a process starts
+      raise ValueError(f"--against-torch times Llama, the baseline; got router={cfg.router},"
+                       f" connections={cfg.connections}")
+    self._stderr = tempfile.TemporaryFile(mode="w+")  # a file: a full pipe would block the worker
+    self._child = subprocess.Popen([sys.executable, "-c", _WORKER], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+                                   env=env, bufsize=1)
+    self._last = {"finite": False}
+    self._ask(json.dumps({"model": cfg.to_dict(), "batch": batch, "seed": seed}))
+    nan = float("nan")
+    record = {"router": bench.TORCH_LLAMA, "depth": cfg.L, "width": cfg.D, "temp_bytes": nan,
+              "flops": nan, "compile_s": nan}
+    self.point = bench.ReadyPoint(record, self._step, lambda: self._last["finite"])
+
+  def _ask(self, line: str) -> dict[str, Any]:
+    try:
+      self._child.stdin.write(line + "\n")
+      self._child.stdin.flush()
+      reply = self._child.stdout.readline()
+    except BrokenPipeError:
+      reply = ""
+    if not reply:  # the worker ended: its own error, in one line
+      self.close()
+      self._stderr.seek(0)
+      raise _child_failed(self._child.returncode, self._stderr.read())
+    return json.loads(reply)
+
+  def _step(self) -> float:
+    self._last = self._ask("step")
+    return self._last["step_s"]
+
+  def worker_environment(self) -> dict[str, Any]:
+    return self._ask("describe")["environment"]
+
+  def close(self) -> None:
+    if self._child.poll() is None:
+      self._child.stdin.close()
+      try:
+        self._child.wait(timeout=60)
+      except subprocess.TimeoutExpired:
+        self._child.kill()
+        self._child.wait()
+
+  def __enter__(self) -> "LlamaApart":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+    self._stderr.close()
