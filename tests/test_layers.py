@@ -1,6 +1,7 @@
 """layers.py: the fused attention option and attention by query blocks compute what our einsum
-attention computes; remat recomputes in straight-line code too."""
+attention computes; remat recomputes in straight-line code too; the MLP saves no activation."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,3 +131,35 @@ def test_remat_recomputes_in_straight_line_code(layout):
   step without it: full remat must cost FLOPs there."""
   model_checks.assert_full_remat_recomputes(
       ModelConfig(V=64, D=32, L=4, H=4, R=2, F=64, T=8).replace(**layout))
+
+
+def test_the_mlp_saves_its_hidden_not_its_activation():
+  """The MLP's backward recomputes silu(gate) * up from the saved gate and up products: no
+  float32 [B, T, F] array is saved, and the gradient is plain autodiff's."""
+  cfg = ModelConfig(V=64, D=32, L=1, H=4, F=48, T=16, router="none")
+  B = 2
+  mlp = layers.Mlp(cfg)
+  x = jax.random.normal(jax.random.key(0), (B, cfg.T, cfg.D))
+  params = nn.unbox(mlp.init(jax.random.key(1), x))
+
+  def loss(params, x, forward):
+    return jnp.sum(jnp.sin(forward(params, x)))
+
+  def unrematerialized(params, x):
+    p = params["params"]
+    h = jnp.einsum("btd,dkf->btkf", x, p["gate_up"])
+    return jnp.einsum("btf,fd->btd", jax.nn.silu(h[:, :, 0]) * h[:, :, 1], p["down"])
+
+  saved = [line.split()[0] for line in model_checks.saved_residuals(
+      lambda p, x: loss(p, x, mlp.apply), params, x)]
+  assert f"f32[{B},{cfg.T},2,{cfg.F}]" in saved  # h, the products' output
+  assert not [shape for shape in saved if shape.endswith(f"{cfg.T},{cfg.F}]")], saved
+  # The unrematerialized form saves the activation's operands: what the check above detects.
+  assert [line for line in model_checks.saved_residuals(
+      lambda p, x: loss(p, x, unrematerialized), params, x)
+          if line.split()[0] == f"f32[{B},{cfg.T},{cfg.F}]"]
+  want = jax.grad(loss, argnums=(0, 1))(params, x, unrematerialized)
+  got = jax.grad(loss, argnums=(0, 1))(params, x, mlp.apply)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+

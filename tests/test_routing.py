@@ -179,16 +179,17 @@ def test_unrolled_training_memory_grows_linearly_with_depth(attention_impl):
 @pytest.mark.parametrize("changes", [dict(scan_segments=2), dict(router_window=2, scan_segments=1)],
                          ids=["dense", "ring"])
 def test_recomputed_raw_kv_saves_a_float32_kv_per_layer(changes):
-  """`push_raw_kv: recompute` (the default) holds at least one float32 raw kv per layer less
-  compiled temp memory in the scanned training step than `save`, and computes the same loss
-  and gradients."""
+  """`push_raw_kv: recompute` (the default) saves no float32 raw kv per layer, and recomputes
+  one at a time in the backward: at least L - 1 raw kvs less compiled temp memory in the
+  scanned training step than `save` (the peak may hold the one being recomputed: 7 of 8 here
+  since the MLP's activation is rematerialized, 8 before), and the same loss and gradients."""
   cfg = ModelConfig(V=64, D=64, L=8, H=4, R=4, F=128, T=64, **changes)
   B = 2
   temp_bytes = {mode: bench.bench_point(cfg.replace(push_raw_kv=mode), B, steps=0,
                                         measure_flops=False)["temp_bytes"]
                 for mode in ("recompute", "save")}
   raw_kv_bytes = B * cfg.T * cfg.R * 2 * cfg.Hd * 4
-  assert temp_bytes["save"] - temp_bytes["recompute"] >= 0.9 * cfg.L * raw_kv_bytes, temp_bytes
+  assert temp_bytes["save"] - temp_bytes["recompute"] >= (cfg.L - 1) * raw_kv_bytes, temp_bytes
 
   small = cfg.replace(D=32, Hd=8, F=64, T=8, R=2)
   params = _random_router_params(small)

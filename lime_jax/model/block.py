@@ -63,7 +63,7 @@ class Block(nn.Module):
           carry if mixes_by_query else None)
     stream, carry = mixer.leave(stream, carry, attn_BxTxD, mix)
     x_BxTxD, mix = mixer.enter(self, stream, carry, 2 * layer_idx + 1, "mlp")
-    mlp = maybe_remat(Mlp, cfg, straight_line)(cfg, name="mlp")
+    mlp = maybe_remat(Mlp, cfg, straight_line)(cfg, straight_line, name="mlp")
     stream, carry = mixer.leave(stream, carry, mlp(Norm(cfg, name="mlp_norm")(x_BxTxD)), mix)
     stream, carry = mixer.after_layer(self, stream, carry, layer_idx)
     stream = constrain(stream, *mixer.stream_axes())

@@ -171,10 +171,24 @@ def cache_append(cache: KVCache, layer_idx, k_BxTxRxHd: jax.Array, v_BxTxRxHd: j
           v_BxTxRxHd.astype(dtype)))
 
 
+def activate_and_project_down(h_BxTx2xF: jax.Array, down_FxD: jax.Array) -> jax.Array:
+  """silu(gate) * up, projected down."""
+  h_BxTxF = nn.silu(h_BxTx2xF[:, :, 0]) * h_BxTx2xF[:, :, 1]
+  return jnp.einsum("btf,fd->btd", h_BxTxF, down_FxD)
+
+
 class Mlp(nn.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  """SwiGLU: down(silu(gate(x)) * up(x)).
+
+  The activation is rematerialized: the backward recomputes it from h, the gate and up
+  products' output, which is saved anyway, instead of saving autodiff's [B, T, F]
+  intermediates of it (silu's and the product's operands) for every layer; elementwise work
+  is cheaper than those bytes (README, "The MLP's activation, rematerialized").
+  `straight_line` as for layers.maybe_remat: CSE prevented where the layer is straight-line code.
+  """
 
   cfg: ModelConfig
+  straight_line: bool = True
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
@@ -185,8 +199,8 @@ class Mlp(nn.Module):
     down_FxD = self.param("down", logical(normal_init, "mlp", "embed"), (cfg.F, cfg.D), pdt)
     h_BxTx2xF = jnp.einsum("btd,dkf->btkf", x_BxTxD, gate_up_Dx2xF.astype(cdt))
     h_BxTx2xF = checkpoint_name(h_BxTx2xF, "mlp_hidden")
-    h_BxTxF = nn.silu(h_BxTx2xF[:, :, 0]) * h_BxTx2xF[:, :, 1]
-    return jnp.einsum("btf,fd->btd", h_BxTxF, down_FxD.astype(cdt))
+    activate = jax.checkpoint(activate_and_project_down, prevent_cse=self.straight_line)
+    return activate(h_BxTx2xF, down_FxD.astype(cdt))
 
 
 class Attention(nn.Module):
