@@ -179,8 +179,8 @@ class LlamaApart:
   per request: `point` joins bench.time_rounds beside ours, so each round pairs a step of ours
   with one of PyTorch's taken seconds apart. Only one library runs at a time: the worker waits
   on its input while ours steps, and ours waits on the reply while it steps. A context manager:
-  leaving it ends the worker; `worker_environment()` is the worker's own (versions, malloc settings),
-  for its record."""
+  leaving it ends the worker; `worker_environment()` is the worker's own (versions, malloc
+  settings), for its record."""
 
   def __init__(self, cfg: ModelConfig, batch: int, env: dict[str, str], seed: int = 0):
     _require_torch_installed()  # without torch: the one-line error here, not a child's traceback
