@@ -192,6 +192,7 @@ class LlamaApart:
                                    stdout=subprocess.PIPE, stderr=self._stderr, text=True,
                                    env=env, bufsize=1)
     self._last = {"finite": False}
+    self._failure: ValueError | None = None  # once the worker has ended, every request says why
     self._ask(json.dumps({"model": cfg.to_dict(), "batch": batch, "seed": seed}))
     nan = float("nan")
     record = {"router": bench.TORCH_LLAMA, "depth": cfg.L, "width": cfg.D, "temp_bytes": nan,
@@ -199,6 +200,8 @@ class LlamaApart:
     self.point = bench.ReadyPoint(record, self._step, lambda: self._last["finite"])
 
   def _ask(self, line: str) -> dict[str, Any]:
+    if self._failure is not None:
+      raise self._failure
     try:
       self._child.stdin.write(line + "\n")
       self._child.stdin.flush()
@@ -208,7 +211,8 @@ class LlamaApart:
     if not reply:  # the worker ended: its own error, in one line
       self.close()
       self._stderr.seek(0)
-      raise _child_failed(self._child.returncode, self._stderr.read())
+      self._failure = _child_failed(self._child.returncode, self._stderr.read())
+      raise self._failure
     return json.loads(reply)
 
   def _step(self) -> float:
