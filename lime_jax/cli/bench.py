@@ -68,27 +68,31 @@ def _time_depth(args: argparse.Namespace, depth: int, routers: list[str],
   """The depth's variants on this CPU: compiled, then timed in rounds, PyTorch's Llama among
   them in a worker process of its own (studies/torch_reference.py); with --sequential each
   point on its own, and PyTorch's after ours in a process of its own."""
+  records, ready = [], []
+  for router in routers:
+    cfg = variant_config(router, L=depth, remat_policy=args.remat, **shape)
+    point = prepare_point(cfg, args.batch)
+    point.record.update(router=router, _cfg=cfg)  # the variant's label
+    if args.sequential:
+      (times,) = time_rounds([point], args.steps)
+      records.append(finish_point(point, times, "sequential"))
+    else:
+      ready.append(point)
+  llama_cfg = variant_config("none", L=depth, **shape)
   with contextlib.ExitStack() as stack:
-    records, ready = [], []
-    for router in routers:
-      cfg = variant_config(router, L=depth, remat_policy=args.remat, **shape)
-      point = prepare_point(cfg, args.batch)
-      point.record.update(router=router, _cfg=cfg)  # the variant's label
-      if args.sequential:
-        (times,) = time_rounds([point], args.steps)
-        records.append(finish_point(point, times, "sequential"))
-      else:
-        ready.append(point)
     torch_worker = None
     if args.against_torch and not args.sequential:  # started after our compiles: not beside them
-      torch_worker = stack.enter_context(torch_reference.LlamaApart(
-          variant_config("none", L=depth, **shape), args.batch, _torch_env()))
+      torch_worker = stack.enter_context(
+          torch_reference.LlamaApart(llama_cfg, args.batch, _torch_env()))
       ready.append(torch_worker.point)
     if ready:
       records = [finish_point(point, times, "interleaved")
                  for point, times in zip(ready, time_rounds(ready, args.steps))]
     if torch_worker is not None:
       records[-1]["environment"] = torch_worker.worker_environment()
+  if args.against_torch and args.sequential:
+    records.append(torch_reference.llama_step_point_apart(llama_cfg, args.batch, args.steps,
+                                                          _torch_env()))
   for record in records:
     if record["router"] == TORCH_LLAMA:
       print(f"router={record['router']} depth={depth:4d} step={record['step_s']:7.3f} s",
@@ -103,12 +107,6 @@ def _time_depth(args: argparse.Namespace, depth: int, routers: list[str],
     print(f"router={record['router']:9s} depth={depth:4d}"
           f" temp={record['temp_bytes'] / 2**20:9.1f} MiB flops={record['flops'] / 1e9:9.2f} G"
           f" compile={record['compile_s']:6.2f} s step={record['step_s']:7.3f} s", flush=True)
-  if args.against_torch and args.sequential:
-    record = torch_reference.llama_step_point_apart(
-        variant_config("none", L=depth, **shape), args.batch, args.steps, _torch_env())
-    print(f"router={record['router']} depth={depth:4d} step={record['step_s']:7.3f} s",
-          flush=True)
-    records.append(record)
   return records
 
 

@@ -61,12 +61,28 @@ def llama_model(cfg: ModelConfig, seed: int = 0):
   return transformers.LlamaForCausalLM(transformers.LlamaConfig(**keys)).float().train()
 
 
-def prepare_llama(cfg: ModelConfig, batch: int, seed: int = 0) -> bench.ReadyPoint:
-  """A full training step of the HF Llama of `cfg`'s shape, ready to time (bench.time_rounds);
-  what is not measured here is NaN in its record."""
+def _require_baseline(cfg: ModelConfig) -> None:
   if cfg.router != "none" or cfg.connections != "none":
     raise ValueError(f"--against-torch times Llama, the baseline; got router={cfg.router},"
                      f" connections={cfg.connections}")
+
+
+def _llama_record(cfg: ModelConfig) -> dict[str, Any]:
+  """A Llama point's record before timing: what is not measured here is NaN."""
+  nan = float("nan")
+  return {"router": bench.TORCH_LLAMA, "depth": cfg.L, "width": cfg.D, "temp_bytes": nan,
+          "flops": nan, "compile_s": nan}
+
+
+def _torch_versions() -> dict[str, str]:
+  torch, transformers = _import_torch()
+  return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def prepare_llama(cfg: ModelConfig, batch: int, seed: int = 0) -> bench.ReadyPoint:
+  """A full training step of the HF Llama of `cfg`'s shape, ready to time (bench.time_rounds);
+  what is not measured here is NaN in its record."""
+  _require_baseline(cfg)
   torch, _ = _import_torch()
   model = llama_model(cfg, seed)
   optim = OptimConfig()
@@ -85,10 +101,7 @@ def prepare_llama(cfg: ModelConfig, batch: int, seed: int = 0) -> bench.ReadyPoi
     last["loss"] = float(loss.detach())  # waits for the step: torch's CPU ops are synchronous
     return time.perf_counter() - start
 
-  nan = float("nan")
-  record = {"router": bench.TORCH_LLAMA, "depth": cfg.L, "width": cfg.D, "temp_bytes": nan,
-            "flops": nan, "compile_s": nan}
-  return bench.ReadyPoint(record, step, lambda: last["loss"] == last["loss"])
+  return bench.ReadyPoint(_llama_record(cfg), step, lambda: last["loss"] == last["loss"])
 
 
 def llama_step_point(cfg: ModelConfig, batch: int, steps: int, seed: int = 0) -> dict[str, Any]:
@@ -97,8 +110,7 @@ def llama_step_point(cfg: ModelConfig, batch: int, steps: int, seed: int = 0) ->
   point = prepare_llama(cfg, batch, seed)
   (times,) = bench.time_rounds([point], steps)
   record = bench.finish_point(point, times, "sequential")
-  torch, transformers = _import_torch()
-  record["environment"].update(torch=torch.__version__, transformers=transformers.__version__)
+  record["environment"].update(_torch_versions())
   return record
 
 
@@ -134,12 +146,6 @@ def _child_failed(returncode: int | None, stderr: str) -> ValueError:
   return ValueError(f"--against-torch: the PyTorch process failed (exit {returncode}): {tail}")
 
 
-def _describe_torch() -> dict[str, Any]:
-  torch, transformers = _import_torch()
-  return dict(environment.describe(), torch=torch.__version__,
-              transformers=transformers.__version__)
-
-
 def serve_llama_steps(requests: IO[str], replies: IO[str]) -> None:
   """The worker's loop (`LlamaApart`'s child): a JSON request (model, batch, seed), then one
   line per command: `step` runs a step and replies its seconds and whether its loss was finite,
@@ -160,7 +166,7 @@ def serve_llama_steps(requests: IO[str], replies: IO[str]) -> None:
       seconds = point.step()
       reply({"step_s": seconds, "finite": point.finite()})
     elif command == "describe":
-      reply({"environment": _describe_torch()})
+      reply({"environment": dict(environment.describe(), **_torch_versions())})
     else:
       raise ValueError(f"serve_llama_steps: unknown command {command!r}")
 
@@ -184,9 +190,7 @@ class LlamaApart:
 
   def __init__(self, cfg: ModelConfig, batch: int, env: dict[str, str], seed: int = 0):
     _require_torch_installed()  # without torch: the one-line error here, not a child's traceback
-    if cfg.router != "none" or cfg.connections != "none":  # said before a process starts
-      raise ValueError(f"--against-torch times Llama, the baseline; got router={cfg.router},"
-                       f" connections={cfg.connections}")
+    _require_baseline(cfg)  # said before a process starts
     self._stderr = tempfile.TemporaryFile(mode="w+")  # a file: a full pipe would block the worker
     self._child = subprocess.Popen([sys.executable, "-c", _WORKER], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, stderr=self._stderr, text=True,
@@ -194,10 +198,7 @@ class LlamaApart:
     self._last = {"finite": False}
     self._failure: ValueError | None = None  # once the worker has ended, every request says why
     self._ask(json.dumps({"model": cfg.to_dict(), "batch": batch, "seed": seed}))
-    nan = float("nan")
-    record = {"router": bench.TORCH_LLAMA, "depth": cfg.L, "width": cfg.D, "temp_bytes": nan,
-              "flops": nan, "compile_s": nan}
-    self.point = bench.ReadyPoint(record, self._step, lambda: self._last["finite"])
+    self.point = bench.ReadyPoint(_llama_record(cfg), self._step, lambda: self._last["finite"])
 
   def _ask(self, line: str) -> dict[str, Any]:
     if self._failure is not None:
@@ -209,9 +210,10 @@ class LlamaApart:
     except BrokenPipeError:
       reply = ""
     if not reply:  # the worker ended: its own error, in one line
-      self.close()
+      self._end_worker()
       self._stderr.seek(0)
       self._failure = _child_failed(self._child.returncode, self._stderr.read())
+      self.close()
       raise self._failure
     return json.loads(reply)
 
@@ -223,6 +225,10 @@ class LlamaApart:
     return self._ask("describe")["environment"]
 
   def close(self) -> None:
+    self._end_worker()
+    self._stderr.close()
+
+  def _end_worker(self) -> None:
     if self._child.poll() is None:
       self._child.stdin.close()
       try:
@@ -236,4 +242,3 @@ class LlamaApart:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
-    self._stderr.close()
