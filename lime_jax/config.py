@@ -81,8 +81,11 @@ class ModelConfig(ConfigSection):
   # Attention without a cache (training, evaluation) by this many query blocks, each reading
   # the keys up to its own end, so the masked triangle is mostly not computed (4: 5/8 of the
   # scores); exact, since those forwards run at positions 0..T-1 (layers.causal_attention).
-  # 1: every query against every key, masked. configs/setups/paper_1p2b.yaml sets 4.
-  attention_query_blocks: int = 1
+  # 1: every query against every key, masked. None (the default; null in YAML): by platform,
+  # with `lse_recompute`: where the step is lowered for the CPU, blocks of at least 64 queries,
+  # at most 4 (lse_attention.cpu_query_blocks); one block on accelerators, with given positions
+  # and with the other impls. configs/setups/paper_1p2b.yaml sets 4.
+  attention_query_blocks: int | None = None
   # Sparse LIMe routing (any LIMe router): reader i reads source j <= i only if j == 0, or
   # i - j < router_window (the last `window` layers, itself included), or (i - j) % router_dilation
   # == 0. Both set: the union. None: dense. See routing.live_mask.
@@ -110,9 +113,10 @@ class ModelConfig(ConfigSection):
   sinkhorn_iterations: int = 20  # mHC: Sinkhorn-Knopp steps projecting H_res (mixers/mhc.py)
 
   def __post_init__(self):
-    for name in ("V", "D", "L", "H", "F", "T", "scan_segments", "scan_unroll",
-                 "attention_query_blocks"):
+    for name in ("V", "D", "L", "H", "F", "T", "scan_segments", "scan_unroll"):
       _require_positive_int(name, getattr(self, name))
+    if self.attention_query_blocks is not None:
+      _require_positive_int("attention_query_blocks", self.attention_query_blocks)
     if self.R is None:
       object.__setattr__(self, "R", self.H)
     _require_positive_int("R", self.R)

@@ -1,6 +1,8 @@
 """layers.py: the fused attention option and attention by query blocks compute what our einsum
 attention computes; remat recomputes in straight-line code too; the MLP saves no activation."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -44,9 +46,25 @@ def test_model_logits_do_not_depend_on_the_attention_impl(impl):
                              rtol=1e-5, atol=1e-5)
 
 
-def test_the_default_attention_is_the_one_that_saves_no_probabilities():
+def test_the_default_attention_saves_no_probabilities_and_blocks_by_platform():
   cfg = ModelConfig()
-  assert (cfg.attention_impl, cfg.attention_query_blocks) == ("lse_recompute", 1)
+  assert (cfg.attention_impl, cfg.attention_query_blocks) == ("lse_recompute", None)
+
+
+def test_blocks_by_platform_train_as_the_cpus_blocks_and_take_given_positions_in_one():
+  """`attention_query_blocks: null` on the CPU: at T = 128 the program of 2 blocks (their
+  [64, 128] logits tiles) and exactly its loss and gradients; with given positions, which
+  blocks would refuse, exactly the logits of one block."""
+  cfg = ModelConfig(V=32, D=32, L=2, H=4, R=2, F=64, T=128, router="kv-static",
+                    scan_segments=1)
+  assert re.search(r"x64x128xf32>", model_checks.lowered_gradient(cfg).as_text())
+  params = M.init_params(cfg, jax.random.key(0))
+  tokens_BxT = model_checks.tokens(cfg, T=129)  # 128 inputs
+  model_checks.assert_same_loss_and_grads(cfg, cfg.replace(attention_query_blocks=2), params,
+                                          tokens_BxT, rtol=0, atol=0)
+  positions_BxT = jnp.broadcast_to(jnp.arange(128)[::-1], (2, 128))  # not in order
+  logits = lambda c: M.Transformer(c).apply({"params": params}, tokens_BxT[:, 1:], positions_BxT)
+  np.testing.assert_array_equal(logits(cfg), logits(cfg.replace(attention_query_blocks=1)))
 
 
 def test_unknown_attention_impl_is_a_one_line_error():

@@ -11,7 +11,7 @@ import pytest
 import model_checks
 
 from lime_jax.config import ModelConfig
-from lime_jax.model import layers
+from lime_jax.model import layers, lse_attention
 from lime_jax.model import transformer as M
 
 
@@ -107,3 +107,65 @@ def test_blocked_backward_adds_no_copy_of_the_push_accumulator():
     return len(accumulator_copy.findall(model_checks.lowered_gradient(c, B=B).compile().as_text()))
 
   assert accumulator_copies(cfg.replace(attention_impl="lse_recompute")) <= accumulator_copies(cfg)
+
+
+@pytest.mark.parametrize("T,blocks", [(16, 1), (64, 1), (127, 1), (128, 2), (200, 3), (256, 4),
+                                      (2048, 4)])
+def test_cpu_query_blocks_hold_at_least_64_queries_and_are_at_most_4(T, blocks):
+  assert lse_attention.cpu_query_blocks(T) == blocks
+
+
+def test_blocks_by_platform_are_the_cpus_blocks_on_the_cpu():
+  """None runs lse_attention.cpu_query_blocks(T) blocks on the CPU: the same program and values
+  as asking for them; one block where the keys are not the queries' own sequence."""
+  B, T, H, R, Hd = 2, 128, 4, 2, 8
+  q, k, v, cotangent = _inputs(B, T, T, H, R, Hd)
+  positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
+  by_platform = _loss_and_grads("lse_recompute", q, k, v, cotangent, positions_BxT,
+                                positions_BxT, None)
+  jax.tree.map(np.testing.assert_array_equal, by_platform,
+               _loss_and_grads("lse_recompute", q, k, v, cotangent, positions_BxT,
+                               positions_BxT, 2))
+  q_short = q[:, :T // 2]
+  jax.tree.map(np.testing.assert_array_equal,
+               _loss_and_grads("lse_recompute", q_short, k, v, cotangent[:, :T // 2],
+                               positions_BxT[:, :T // 2] + T // 2, positions_BxT, None),
+               _loss_and_grads("lse_recompute", q_short, k, v, cotangent[:, :T // 2],
+                               positions_BxT[:, :T // 2] + T // 2, positions_BxT, 1))
+
+
+@pytest.mark.parametrize("impl", ["einsum", "dot_product"])
+def test_blocks_by_platform_are_one_block_with_the_other_impls(impl):
+  B, T, H, R, Hd = 1, 128, 2, 2, 8
+  q, k, v, cotangent = _inputs(B, T, T, H, R, Hd)
+  positions_BxT = jnp.arange(T)[None]
+  jax.tree.map(np.testing.assert_array_equal,
+               _loss_and_grads(impl, q, k, v, cotangent, positions_BxT, positions_BxT, None),
+               _loss_and_grads(impl, q, k, v, cotangent, positions_BxT, positions_BxT, 1))
+
+
+def _query_tiles(platform: str, blocks) -> set[str]:
+  """The [.., Tb, Sb] logits tiles of the attention's gradient, lowered for `platform` (no
+  device of it needed): 'AxB' strings of the last two dims of its float32 rank-5 tensors."""
+  B, T, H, R, Hd = 1, 128, 2, 2, 8
+  q, k, v, cotangent = _inputs(B, T, T, H, R, Hd)
+  positions_BxT = jnp.arange(T)[None]
+
+  def loss(q, k, v):
+    out = layers.causal_attention(q, k, v, positions_BxT, positions_BxT, "lse_recompute", blocks)
+    return jnp.sum(cotangent * out)
+
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(
+      lowering_platforms=(platform,)).as_text()
+  return set(re.findall(r"tensor<1x2x1x(\d+x\d+)xf32>", text))
+
+
+def test_blocks_by_platform_compile_one_block_for_accelerators():
+  """Decided when the step is lowered: a TPU or GPU program, also one lowered on a CPU host
+  (plan --topology), holds only the whole [T, S] logits; a CPU program only the blocks'."""
+  one_block, two_blocks = _query_tiles("cpu", 1), _query_tiles("cpu", 2)
+  assert "128x128" in one_block and "64x128" not in one_block
+  assert {"64x64", "64x128"} <= two_blocks and "128x128" not in two_blocks
+  assert _query_tiles("cpu", None) == two_blocks
+  for accelerator in ("tpu", "cuda"):
+    assert _query_tiles(accelerator, None) == _query_tiles(accelerator, 1) == one_block

@@ -95,7 +95,7 @@ def apply_rope(x_BxTxNxHd: jax.Array, positions_BxT: jax.Array, theta: float) ->
 
 def causal_attention(q_BxTxHxHd: jax.Array, k_BxSxRxHd: jax.Array, v_BxSxRxHd: jax.Array,
                      q_positions_BxT: jax.Array, k_positions_BxS: jax.Array,
-                     impl: str = "einsum", query_blocks: int = 1) -> jax.Array:
+                     impl: str = "einsum", query_blocks: int | None = 1) -> jax.Array:
   """Grouped-query causal attention; logits and softmax in float32.
 
   A key at position s is visible to a query at position t iff s <= t, so the same function
@@ -105,9 +105,16 @@ def causal_attention(q_BxTxHxHd: jax.Array, k_BxSxRxHd: jax.Array, v_BxSxRxHd: j
   to the keys up to its own end, so the masked triangle is mostly not computed (2 blocks: 3/4
   of the scores, 4 blocks: 5/8). Exact only where both sides hold the sequence's own positions
   in order (S == T, positions increasing along it, as in a forward without a cache): the keys
-  past a block's end then lie in the future of all its queries.
+  past a block's end then lie in the future of all its queries. None: by platform with
+  `lse_recompute` (lse_attention.cpu_query_blocks on the CPU, one block elsewhere, and one where
+  S != T), one block with the other impls.
   """
   T, S = q_BxTxHxHd.shape[1], k_BxSxRxHd.shape[1]
+  if query_blocks is None:
+    if impl == "lse_recompute":
+      return lse_attention(q_BxTxHxHd, k_BxSxRxHd, v_BxSxRxHd, q_positions_BxT,
+                           k_positions_BxS, None)
+    query_blocks = 1
   blocks = min(query_blocks, T)  # a sequence shorter than the blocks: one query per block
   if blocks > 1 and S != T:
     raise ValueError(f"causal_attention: query_blocks={query_blocks} needs the queries' own"
@@ -240,7 +247,8 @@ class Attention(nn.Module):
       v_BxSxRxHd = cache.v_LxBxSxRxHd[layer_idx]
       B, S = k_BxSxRxHd.shape[:2]
       k_positions_BxS = jnp.broadcast_to(jnp.arange(S), (B, S))
-    # Without a cache both sides are the sequence's own positions 0..T-1 (transformer.py).
+    # Without a cache, blocks see the sequence's own positions 0..T-1 on both sides: others are
+    # refused (transformer.py) or run in one block (stack.py, for None).
     query_blocks = cfg.attention_query_blocks if cache is None else 1
     out_BxTxHxHd = causal_attention(q_BxTxHxHd, k_BxSxRxHd, v_BxSxRxHd, q_positions_BxT,
                                     k_positions_BxS, cfg.attention_impl, query_blocks)

@@ -63,8 +63,14 @@ class LayerStack(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
-               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+               cache: KVCache | None = None,
+               positions_in_order: bool = False) -> tuple[jax.Array, KVCache | None]:
+    """`positions_in_order`: every row's positions are 0..T-1 (Transformer's default), which
+    `attention_query_blocks: null` needs to block the attention by platform; without it the
+    layers attend in one block."""
     cfg = self.cfg
+    if cfg.attention_query_blocks is None and not positions_in_order:
+      cfg = cfg.replace(attention_query_blocks=1)
     mixer = mixers.build(cfg)
     stream, carry = mixer.start(self, x_BxTxD)
     if not cfg.scan_layers:

@@ -42,16 +42,18 @@ class Transformer(nn.Module):
     """Runs the layers and the head on given input embeddings (used by causality tests).
 
     Positions default to 0..T-1; others are refused with `attention_query_blocks` > 1, whose
-    attention assumes them (layers.causal_attention).
+    attention assumes them (layers.causal_attention), and attend in one block with None.
     """
     B, T, _ = x_BxTxD.shape
-    if positions_BxT is None:
+    blocks = self.cfg.attention_query_blocks
+    positions_in_order = positions_BxT is None
+    if positions_in_order:
       positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
-    elif self.cfg.attention_query_blocks > 1:
+    elif blocks is not None and blocks > 1:
       raise ValueError(f"Transformer: positions were given, but attention_query_blocks="
-                       f"{self.cfg.attention_query_blocks} assumes positions 0..T-1; set"
-                       f" attention_query_blocks: 1 to attend by positions alone")
-    x_BxTxD, _ = self.layers(x_BxTxD, positions_BxT)
+                       f"{blocks} assumes positions 0..T-1; set attention_query_blocks: 1"
+                       f" (or null) to attend by positions alone")
+    x_BxTxD, _ = self.layers(x_BxTxD, positions_BxT, positions_in_order=positions_in_order)
     return self._head(x_BxTxD)
 
   def extend(self, tokens_BxT: jax.Array, cache: KVCache,
