@@ -8,7 +8,8 @@ import pytest
 from lime_jax.cli import default_run
 from lime_jax.cli.main import main
 from lime_jax.train.experiment import (ExperimentConfig, apply_overrides, check_vocab,
-                                 config_differences, load_experiment, parse_yaml, read_yaml)
+                                 computation_differences, config_differences,
+                                 load_experiment, parse_yaml, read_yaml)
 from lime_jax.data.tokenizers import BYTE_VOCAB
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -173,6 +174,17 @@ def test_config_differences_ignore_bookkeeping():
   c = load_experiment(None, TINY + ["model.D=64", "run.seed=3"])
   diffs = config_differences(a.to_dict(), c.to_dict())
   assert "model.D: 32 -> 64" in diffs and "run.seed: 0 -> 3" in diffs
+
+
+def test_fields_of_how_the_model_is_computed_may_differ_on_resume():
+  """A run started at yesterday's defaults resumes at today's: such fields are listed apart."""
+  a = load_experiment(None, TINY + ["model.attention_query_blocks=1", "model.remat_policy=none"])
+  b = load_experiment(None, TINY + ["model.attention_query_blocks=null", "model.remat_policy=full",
+                                    "model.D=64"])
+  assert config_differences(a.to_dict(), b.to_dict()) == ["model.D: 32 -> 64", "model.Hd: 16 -> 32"]
+  assert computation_differences(a.to_dict(), b.to_dict()) == [
+      "model.attention_query_blocks: 1 -> None", "model.remat_policy: 'none' -> 'full'"]
+  assert computation_differences(a.to_dict(), a.to_dict()) == []
 
 
 def test_a_field_added_after_a_checkpoint_resumes_at_its_default():

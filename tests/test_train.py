@@ -125,6 +125,20 @@ def test_finished_run_resumes_to_nothing(runs, tmp_path):
   assert read_metrics(str(out)) == before
 
 
+def test_a_run_resumes_with_the_model_computed_another_way_and_says_so(runs, tmp_path, capsys):
+  """Fields that change only how the same model is computed (a default that moved, a remat
+  policy to fit memory) resume, with a warning that the steps are no longer bitwise."""
+  out = tmp_path / "other_way"
+  shutil.copytree(runs["straight"], out)
+  result = train_lib.train(load_experiment(None, [*TINY, "model.attention_query_blocks=2",
+                                                  f"run.steps={2 * N + 1}",
+                                                  f"run.out_dir={out}"]))
+  assert result.resumed_from == 2 * N and result.step == 2 * N + 1
+  err = capsys.readouterr().err
+  assert "resuming at step 8 with model.attention_query_blocks: None -> 2:" in err
+  assert "not bitwise those of an uninterrupted run" in err
+
+
 def test_mismatched_config_refuses_and_writes_nothing(runs, tmp_path, capsys):
   out = tmp_path / "copy"
   shutil.copytree(runs["straight"], out)

@@ -60,6 +60,12 @@ RESUMABLE_SECTIONS = ("mesh",)
 OPTIONAL_SECTIONS = ("task",)  # None when absent; left out of to_dict then
 RESUME_MODES = ("auto", "always", "never")
 
+# Model fields that choose how the same parameters compute the same math (its float rounding,
+# not the model): a run resumes with them changed, with a warning (loop.resume_step). Their
+# defaults move as the code learns faster forms (attention_impl and push_raw_kv on 2026-12-06,
+# attention_query_blocks on 2026-12-07), and a run started before a change must resume after it.
+RESUMABLE_MODEL_FIELDS = ("scan_unroll", "remat_policy", "attention_query_blocks",
+                          "attention_impl", "routing_impl", "push_raw_kv")
 # Run fields that may change when a run is resumed; every other field must match the checkpoint.
 RESUMABLE_RUN_FIELDS = ("out_dir", "steps", "log_every", "eval_every", "checkpoint_every",
                         "keep_checkpoints", "resume", "progress", "peak_flops", "tensorboard",
@@ -337,11 +343,9 @@ def _field_default(section: str, key: str) -> Any:
   return "<absent>"
 
 
-def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-  """`section.key: saved -> current` for every field that must match to resume a run.
-
-  A field missing on one side counts as its default: a checkpoint saved before a field existed
-  resumes when the field keeps its default."""
+def _differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, str]]:
+  """('section.key', 'section.key: saved -> current') for every field that differs; a field
+  missing on one side counts as its default."""
   diffs = []
   for section in SECTIONS:
     if section in RESUMABLE_SECTIONS:
@@ -354,5 +358,22 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
       default = _field_default(section, key) if both else "<absent>"
       before, after = a.get(key, default), b.get(key, default)
       if before != after:
-        diffs.append(f"{section}.{key}: {before!r} -> {after!r}")
+        diffs.append((f"{section}.{key}", f"{section}.{key}: {before!r} -> {after!r}"))
   return diffs
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+  """`section.key: saved -> current` for every field that must match to resume a run.
+
+  A field missing on one side counts as its default: a checkpoint saved before a field existed
+  resumes when the field keeps its default."""
+  return [text for name, text in _differences(saved, current)
+          if name not in _RESUMABLE_MODEL_NAMES]
+
+
+def computation_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+  """`model.key: saved -> current` for the RESUMABLE_MODEL_FIELDS that differ."""
+  return [text for name, text in _differences(saved, current) if name in _RESUMABLE_MODEL_NAMES]
+
+
+_RESUMABLE_MODEL_NAMES = frozenset(f"model.{key}" for key in RESUMABLE_MODEL_FIELDS)

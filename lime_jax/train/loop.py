@@ -56,7 +56,8 @@ from lime_jax.train import metrics as metrics_lib
 from lime_jax.train import run_lock
 from lime_jax.parallel import sharding as sharding_lib
 from lime_jax.train.evaluate import filled_to_multiple, task_metrics, validation_loss
-from lime_jax.train.experiment import ExperimentConfig, check_vocab, config_differences
+from lime_jax.train.experiment import (ExperimentConfig, check_vocab, computation_differences,
+                                       config_differences)
 from lime_jax.train.optimizer import lr_multiplier, make_optimizer
 from lime_jax.train.step import TrainState, eval_step, init_train_state, train_step
 from lime_jax.data.tokenizers import load_tokenizer
@@ -174,7 +175,8 @@ class _Silent:
 
 
 def resume_step(cfg: ExperimentConfig, mode: str) -> int | None:
-  """The checkpoint step to resume from, None to start fresh; refuses mismatches (ValueError)."""
+  """The checkpoint step to resume from, None to start fresh; refuses mismatches (ValueError),
+  and warns on stderr where only how the model is computed changed (RESUMABLE_MODEL_FIELDS)."""
   ckpt_dir = checkpoint_dir(cfg)
   latest = ckpt.latest_step(ckpt_dir)
   if latest is None:
@@ -192,6 +194,11 @@ def resume_step(cfg: ExperimentConfig, mode: str) -> int | None:
     raise ConfigMismatchError(
         f"run.out_dir: {cfg.run.out_dir} holds a checkpoint (step {latest}) of a different"
         f" config: {'; '.join(diffs[:3])}{more}; use the same config or another run.out_dir")
+  computed_otherwise = computation_differences(saved, cfg.to_dict())
+  if computed_otherwise and jax.process_index() == 0:
+    print(f"warning: {cfg.run.out_dir}: resuming at step {latest} with"
+          f" {'; '.join(computed_otherwise)}: the same model computed another way; the steps from"
+          " here are not bitwise those of an uninterrupted run", file=sys.stderr)
   return latest
 
 
