@@ -48,6 +48,13 @@ class ConfigSection:
     return build_dataclass(cls, values, where or cls.section)
 
 
+# ModelConfig fields that choose how the same parameters compute the same math (its float
+# rounding, not the model): a run resumes across them (train/experiment.py), an import loads
+# across them (interop/hf.py).
+COMPUTATION_FIELDS = ("scan_unroll", "remat_policy", "attention_query_blocks", "attention_impl",
+                      "routing_impl", "push_raw_kv")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(ConfigSection):
   """A decoder-only Llama-style model, optionally with LIMe key/value routing."""

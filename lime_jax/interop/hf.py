@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from lime_jax.config import ModelConfig
+from lime_jax.config import COMPUTATION_FIELDS, ModelConfig
 from lime_jax.errors import one_line
 from lime_jax.model import mixers, stack
 from lime_jax.model import transformer as model
@@ -48,8 +48,7 @@ LIME_ROUTER_KEY = "lime_router"
 # ModelConfig fields that choose how parameters are laid out or computed, not what the model
 # computes: an import may load into a config that differs from the file's only in these.
 LAYOUT_FIELDS = ("T", "param_dtype", "compute_dtype", "scan_layers", "scan_segments",
-                 "scan_unroll", "remat_policy", "attention_query_blocks", "attention_impl",
-                 "routing_impl", "push_raw_kv")
+                 *COMPUTATION_FIELDS)
 
 # config.json keys derived from ModelConfig; on import each must agree with lime_jax_config.
 _HF_KEYS = {"vocab_size": "V", "hidden_size": "D", "num_hidden_layers": "L",

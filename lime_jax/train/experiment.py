@@ -45,7 +45,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from lime_jax.config import ModelConfig, build_dataclass
+from lime_jax.config import COMPUTATION_FIELDS, ModelConfig, build_dataclass
 from lime_jax.data import sources
 from lime_jax.data.tasks import TaskConfig
 from lime_jax.data.text import DataConfig
@@ -60,12 +60,10 @@ RESUMABLE_SECTIONS = ("mesh",)
 OPTIONAL_SECTIONS = ("task",)  # None when absent; left out of to_dict then
 RESUME_MODES = ("auto", "always", "never")
 
-# Model fields that choose how the same parameters compute the same math (its float rounding,
-# not the model): a run resumes with them changed, with a warning (loop.resume_step). Their
+# A run resumes with config.COMPUTATION_FIELDS changed, with a warning (loop.resume_step): their
 # defaults move as the code learns faster forms (attention_impl and push_raw_kv on 2026-12-06,
 # attention_query_blocks on 2026-12-07), and a run started before a change must resume after it.
-RESUMABLE_MODEL_FIELDS = ("scan_unroll", "remat_policy", "attention_query_blocks",
-                          "attention_impl", "routing_impl", "push_raw_kv")
+_RESUMABLE_MODEL_NAMES = frozenset(f"model.{key}" for key in COMPUTATION_FIELDS)
 # Run fields that may change when a run is resumed; every other field must match the checkpoint.
 RESUMABLE_RUN_FIELDS = ("out_dir", "steps", "log_every", "eval_every", "checkpoint_every",
                         "keep_checkpoints", "resume", "progress", "peak_flops", "tensorboard",
@@ -372,8 +370,5 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
 
 
 def computation_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-  """`model.key: saved -> current` for the RESUMABLE_MODEL_FIELDS that differ."""
+  """`model.key: saved -> current` for the config.COMPUTATION_FIELDS that differ."""
   return [text for name, text in _differences(saved, current) if name in _RESUMABLE_MODEL_NAMES]
-
-
-_RESUMABLE_MODEL_NAMES = frozenset(f"model.{key}" for key in RESUMABLE_MODEL_FIELDS)

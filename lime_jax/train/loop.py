@@ -176,7 +176,7 @@ class _Silent:
 
 def resume_step(cfg: ExperimentConfig, mode: str) -> int | None:
   """The checkpoint step to resume from, None to start fresh; refuses mismatches (ValueError),
-  and warns on stderr where only how the model is computed changed (RESUMABLE_MODEL_FIELDS)."""
+  and warns on stderr where only how the model is computed changed (config.COMPUTATION_FIELDS)."""
   ckpt_dir = checkpoint_dir(cfg)
   latest = ckpt.latest_step(ckpt_dir)
   if latest is None:
