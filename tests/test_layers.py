@@ -153,7 +153,8 @@ def test_remat_recomputes_in_straight_line_code(layout):
 
 def test_the_mlp_saves_its_hidden_not_its_activation():
   """The MLP's backward recomputes silu(gate) * up from the saved gate and up products: no
-  float32 [B, T, F] array is saved, and the gradient is plain autodiff's."""
+  float32 [B, T, F] array is saved, and the gradient (hand-written: projection.project,
+  layers.swiglu) is plain autodiff's."""
   cfg = ModelConfig(V=64, D=32, L=1, H=4, F=48, T=16, router="none")
   B = 2
   mlp = layers.Mlp(cfg)
@@ -163,10 +164,10 @@ def test_the_mlp_saves_its_hidden_not_its_activation():
   def loss(params, x, forward):
     return jnp.sum(jnp.sin(forward(params, x)))
 
-  def unrematerialized(params, x):  # the same functions, without the checkpoint
+  def unrematerialized(params, x):  # the same math by plain autodiff, without the checkpoint
     p = params["params"]
     h = jnp.einsum("btd,dkf->btkf", x, p["gate_up"])
-    return layers.activate_and_project_down(h, p["down"])
+    return jnp.einsum("btf,fd->btd", nn.silu(h[:, :, 0]) * h[:, :, 1], p["down"])
 
   saved = [line.split()[0] for line in model_checks.saved_residuals(
       lambda p, x: loss(p, x, mlp.apply), params, x)]
@@ -181,3 +182,34 @@ def test_the_mlp_saves_its_hidden_not_its_activation():
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
 
+
+@pytest.mark.parametrize("axis", [2, 3])
+def test_unstack_pair_gradient_is_autodiffs_written_as_one_stack(axis):
+  """The MLP's gate and up (axis 2), attention's keys and values (axis 3): the same values and
+  gradient as slicing, with the backward a stack, not autodiff's zero-padded sum."""
+  shape = [2, 6, 4, 3, 5]
+  shape[axis] = 2
+  x = jax.random.normal(jax.random.key(0), shape)
+  part_shape = shape[:axis] + shape[axis + 1:]
+  cotangents = [jax.random.normal(key, part_shape) for key in jax.random.split(jax.random.key(1))]
+
+  def sliced(x):
+    return tuple(jax.lax.index_in_dim(x, i, axis, keepdims=False) for i in range(2))
+
+  def loss(unstack):
+    return lambda x: sum(jnp.sum(c * jnp.sin(part)) for c, part in zip(cotangents, unstack(x)))
+
+  got, want = layers.unstack_pair(x, axis), sliced(x)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g, w)
+  np.testing.assert_array_equal(jax.grad(loss(lambda x: layers.unstack_pair(x, axis)))(x),
+                                jax.grad(loss(sliced))(x))
+
+  def lowered_grad(unstack, platform):
+    return jax.jit(jax.grad(loss(unstack))).trace(x).lower(
+        lowering_platforms=(platform,)).as_text()
+
+  assert "stablehlo.pad" not in lowered_grad(lambda x: layers.unstack_pair(x, axis), "cpu")
+  assert "stablehlo.pad" in lowered_grad(sliced, "cpu")  # the check can fail
+  for accelerator in ("tpu", "cuda"):  # autodiff's backward, lowered on this host
+    assert "stablehlo.pad" in lowered_grad(lambda x: layers.unstack_pair(x, axis), accelerator)

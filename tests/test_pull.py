@@ -71,7 +71,7 @@ def _loops_and_switches(cfg):
       _layer_params(cfg), _x(cfg), cfg, False)
   eqns = list(model_checks.all_eqns(jaxpr.jaxpr))
   loops = [eqn.params["length"] for eqn in eqns if eqn.primitive.name == "scan"]
-  return loops, sum(eqn.primitive.name == "cond" for eqn in eqns)
+  return loops, model_checks.value_branches(jaxpr.jaxpr)
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -156,8 +156,8 @@ def test_windowed_ring_work_and_memory_are_linear_in_depth():
 @pytest.mark.parametrize("attention_impl", ["einsum", None], ids=["einsum", "default"])
 def test_unrolled_training_memory_grows_linearly_with_depth(attention_impl):
   """`scan_layers: false` trains by autodiff through the unrolled push (the mix's own VJP): its
-  gradient's compiled temp memory at 2L layers stays within the linear criterion of
-  test_bench.py with either attention, and with the one it was written for (the einsum form)
+  gradient's compiled temp memory grows linearly in depth with either attention (each added
+  layer costs the same), and with the one it was written for (the einsum form)
   not above the scanned stack's (0.81x at 16 layers; 0.77x with the push's raw kv saved). On
   the CPU autodiff of the multiply-add mix kept S products of every layer's live slots alive at
   once: 3.3x per doubling, 4.2x the scanned at 16 layers. With the default attention the
@@ -168,9 +168,15 @@ def test_unrolled_training_memory_grows_linearly_with_depth(attention_impl):
                     scan_layers=False)
   if attention_impl is not None:
     cfg = cfg.replace(attention_impl=attention_impl)
-  unrolled_8, unrolled_16 = (model_checks.stack_grad_temp_bytes(cfg.replace(L=L))
-                             for L in (8, 16))
-  assert unrolled_16 <= 2.1 * unrolled_8, (unrolled_8, unrolled_16)
+  unrolled_8, unrolled_16, unrolled_32 = (model_checks.stack_grad_temp_bytes(cfg.replace(L=L))
+                                          for L in (8, 16, 32))
+  # Linear: layers 17-32 cost each what layers 9-16 did (a product per live slot: 2x). Not
+  # 2L against L, which a smaller fixed part fails: the weight-order projections took 4.4% off
+  # the 8-layer program and 0.2% off the 16-layer one (2.142x; layers 9-16 and 17-32: 1.08 and
+  # 1.02 MB each).
+  per_layer_9_16 = (unrolled_16 - unrolled_8) / 8
+  per_layer_17_32 = (unrolled_32 - unrolled_16) / 16
+  assert per_layer_17_32 <= 1.1 * per_layer_9_16, (unrolled_8, unrolled_16, unrolled_32)
   if attention_impl == "einsum":
     scanned_16 = model_checks.stack_grad_temp_bytes(cfg.replace(L=16, scan_layers=True))
     assert unrolled_16 <= scanned_16, (unrolled_16, scanned_16)

@@ -3,6 +3,7 @@ sub-block rematerialization, and the key/value cache that attention appends to w
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -12,6 +13,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lime_jax.config import ModelConfig
 from lime_jax.model.lse_attention import lse_attention, query_block_bounds
+from lime_jax.model.projection import project
 
 normal_init = nn.initializers.normal(stddev=0.02)
 
@@ -178,10 +180,43 @@ def cache_append(cache: KVCache, layer_idx, k_BxTxRxHd: jax.Array, v_BxTxRxHd: j
           v_BxTxRxHd.astype(dtype)))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def unstack_pair(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+  """x's two entries along `axis` (of size 2), as `x[..., 0, ...]` and `x[..., 1, ...]`.
+
+  On the CPU the backward writes x's cotangent once, as the stack of the two; autodiff's slices
+  transpose to two zero-padded arrays of x's shape and their sum, three writes of x's size,
+  which XLA:CPU runs as such. Elsewhere it is autodiff's, which those compilers fuse (as
+  projection.project, decided when the step is lowered)."""
+  return _slices(x, axis)
+
+
+def _slices(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+  return tuple(jax.lax.index_in_dim(x, i, axis, keepdims=False) for i in range(2))
+
+
+def _unstack_pair_forward(x: jax.Array, axis: int):
+  return _slices(x, axis), None
+
+
+def _unstack_pair_backward(axis: int, _, cotangents):
+  def stacked(first, second):
+    return jnp.stack([first, second], axis=axis)
+
+  def autodiff(first, second):
+    shape = (*first.shape[:axis], 2, *first.shape[axis:])
+    return jax.vjp(lambda x: _slices(x, axis), jnp.zeros(shape, first.dtype))[1]((first, second))[0]
+
+  return (jax.lax.platform_dependent(*cotangents, cpu=stacked, default=autodiff),)
+
+
+unstack_pair.defvjp(_unstack_pair_forward, _unstack_pair_backward)
+
+
 def activate_and_project_down(h_BxTx2xF: jax.Array, down_FxD: jax.Array) -> jax.Array:
   """silu(gate) * up, projected down."""
-  h_BxTxF = nn.silu(h_BxTx2xF[:, :, 0]) * h_BxTx2xF[:, :, 1]
-  return jnp.einsum("btf,fd->btd", h_BxTxF, down_FxD)
+  gate_BxTxF, up_BxTxF = unstack_pair(h_BxTx2xF, 2)
+  return jnp.einsum("btf,fd->btd", nn.silu(gate_BxTxF) * up_BxTxF, down_FxD)
 
 
 class Mlp(nn.Module):
@@ -204,7 +239,7 @@ class Mlp(nn.Module):
     gate_up_Dx2xF = self.param("gate_up", logical(normal_init, "embed", None, "mlp"),
                                (cfg.D, 2, cfg.F), pdt)
     down_FxD = self.param("down", logical(normal_init, "mlp", "embed"), (cfg.F, cfg.D), pdt)
-    h_BxTx2xF = jnp.einsum("btd,dkf->btkf", x_BxTxD, gate_up_Dx2xF.astype(cdt))
+    h_BxTx2xF = project("btd,dkf->btkf", x_BxTxD, gate_up_Dx2xF.astype(cdt))
     h_BxTx2xF = checkpoint_name(h_BxTx2xF, "mlp_hidden")
     activate = jax.checkpoint(activate_and_project_down, prevent_cse=self.straight_line)
     return activate(h_BxTx2xF, down_FxD.astype(cdt))
@@ -234,13 +269,13 @@ class Attention(nn.Module):
                                (cfg.D, cfg.H, cfg.Hd), pdt)
     o_proj_HxHdxD = self.param("o_proj", logical(normal_init, "heads", "head_dim", "embed"),
                                (cfg.H, cfg.Hd, cfg.D), pdt)
-    q_BxTxHxHd = jnp.einsum("btd,dhk->bthk", x_BxTxD, q_proj_DxHxHd.astype(cdt))
+    q_BxTxHxHd = project("btd,dhk->bthk", x_BxTxD, q_proj_DxHxHd.astype(cdt))
     q_BxTxHxHd = checkpoint_name(q_BxTxHxHd, "q_proj")
     if self.query_mix is not None:  # S is the new tokens here, T == S
       kv_BxSxRx2xHd = self.query_mix(q_BxTxHxHd, kv_BxSxRx2xHd, mix_input, layer_idx)
     q_BxTxHxHd = apply_rope(q_BxTxHxHd, q_positions_BxT, cfg.rope_theta)
-    k_BxSxRxHd = apply_rope(kv_BxSxRx2xHd[:, :, :, 0], k_positions_BxS, cfg.rope_theta)
-    v_BxSxRxHd = kv_BxSxRx2xHd[:, :, :, 1]
+    k_BxSxRxHd, v_BxSxRxHd = unstack_pair(kv_BxSxRx2xHd, 3)
+    k_BxSxRxHd = apply_rope(k_BxSxRxHd, k_positions_BxS, cfg.rope_theta)
     if cache is not None:  # here S is the new tokens; afterwards, the cache length
       cache = cache_append(cache, layer_idx, k_BxSxRxHd, v_BxSxRxHd, k_positions_BxS)
       k_BxSxRxHd = cache.k_LxBxSxRxHd[layer_idx]
@@ -252,5 +287,5 @@ class Attention(nn.Module):
     query_blocks = cfg.attention_query_blocks if cache is None else 1
     out_BxTxHxHd = causal_attention(q_BxTxHxHd, k_BxSxRxHd, v_BxSxRxHd, q_positions_BxT,
                                     k_positions_BxS, cfg.attention_impl, query_blocks)
-    out_BxTxD = jnp.einsum("bthk,hkd->btd", out_BxTxHxHd.astype(cdt), o_proj_HxHdxD.astype(cdt))
+    out_BxTxD = project("bthk,hkd->btd", out_BxTxHxHd.astype(cdt), o_proj_HxHdxD.astype(cdt))
     return out_BxTxD, cache

@@ -34,6 +34,7 @@ import flax.linen as nn
 from lime_jax.config import ModelConfig
 from lime_jax.model import pull as pull_lib
 from lime_jax.model.layers import dtype_of, logical, normal_init
+from lime_jax.model.projection import project
 
 
 def straight_line(block: nn.Module, layer_idx) -> bool:
@@ -175,4 +176,4 @@ def kv_proj_param(block: nn.Module, cfg: ModelConfig, init) -> jax.Array:
 
 def kv_projection(h_BxTxD: jax.Array, kv_proj_DxRx2xHd: jax.Array) -> jax.Array:
   """The normed input's keys and values [B, T, R, 2, Hd], in its dtype (the compute dtype)."""
-  return jnp.einsum("btd,drck->btrck", h_BxTxD, kv_proj_DxRx2xHd.astype(h_BxTxD.dtype))
+  return project("btd,drck->btrck", h_BxTxD, kv_proj_DxRx2xHd.astype(h_BxTxD.dtype))
