@@ -5,7 +5,7 @@ Autodiff of `einsum("btd,dkf->btkf", x, w)` forms dw as `einsum(g, x)` in g's ax
 [k, f, d], then transposes it to w's [d, k, f]. XLA:CPU's matrix kernels take operands only in
 row-major canonical form, so that costs a transposed copy of g (the larger side: [B*T, 2F] for
 the MLP's gate and up) and a transposed write of the result into the scan's gradient stack;
-contracting x with g in w's order needs only x transposed ([B*T, D]). Same products, same
+contracting x with g in w's order needs only x transposed (to [D, B*T]). Same products, same
 math (README, "Backward layouts for the CPU"). Where XLA compiles for a TPU or GPU the backward
 is autodiff's (jax.lax.platform_dependent, decided when the step is lowered): those compilers
 assign their own layouts, and the TPU compiler's deep LIMe step read 0.6% more bytes with the
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 def project(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
   """`jnp.einsum(spec, x, w)` for an activation x and a weight w ("btd,dkf->btkf"): every axis
   in exactly two of x, w and the output, none in all three."""
+  _axes(spec)
   return jnp.einsum(spec, x, w)
 
 
