@@ -154,7 +154,7 @@ def test_remat_recomputes_in_straight_line_code(layout):
 def test_the_mlp_saves_its_hidden_not_its_activation():
   """The MLP's backward recomputes silu(gate) * up from the saved gate and up products: no
   float32 [B, T, F] array is saved, and the gradient (hand-written: projection.project,
-  layers.swiglu) is plain autodiff's."""
+  layers.unstack_pair) is plain autodiff's."""
   cfg = ModelConfig(V=64, D=32, L=1, H=4, F=48, T=16, router="none")
   B = 2
   mlp = layers.Mlp(cfg)

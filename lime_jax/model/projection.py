@@ -53,8 +53,7 @@ def contract(a: jax.Array, a_axes: str, b: jax.Array, b_axes: str, out_axes: str
 
 
 def _project_forward(spec: str, x: jax.Array, w: jax.Array):
-  _axes(spec)
-  return jnp.einsum(spec, x, w), (x, w)
+  return project(spec, x, w), (x, w)
 
 
 def _project_backward(spec: str, residuals, g: jax.Array):
