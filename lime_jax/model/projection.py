@@ -53,7 +53,8 @@ def contract(a: jax.Array, a_axes: str, b: jax.Array, b_axes: str, out_axes: str
 
 
 def _project_forward(spec: str, x: jax.Array, w: jax.Array):
-  return project(spec, x, w), (x, w)
+  _axes(spec)
+  return jnp.einsum(spec, x, w), (x, w)
 
 
 def _project_backward(spec: str, residuals, g: jax.Array):
