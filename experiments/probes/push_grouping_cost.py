@@ -48,18 +48,14 @@ def one_layer_update(acc_IRxP, weights_IRxS, kv_SxP):
 
 
 @jax.jit
-def one_layer_backward(dacc_IRxP, weights_IRxS, kv_SxP):
-  return dacc_IRxP @ kv_SxP.T, weights_IRxS.T @ dacc_IRxP
-
-
-@jax.jit
 def group_update(acc_IRxP, weights_IRxkS, kv_kSxP):
   return acc_IRxP + weights_IRxkS @ kv_kSxP
 
 
 @jax.jit
-def group_backward(dacc_IRxP, weights_IRxkS, kv_kSxP):
-  return dacc_IRxP @ kv_kSxP.T, weights_IRxkS.T @ dacc_IRxP
+def backward_products(dacc_IRxP, weights_IRxS, kv_SxP):
+  """The two products over the accumulator's cotangent, for one layer (S sources) or k (k*S)."""
+  return dacc_IRxP @ kv_SxP.T, weights_IRxS.T @ dacc_IRxP
 
 
 def main() -> None:
@@ -68,13 +64,13 @@ def main() -> None:
   weights_IRxS = jax.random.normal(keys[1], (ROWS_IR, S))
   kv_SxP = jax.random.normal(keys[2], (S, P))
   forward = _ms_per_call(one_layer_update, acc_IRxP, weights_IRxS, kv_SxP)
-  backward = _ms_per_call(one_layer_backward, acc_IRxP, weights_IRxS, kv_SxP)
+  backward = _ms_per_call(backward_products, acc_IRxP, weights_IRxS, kv_SxP)
   print(f"one layer per call: forward {forward:.1f} ms, backward {backward:.1f} ms a layer")
   for k in (2, 4, 8):
     weights_IRxkS = jnp.tile(weights_IRxS, (1, k))
     kv_kSxP = jnp.tile(kv_SxP, (k, 1))
     forward = _ms_per_call(group_update, acc_IRxP, weights_IRxkS, kv_kSxP) / k
-    backward = _ms_per_call(group_backward, acc_IRxP, weights_IRxkS, kv_kSxP) / k
+    backward = _ms_per_call(backward_products, acc_IRxP, weights_IRxkS, kv_kSxP) / k
     print(f"k = {k} layers at once: forward {forward:.1f} ms, backward {backward:.1f} ms a layer")
 
 
