@@ -1,5 +1,5 @@
 """Probe (not library code): what the pull's three products over its buffer cost on this CPU,
-with the buffer as the library keeps it ([L, B, T, R, 2, Hd], the products as einsums) and
+with the buffer as the library keeps it ([L, B, T, R, 2, Hd], kv_pull's own products) and
 with the heads next to the slots ([L, R, B, T, 2, Hd], the buffer the operand that the dot
 takes as it lies: `experiments/patches/pull_buffer_order.diff`).
 
@@ -13,9 +13,9 @@ float32 (the buffer 128 MiB).
 
 Prints ms per product, median of 7 calls, for each order, and the largest difference between
 the two orders' results (the router row sums 131072 products of unit normals: 1e-3 is float32
-rounding). Measured 2026-12-07 (this 2-core machine, jax 0.10.2, two runs): the mix 40.6 / 46.2
--> 11.7 / 7.2 ms, the readers' pull 45.4 / 33.6 -> 9.1 / 7.5 ms, the router row 54.4 / 46.9 ->
-5.5 / 5.7 ms. As [L, B, T, R, 2, Hd] XLA:CPU copies the whole buffer into [B, T, 2, Hd, L, R]
+rounding). Measured 2026-12-07 (this 2-core machine, jax 0.10.2, two runs): the mix 46.3 / 42.0
+-> 8.6 / 8.7 ms, the readers' pull 51.3 / 50.0 -> 9.8 / 10.7 ms, the router row 68.6 / 55.3 ->
+7.5 / 6.1 ms. As [L, B, T, R, 2, Hd] XLA:CPU copies the whole buffer into [B, T, 2, Hd, L, R]
 before each one.
 """
 
@@ -25,7 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lime_jax.model import kv_pull
+
 L, B, T, R, HD = 64, 4, 256, 4, 64
+WHOLE = kv_pull.read_groups([(0, L)], L)[0]  # one read group: every product reads all L slots
 
 
 def median_ms(fn, *args, calls: int = 7) -> float:
@@ -40,8 +43,8 @@ def median_ms(fn, *args, calls: int = 7) -> float:
 
 
 def mix_stacked(W_RxLxR, buf_LxBxTxRx2xHd):
-  return jnp.einsum("rjs,jbtscd->btrcd", W_RxLxR, buf_LxBxTxRx2xHd,
-                    preferred_element_type=jnp.float32)
+  return kv_pull._mix_sources(WHOLE, may_start_uninitialized=False)(W_RxLxR, buf_LxBxTxRx2xHd,
+                                                                     L - 1)
 
 
 def mix_heads_next(W_RxLxR, buf_LxRxBxTx2xHd):
@@ -51,8 +54,7 @@ def mix_heads_next(W_RxLxR, buf_LxRxBxTx2xHd):
 
 
 def pull_stacked(W_LxRxR, dr_LxBxTxRx2xHd):
-  return jnp.einsum("irs,ibtrcd->btscd", W_LxRxR, dr_LxBxTxRx2xHd,
-                    preferred_element_type=jnp.float32)
+  return kv_pull._cotangent_from_readers(WHOLE)(W_LxRxR, dr_LxBxTxRx2xHd)
 
 
 def pull_heads_next(W_LxRxR, dr_LxRxBxTx2xHd):
@@ -60,8 +62,7 @@ def pull_heads_next(W_LxRxR, dr_LxRxBxTx2xHd):
 
 
 def row_stacked(dr_BxTxRx2xHd, buf_LxBxTxRx2xHd):
-  return jnp.einsum("btrcd,jbtscd->rjs", dr_BxTxRx2xHd, buf_LxBxTxRx2xHd,
-                    preferred_element_type=jnp.float32)
+  return kv_pull._router_row_gradient(WHOLE)(dr_BxTxRx2xHd, buf_LxBxTxRx2xHd)
 
 
 def row_heads_next(dr_BxTxRx2xHd, buf_LxRxBxTx2xHd):
