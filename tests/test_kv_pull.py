@@ -234,7 +234,7 @@ def test_fully_unrolled_pull_picks_each_layers_reads_at_trace_time():
 
 
 def _buffer_test(cfg):
-  """Whether a jaxpr value is shaped like the pull's buffer [L, B, T, R, 2, Hd]."""
+  """Whether a jaxpr value is shaped like the pull's buffer [L, R, B, T, 2, Hd]."""
   return lambda v: getattr(v.aval, "shape", ())[:1] == (cfg.L,) and v.aval.ndim == 6
 
 
@@ -303,10 +303,11 @@ def test_each_layers_buffer_write_follows_its_reads(changes):
   """Every in-place write of the buffer must come after every read of the value it
   overwrites. Forward, a layer's raw kv follows the previous layer's reads by data. Backward,
   the routed kv's cotangent does not depend on the router gradient's read of the slot it
-  takes, so only an explicit ordering keeps the write after it. Without it the TPU compiler scheduled the write first
-  and copied the whole buffer in every layer of the unrolled program (deep setup at 16 layers,
-  window 8: 29 copies, about 10% of the step's bytes). Checked on the unrolled program, where
-  each layer's reads and write are separate equations."""
+  takes, so only an explicit ordering keeps the write after it. Without it the TPU compiler
+  scheduled the write first and copied the whole buffer in every layer of the unrolled program
+  (deep setup at 16 layers, window 8: 29 copies, about 10% of the step's bytes). Off the TPU
+  the forward reads before it writes too, ordered by data (kv_pull._after). Checked on the
+  unrolled program, where each layer's reads and write are separate equations."""
   cfg = CFG.replace(routing_impl="pull", scan_segments=1, scan_unroll=CFG.L, **changes)
   counts = [_writes_not_after_reads(each, _buffer_test(cfg))
             for each in model_checks.all_jaxprs(model_checks.grad_jaxpr(cfg))]
@@ -355,6 +356,33 @@ def test_routed_buffer_writes_follow_their_reads():
   writes, unordered = map(sum, zip(*counts))
   assert writes >= 3  # the forward's two buffers and the backward's routed kv buffer
   assert unordered == 0
+
+
+def _buffer_copies_per_layer(cfg) -> list[str]:
+  """The copies of a whole kv buffer ([L, R, B, T, 2, Hd]) that the CPU's compiled gradient
+  program makes outside its entry computation: inside the layer loops, once a layer."""
+  text = model_checks.lowered_gradient(cfg).compile().as_text()
+  buffer = re.compile(rf"= f32\[{cfg.L},{cfg.R},\d+,\d+,2,{cfg.D // cfg.H}\]\{{[\d,]*\}} copy\(")
+  copies, in_entry = [], False
+  for line in text.splitlines():
+    if line and not line.startswith(" "):  # a computation's header, or its closing brace
+      in_entry = line.startswith("ENTRY") or (in_entry and line != "}")
+    elif not in_entry and buffer.search(line):
+      copies.append(line.strip())
+  return copies
+
+
+@pytest.mark.parametrize("changes", [
+    {"scan_segments": 1}, {"scan_segments": 1, "remat_policy": "dots"},
+    {"scan_segments": 1, "router_window": 3}, {"scan_segments": 2},
+], ids=str)
+def test_cpu_layer_loops_copy_no_buffer(changes):
+  """Off the TPU each layer reads the buffer before it writes its slot, the write following the
+  reads by data (kv_pull._written_and_read): XLA:CPU fused a write made first into two copies
+  of the buffer, and copied it twice a layer to write in place after reads that no data
+  ordered (it expands optimization barriers before copy insertion)."""
+  cfg = CFG.replace(routing_impl="pull", **changes)
+  assert _buffer_copies_per_layer(cfg) == []
 
 
 def test_unrolled_pull_recomputes_what_remat_dropped():

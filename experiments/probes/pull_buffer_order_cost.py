@@ -1,7 +1,8 @@
 """Probe (not library code): what the pull's three products over its buffer cost on this CPU,
-with the buffer as the library keeps it ([L, B, T, R, 2, Hd], kv_pull's own products) and
-with the heads next to the slots ([L, R, B, T, 2, Hd], the buffer the operand that the dot
-takes as it lies: `experiments/patches/pull_buffer_order.diff`).
+with the buffer as the library keeps it ([L, R, B, T, 2, Hd], heads next to slots: kv_pull's
+own products, the buffer the operand that the dot takes as it lies) and as it kept it before
+2026-12-07 ([L, B, T, R, 2, Hd], the layers' kv stacked, read by einsums, written here as the
+library wrote them).
 
 The products of a layer, over all L slots (one read group): the mix sum_{j, s} W[r, j, s]
 kv_j[s] (forward), the readers' pull sum_{i, r} W[i, r, s] dr_i[r] (backward) and the router
@@ -13,10 +14,11 @@ float32 (the buffer 128 MiB).
 
 Prints ms per product, median of 7 calls, for each order, and the largest difference between
 the two orders' results (the router row sums 131072 products of unit normals: 1e-3 is float32
-rounding). Measured 2026-12-07 (this 2-core machine, jax 0.10.2, two runs): the mix 46.3 / 42.0
--> 8.6 / 8.7 ms, the readers' pull 51.3 / 50.0 -> 9.8 / 10.7 ms, the router row 68.6 / 55.3 ->
-7.5 / 6.1 ms. As [L, B, T, R, 2, Hd] XLA:CPU copies the whole buffer into [B, T, 2, Hd, L, R]
-before each one.
+rounding). Measured 2026-12-07 (this 2-core machine, jax 0.10.2, two runs, the stacked order
+then kv_pull's own functions): the mix 46.3 / 42.0 -> 8.6 / 8.7 ms, the readers' pull 51.3 /
+50.0 -> 9.8 / 10.7 ms, the router row 68.6 / 55.3 -> 7.5 / 6.1 ms; a third run, once the
+order was adopted: 39.9 -> 8.6, 42.5 -> 10.4, 59.1 -> 6.0 ms. As [L, B, T, R, 2, Hd] XLA:CPU
+copies the whole buffer into [B, T, 2, Hd, L, R] before each one.
 """
 
 import time
@@ -43,33 +45,31 @@ def median_ms(fn, *args, calls: int = 7) -> float:
 
 
 def mix_stacked(W_RxLxR, buf_LxBxTxRx2xHd):
-  return kv_pull._mix_sources(WHOLE, may_start_uninitialized=False)(W_RxLxR, buf_LxBxTxRx2xHd,
-                                                                     L - 1)
+  return jnp.einsum("rjs,jbtscd->btrcd", W_RxLxR, buf_LxBxTxRx2xHd,
+                    preferred_element_type=jnp.float32)
 
 
 def mix_heads_next(W_RxLxR, buf_LxRxBxTx2xHd):
-  mixed_RxBxTx2xHd = jax.lax.dot_general(W_RxLxR, buf_LxRxBxTx2xHd, (((1, 2), (0, 1)), ((), ())),
-                                         preferred_element_type=jnp.float32)
-  return jnp.moveaxis(mixed_RxBxTx2xHd, 0, 2)
+  mix = kv_pull._mix_sources(WHOLE, may_start_uninitialized=False, own_written=True)
+  return mix(W_RxLxR, buf_LxRxBxTx2xHd, L - 1)
 
 
 def pull_stacked(W_LxRxR, dr_LxBxTxRx2xHd):
-  return kv_pull._cotangent_from_readers(WHOLE)(W_LxRxR, dr_LxBxTxRx2xHd)
+  return jnp.einsum("irs,ibtrcd->btscd", W_LxRxR, dr_LxBxTxRx2xHd,
+                    preferred_element_type=jnp.float32)
 
 
 def pull_heads_next(W_LxRxR, dr_LxRxBxTx2xHd):
-  return mix_heads_next(jnp.moveaxis(W_LxRxR, 2, 0), dr_LxRxBxTx2xHd)
+  return kv_pull._cotangent_from_readers(WHOLE)(W_LxRxR, dr_LxRxBxTx2xHd)
 
 
 def row_stacked(dr_BxTxRx2xHd, buf_LxBxTxRx2xHd):
-  return kv_pull._router_row_gradient(WHOLE)(dr_BxTxRx2xHd, buf_LxBxTxRx2xHd)
+  return jnp.einsum("btrcd,jbtscd->rjs", dr_BxTxRx2xHd, buf_LxBxTxRx2xHd,
+                    preferred_element_type=jnp.float32)
 
 
 def row_heads_next(dr_BxTxRx2xHd, buf_LxRxBxTx2xHd):
-  row_LxRxR = jax.lax.dot_general(buf_LxRxBxTx2xHd, dr_BxTxRx2xHd,
-                                  (((2, 3, 4, 5), (0, 1, 3, 4)), ((), ())),
-                                  preferred_element_type=jnp.float32)
-  return jnp.moveaxis(row_LxRxR, 2, 0)
+  return kv_pull._router_row_gradient(WHOLE)(dr_BxTxRx2xHd, buf_LxRxBxTx2xHd)
 
 
 def main():

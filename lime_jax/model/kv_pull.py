@@ -22,6 +22,21 @@ the raw kv buffer after the loop is the whole router gradient: the raw buffer is
 the backward loop (`_backward_gram`; 1.2B setup on TPU v5p: 16 reads of 1.07 GB fewer a step
 per device).
 
+The buffer is [L, R, B, T, 2, Hd], heads next to slots, so that a product over slots and heads
+can take it as it lies in row-major memory (EINSUM_PLATFORMS): as [L, B, T, R, 2, Hd] (the
+layers' kv stacked) XLA:CPU copied the whole buffer into [B, T, 2, Hd, L, R] for each of a
+layer's three products (64 layers of the CPU bench's shape: 128 MiB, three times a layer). The
+TPU's layouts below are the same physical ones as in that order, and its compiled programs the
+same to the digit.
+
+Each layer writes a slot that its own product reads (forward: its raw kv; backward: its routed
+kv's cotangent, into the buffer the readers' cotangents are pulled from). On the TPU the slot
+is written first and the product takes it as one more slot (below). Elsewhere the product reads
+the buffer before the write, the slot's own term apart, and the write follows every read of
+the value it overwrites by data (`_written_and_read`, `_after`): XLA:CPU fused a write made
+first into two copies of the buffer, and, as it drops optimization barriers before copy
+insertion, copied the buffer twice a layer to write in place after reads that no data ordered.
+
 On a TPU, a buffer read whole (one read group, no window) is kept slots major, tokens minor,
 as the baseline keeps its stack of the layers' kv, so that each layer's projection writes its
 raw kv into its slot in place (SLOT_MAJOR_LAYOUT); it is zero-filled. Where the reads take
@@ -35,12 +50,12 @@ constrained on a TPU too, to the layout in which the compiler counted the fewest
 
 In the row-by-row backward one buffer serves both passes: slots j <= l still hold raw kv
 (needed by the readers still to go) and slots i > l the cotangents (their raw kv is no longer
-needed). Each layer's backward uses the residuals its forward saved (a `jax.vjp` per half, stacked by the
-scan; the normed input, which both halves save, stacked once), as autodiff would. The own term
-is one more slot of the product: no float32 partial sum is written and read back, and no
-separate mix of the own kv (at 1.2B the largest of the routing's costs besides its reads).
-Per-layer memory is then the baseline's (the routed kv that attention reads replaces its kv);
-the stack adds one buffer: linear in depth.
+needed). Each layer's backward uses the residuals its forward saved (a `jax.vjp` per half,
+stacked by the scan; the normed input, which both halves save, stacked once), as autodiff
+would. On the TPU the own term is one more slot of the product: no float32 partial sum is
+written and read back, and no separate mix of the own kv (at 1.2B the largest of the routing's
+costs besides its reads). Per-layer memory is then the baseline's (the routed kv that attention
+reads replaces its kv); the stack adds one buffer: linear in depth.
 
 Reads are bounded by read groups (`read_groups`, one per parameter segment): a layer of segment
 [start, stop) reads slots < stop forward and i >= start backward, through a `lax.switch` on its
@@ -135,15 +150,15 @@ UNINITIALIZED_BUFFER_PLATFORMS = ("tpu",)
 # one they were measured on. Each changes the program's bytes, not its math.
 LAYOUT_PLATFORMS = ("tpu",)
 
-# A buffer read whole (one read group, no window) is kept slots major, tokens minor ([L, B, T,
-# R, 2, Hd] as [L, B, R, 2, Hd, T], the layout of the baseline's stack of its layers' kv), so
+# A buffer read whole (one read group, no window) is kept slots major, tokens minor ([L, R, B,
+# T, 2, Hd] as [L, B, R, 2, Hd, T], the layout of the baseline's stack of its layers' kv), so
 # that each layer's projection writes its raw kv into its slot in place. In its own layout
 # (tokens minor, then heads, then slots) the TPU compiler wrote the projection to a temporary
 # and copied it into the slot (1.2B setup on TPU v5p, scanned: 805.2 -> 804.1 GB a step, step
 # estimate 0.4617 -> 0.4612 s). Reads that take slices keep the compiler's own, since in this
 # one they cost far more (1.2B, 8 read groups, unrolled: 673.8 -> 891.7 GB; deep setup, window
 # 8, scanned, zero-filled: 289.0 -> 533.7 GB).
-SLOT_MAJOR_LAYOUT = (0, 1, 3, 4, 5, 2)
+SLOT_MAJOR_LAYOUT = (0, 2, 1, 4, 5, 3)
 
 # The routed kv ([B, T, R, 2, Hd]), by how the buffer is read: "dense" as [2, B, R, Hd, T], the
 # layout in which the attention's backward reads the baseline's saved kv; "window" as [B, R, 2,
@@ -157,19 +172,82 @@ SLOT_MAJOR_LAYOUT = (0, 1, 3, 4, 5, 2)
 # deep dense 223.5 -> 222.3; the deep window rose, 180.3 -> 180.4 (8 read groups: 180.4 -> 180.6).
 ROUTED_LAYOUTS = {"dense": (3, 0, 2, 4, 1), "window": (0, 2, 3, 4, 1)}
 
-# A windowed backward's buffer ([L, B, T, R, 2, Hd] as [L, B, 2, Hd, R, T]: the layout of its
+# A windowed backward's buffer ([L, R, B, T, 2, Hd] as [L, B, 2, Hd, R, T]: the layout of its
 # one-slot writes) and each window of readers sliced from it, before the product takes its own
 # copy of the k slots. Unconstrained, the TPU compiler gave the product's layout (slots next to
 # heads) to the slice's operand and so copied the whole buffer to read k of its slots, at every
 # layer (deep setup, window 8: 935.6 k estimated cycles a layer; constrained, the slice with its
 # copy 92.6 k).
-WINDOW_BUFFER_LAYOUT = (0, 1, 4, 5, 3, 2)
+WINDOW_BUFFER_LAYOUT = (0, 2, 4, 5, 1, 3)
+
+
+# Where the buffer's products are einsums, whose operand order jnp.einsum picks (it put the
+# buffer on the left): the TPU's, whose compiler was measured with them. Elsewhere the buffer
+# is the operand that the dot takes as it is (`_mix_by_dot`, `_gram_by_dot`): on the left,
+# XLA:CPU copied the whole buffer into [B, T, 2, Hd, N, S] before each product (64 slots of the
+# bench's shape, each product alone: the mix 42-46 -> 9 ms, the router row 55-69 -> 6-8). The GPU
+# takes the CPU's form, as a plain GEMM over the buffer in memory (not measured there). On the
+# TPU compiler the dot forms cost the windowed deep setup 1% more (scanned: 228.8 -> 231.4 GB).
+EINSUM_PLATFORMS = ("tpu",)
 
 
 def _on_platforms(platforms: tuple[str, ...], chosen: Callable, default: Callable, *args):
   """`chosen(*args)` when compiled for one of `platforms`, else `default(*args)`: chosen when
   lowering, so the compiler sees one of them."""
   return jax.lax.platform_dependent(*args, default=default, **{p: chosen for p in platforms})
+
+
+# Where a layer's slot is written before the product that reads it, which takes it as one more
+# slot: the TPU's, whose compiler was measured that way (the own term inside the product, no
+# float32 partial sum). Elsewhere the product reads the buffer before the write, with the slot's
+# weight zeroed, and the own term is a product of its own: XLA:CPU fused the write both into the
+# carried buffer and into the bitcast that feeds the product, each writing into its own copy of
+# the buffer (4 copies of it a layer; test_kv_pull's memory test with remat dots, 8 layers:
+# 8084104 temp bytes, 1.586x the baseline's). Read first, no layer copies it (`_after`): the
+# CPU bench's shape, pull over 8 segments at 64 layers, 3.052x the baseline's step -> 1.538x
+# (the buffer [L, B, T, R, 2, Hd] and written first, as before 2026-12-07 -> now; README).
+WRITE_FIRST_PLATFORMS = ("tpu",)
+
+
+def _after(x: jax.Array, results) -> jax.Array:
+  """`x` (the same values; a -0 may read +0), computed after every array in `results` (a
+  pytree) by data: XLA:CPU expands optimization barriers before copy insertion, so only a real
+  dependency lets an in-place write wait for the reads of the value it overwrites (without one
+  it copied the whole buffer, twice a layer). The zero it adds is never NaN."""
+  zero = jnp.zeros((), jnp.float32)
+  for leaf in jax.tree.leaves(results):
+    first = leaf.reshape(-1)[0].astype(jnp.float32)
+    zero = zero + jnp.where(jnp.isfinite(first), first, 0) * 0
+  return x + zero.astype(x.dtype)
+
+
+def _written_and_read(buf_LxRxBxTx2xHd, slot_RxBxTx2xHd, l, whole_reads: bool, weights,
+                      slot_axis: int, read: Callable, own: Callable, other_reads=()):
+  """(`read(weights, buffer, own_written)` of the buffer with `slot` written into slot l,
+  that buffer), in its platform's order (WRITE_FIRST_PLATFORMS). Read first (own_written
+  False: slot l is not yet written), slot l's weights on `slot_axis` are zeroed,
+  `own(those weights, slot[None])` adds its term, and the write follows the read and the
+  results of the buffer's `other_reads` by data (`_after`)."""
+  def write(buf_LxRxBxTx2xHd, slot_RxBxTx2xHd):
+    return _slot_major(jax.lax.dynamic_update_index_in_dim(
+        buf_LxRxBxTx2xHd, slot_RxBxTx2xHd, l, 0), whole_reads)
+
+  def write_first(weights, buf_LxRxBxTx2xHd, slot_RxBxTx2xHd):
+    buf_LxRxBxTx2xHd = write(buf_LxRxBxTx2xHd, slot_RxBxTx2xHd)
+    return read(weights, buf_LxRxBxTx2xHd, True), buf_LxRxBxTx2xHd
+
+  def read_first(weights, buf_LxRxBxTx2xHd, slot_RxBxTx2xHd):
+    slot_N = jnp.arange(weights.shape[slot_axis])
+    shape = [1] * weights.ndim
+    shape[slot_axis] = -1
+    others = jnp.where((slot_N == l).reshape(shape), 0, weights)
+    mixed = read(others, buf_LxRxBxTx2xHd, False) + own(read_slots(weights, l, 1, slot_axis),
+                                                        slot_RxBxTx2xHd[None])
+    # The write after the read, by data (a compiler that wrote first would copy the buffer).
+    return mixed, write(buf_LxRxBxTx2xHd, _after(slot_RxBxTx2xHd, (mixed, other_reads)))
+
+  return _on_platforms(WRITE_FIRST_PLATFORMS, write_first, read_first, weights,
+                       buf_LxRxBxTx2xHd, slot_RxBxTx2xHd)
 
 
 def _reads_whole(groups: tuple[ReadGroup, ...], window: int | None) -> bool:
@@ -208,61 +286,106 @@ def _in_layout(x: jax.Array, layout: tuple[int, ...] | None) -> jax.Array:
   return _on_platforms(LAYOUT_PLATFORMS, constrained, lambda x: x, x)
 
 
-def _slot_major(buf_LxBxTxRx2xHd: jax.Array, whole_reads: bool) -> jax.Array:
+def _slot_major(buf_LxRxBxTx2xHd: jax.Array, whole_reads: bool) -> jax.Array:
   """A buffer read whole in SLOT_MAJOR_LAYOUT (`_in_layout`); other buffers as they are."""
-  return _in_layout(buf_LxBxTxRx2xHd, SLOT_MAJOR_LAYOUT if whole_reads else None)
+  return _in_layout(buf_LxRxBxTx2xHd, SLOT_MAJOR_LAYOUT if whole_reads else None)
 
 
-def _written(kv_NxBxTxRx2xHd: jax.Array, first, l, may_start_uninitialized: bool) -> jax.Array:
-  """Slots first .. first+N-1 of the forward's buffer with those past layer l zeroed where it
-  starts uninitialized (`_fresh_buffer`): an unwritten slot may hold anything, NaN included,
+def _written(kv_NxRxBxTx2xHd: jax.Array, first, last, may_start_uninitialized: bool
+             ) -> jax.Array:
+  """Slots first .. first+N-1 of the forward's buffer with those past slot `last` zeroed where
+  it starts uninitialized (`_fresh_buffer`): an unwritten slot may hold anything, NaN included,
   which a zero weight would not cancel."""
   if not may_start_uninitialized:
-    return kv_NxBxTxRx2xHd
-  def masked(kv_NxBxTxRx2xHd, l):
-    slot_N = first + jnp.arange(kv_NxBxTxRx2xHd.shape[0])
-    return jnp.where((slot_N <= l)[:, None, None, None, None, None], kv_NxBxTxRx2xHd, 0)
-  return _on_platforms(UNINITIALIZED_BUFFER_PLATFORMS, masked, lambda kv, l: kv,
-                       kv_NxBxTxRx2xHd, l)
+    return kv_NxRxBxTx2xHd
+  def masked(kv_NxRxBxTx2xHd, last):
+    slot_N = first + jnp.arange(kv_NxRxBxTx2xHd.shape[0])
+    return jnp.where((slot_N <= last)[:, None, None, None, None, None], kv_NxRxBxTx2xHd, 0)
+  return _on_platforms(UNINITIALIZED_BUFFER_PLATFORMS, masked, lambda kv, last: kv,
+                       kv_NxRxBxTx2xHd, last)
 
 
-def _mix_sources(group: ReadGroup, may_start_uninitialized: bool):
+def _mix_sources(group: ReadGroup, may_start_uninitialized: bool, own_written: bool):
   """Forward read: sum_{j, s} W[r, j, s] kv_j[s] over the group's source slots, in float32
-  (the row is zero past j = l, the reader's own slot)."""
-  def mix(W_RxLxR, buf_LxBxTxRx2xHd, l):
-    return sum(jnp.einsum("rjs,jbtscd->btrcd", read_slots(W_RxLxR, lo, hi - lo, 1),
-                          _written(read_slots(buf_LxBxTxRx2xHd, lo, hi - lo), lo, l,
-                                   may_start_uninitialized),
-                          preferred_element_type=jnp.float32) for lo, hi in group.sources)
+  (the row is zero past j = l, the reader's own slot, which `own_written` says is written
+  yet; slots not yet written are masked, `_written`)."""
+  def mix(W_RxLxR, buf_LxRxBxTx2xHd, l):
+    last = l if own_written else l - 1
+    return sum(_mix(read_slots(W_RxLxR, lo, hi - lo, 1),
+                    _written(read_slots(buf_LxRxBxTx2xHd, lo, hi - lo), lo, last,
+                             may_start_uninitialized)) for lo, hi in group.sources)
   return mix
 
 
-def _pull_readers(W_NxRxR, dr_NxBxTxRx2xHd) -> jax.Array:
-  """sum_{i, r} W[i, r, s] drouted_i[r]: the cotangent N readers give one source's raw kv."""
-  return jnp.einsum("irs,ibtrcd->btscd", W_NxRxR, dr_NxBxTxRx2xHd,
+def _to_slot(kv_BxTxRx2xHd):
+  """A layer's kv (or its cotangent) in a buffer slot's axis order, [R, B, T, 2, Hd]."""
+  return jnp.moveaxis(kv_BxTxRx2xHd, 2, 0)
+
+
+def _from_slot(kv_RxBxTx2xHd):
+  """A buffer slot back in the layers' axis order, [B, T, R, 2, Hd]."""
+  return jnp.moveaxis(kv_RxBxTx2xHd, 0, 2)
+
+
+def _mix(W_RxNxS, buf_NxSxBxTx2xHd):
+  """sum_{j, s} W[r, j, s] buf[j, s], [B, T, R, 2, Hd] float32, in its platform's form
+  (EINSUM_PLATFORMS)."""
+  return _on_platforms(EINSUM_PLATFORMS, _mix_by_einsum, _mix_by_dot, W_RxNxS, buf_NxSxBxTx2xHd)
+
+
+def _mix_by_einsum(W_RxNxS, buf_NxSxBxTx2xHd):
+  return jnp.einsum("rjs,jsbtcd->btrcd", W_RxNxS, buf_NxSxBxTx2xHd,
                     preferred_element_type=jnp.float32)
+
+
+def _mix_by_dot(W_RxNxS, buf_NxSxBxTx2xHd):
+  mixed_RxBxTx2xHd = jax.lax.dot_general(W_RxNxS, buf_NxSxBxTx2xHd, (((1, 2), (0, 1)), ((), ())),
+                                         preferred_element_type=jnp.float32)
+  return _from_slot(mixed_RxBxTx2xHd)
+
+
+def _gram(d_BxTxRx2xHd, buf_NxSxBxTx2xHd):
+  """<d[r], buf[j, s]>, [R, N, S] float32, in its platform's form (EINSUM_PLATFORMS)."""
+  return _on_platforms(EINSUM_PLATFORMS, _gram_by_einsum, _gram_by_dot, d_BxTxRx2xHd,
+                       buf_NxSxBxTx2xHd)
+
+
+def _gram_by_einsum(d_BxTxRx2xHd, buf_NxSxBxTx2xHd):
+  return jnp.einsum("btrcd,jsbtcd->rjs", d_BxTxRx2xHd, buf_NxSxBxTx2xHd,
+                    preferred_element_type=jnp.float32)
+
+
+def _gram_by_dot(d_BxTxRx2xHd, buf_NxSxBxTx2xHd):
+  gram_NxSxR = jax.lax.dot_general(buf_NxSxBxTx2xHd, d_BxTxRx2xHd,
+                                   (((2, 3, 4, 5), (0, 1, 3, 4)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+  return jnp.moveaxis(gram_NxSxR, 2, 0)
+
+
+def _pull_readers(W_NxRxR, dr_NxRxBxTx2xHd) -> jax.Array:
+  """sum_{i, r} W[i, r, s] drouted_i[r]: the cotangent N readers give one source's raw kv."""
+  return _mix(jnp.moveaxis(W_NxRxR, 2, 0), dr_NxRxBxTx2xHd)
 
 
 def _cotangent_from_readers(group: ReadGroup):
   """Backward: the raw kv's cotangent sum_{i, r} W[i, r, l, s] drouted_i[r] over the group's
   readers (the column is zero for i < l, whose slots still hold raw kv)."""
   lo, hi = group.readers
-  def pull(W_LxRxR, buf_LxBxTxRx2xHd):
+  def pull(W_LxRxR, buf_LxRxBxTx2xHd):
     return _pull_readers(read_slots(W_LxRxR, lo, hi - lo),
-                         read_slots(buf_LxBxTxRx2xHd, lo, hi - lo))
+                         read_slots(buf_LxRxBxTx2xHd, lo, hi - lo))
   return pull
 
 
 def _router_row_gradient(group: ReadGroup):
   """Backward: reader l's row dW[r, j, s] = <drouted_l[r], kv_j[s]> over the group's sources,
   zero elsewhere; entries j > l (slots that hold cotangents by now) are masked by the caller."""
-  def grad(drouted_BxTxRx2xHd, buf_LxBxTxRx2xHd):
-    L, R = buf_LxBxTxRx2xHd.shape[0], drouted_BxTxRx2xHd.shape[2]
+  def grad(drouted_BxTxRx2xHd, buf_LxRxBxTx2xHd):
+    L, R = buf_LxRxBxTx2xHd.shape[0], drouted_BxTxRx2xHd.shape[2]
     dW_RxLxR = jnp.zeros((R, L, R), jnp.float32)
     for lo, hi in group.sources:
-      dW_RxLxR = dW_RxLxR.at[:, lo:hi].set(jnp.einsum(
-          "btrcd,jbtscd->rjs", drouted_BxTxRx2xHd, read_slots(buf_LxBxTxRx2xHd, lo, hi - lo),
-          preferred_element_type=jnp.float32))
+      dW_RxLxR = dW_RxLxR.at[:, lo:hi].set(
+          _gram(drouted_BxTxRx2xHd, read_slots(buf_LxRxBxTx2xHd, lo, hi - lo)))
     return dW_RxLxR
   return grad
 
@@ -280,45 +403,49 @@ def _window_size(window: int, L: int) -> int:
   return min(window, L - 1)
 
 
-def _mix_window(window: int, l, W_RxLxR, buf_LxBxTxRx2xHd, may_start_uninitialized: bool):
+def _mix_window(window: int, l, W_RxLxR, buf_LxRxBxTx2xHd, own_written: bool,
+                may_start_uninitialized: bool):
   """Forward read of a window of k: layer 0's slot and the k slots up to l (a clipped window
-  reaches past l near the start, where the row is zero)."""
-  L = buf_LxBxTxRx2xHd.shape[0]
-  mix = lambda W, kv: jnp.einsum("rjs,jbtscd->btrcd", W, kv,  # noqa: E731
-                                 preferred_element_type=jnp.float32)
-  routed_BxTxRx2xHd = mix(read_slots(W_RxLxR, 0, 1, 1), read_slots(buf_LxBxTxRx2xHd, 0, 1))
+  reaches past l near the start, where the row is zero); `own_written`: whether slot l is
+  written yet (slots not yet written are masked, `_written`)."""
+  L = buf_LxRxBxTx2xHd.shape[0]
+  last = l if own_written else l - 1
+  first_1xRxBxTx2xHd = read_slots(buf_LxRxBxTx2xHd, 0, 1)
+  if not own_written:  # at layer 0, slot 0 is not yet written
+    first_1xRxBxTx2xHd = _written(first_1xRxBxTx2xHd, 0, last, may_start_uninitialized)
+  routed_BxTxRx2xHd = _mix(read_slots(W_RxLxR, 0, 1, 1), first_1xRxBxTx2xHd)
   size = _window_size(window, L)
   if size == 0:
     return routed_BxTxRx2xHd
   start = _window_start(l - size + 1, size, L)
-  return routed_BxTxRx2xHd + mix(read_slots(W_RxLxR, start, size, 1),
-                                 _written(read_slots(buf_LxBxTxRx2xHd, start, size), start, l,
-                                          may_start_uninitialized))
+  return routed_BxTxRx2xHd + _mix(read_slots(W_RxLxR, start, size, 1),
+                                  _written(read_slots(buf_LxRxBxTx2xHd, start, size), start,
+                                           last, may_start_uninitialized))
 
 
-def _window_slots(buf_LxBxTxRx2xHd: jax.Array, start, size: int, l) -> jax.Array:
+def _window_slots(buf_LxRxBxTx2xHd: jax.Array, start, size: int, l) -> jax.Array:
   """Slots [start, start + size) of a windowed backward's buffer; under the scan (l traced)
   sliced in the buffer's layout (WINDOW_BUFFER_LAYOUT), so that a product that wants another
   copies only these. An unrolled stack's program counted more with the constraint (deep setup,
   window 8: 163.1 -> 173.2 GB a step)."""
-  window_KxBxTxRx2xHd = read_slots(buf_LxBxTxRx2xHd, start, size)
+  window_KxRxBxTx2xHd = read_slots(buf_LxRxBxTx2xHd, start, size)
   if isinstance(l, int):
-    return window_KxBxTxRx2xHd
-  return _in_layout(window_KxBxTxRx2xHd, WINDOW_BUFFER_LAYOUT)
+    return window_KxRxBxTx2xHd
+  return _in_layout(window_KxRxBxTx2xHd, WINDOW_BUFFER_LAYOUT)
 
 
-def _cotangent_from_window(window: int, l, W_LxRxR, buf_LxBxTxRx2xHd):
+def _cotangent_from_window(window: int, l, W_LxRxR, buf_LxRxBxTx2xHd):
   """Backward: the raw kv's cotangent from the readers i = l .. l+k-1 of its window (itself
   included). Layer 0's comes from every reader (all of them read it): here where l is static;
   under the scan (l traced) the backward sums it as the readers go (`_sums_layer_zero_cotangent`)
   and replaces what this gives layer 0."""
-  L = buf_LxBxTxRx2xHd.shape[0]
+  L = buf_LxRxBxTx2xHd.shape[0]
   size = _window_size(window, L)
   if size == 0 or (isinstance(l, int) and l == 0):  # size 0: a one-layer stack
-    return _pull_readers(W_LxRxR, buf_LxBxTxRx2xHd)
+    return _pull_readers(W_LxRxR, buf_LxRxBxTx2xHd)
   start = _window_start(l, size, L)
   return _pull_readers(read_slots(W_LxRxR, start, size),
-                       _window_slots(buf_LxBxTxRx2xHd, start, size, l))
+                       _window_slots(buf_LxRxBxTx2xHd, start, size, l))
 
 
 def _sums_layer_zero_cotangent(window: int | None, scanned: bool, L: int) -> bool:
@@ -330,20 +457,19 @@ def _sums_layer_zero_cotangent(window: int | None, scanned: bool, L: int) -> boo
   return window is not None and scanned and _window_size(window, L) > 0
 
 
-def _router_row_gradient_window(window: int, l, drouted_BxTxRx2xHd, buf_LxBxTxRx2xHd):
+def _router_row_gradient_window(window: int, l, drouted_BxTxRx2xHd, buf_LxRxBxTx2xHd):
   """Backward: reader l's row over layer 0 and its window's k slots up to l (entries past l,
   which a clipped window reaches, are masked by the caller)."""
-  L, R = buf_LxBxTxRx2xHd.shape[0], drouted_BxTxRx2xHd.shape[2]
-  grad = lambda kv: jnp.einsum("btrcd,jbtscd->rjs", drouted_BxTxRx2xHd, kv,  # noqa: E731
-                               preferred_element_type=jnp.float32)
-  from_first_RxR = grad(read_slots(buf_LxBxTxRx2xHd, 0, 1))
+  L, R = buf_LxRxBxTx2xHd.shape[0], drouted_BxTxRx2xHd.shape[2]
+  grad = lambda kv: _gram(drouted_BxTxRx2xHd, kv)  # noqa: E731
+  from_first_RxR = grad(read_slots(buf_LxRxBxTx2xHd, 0, 1))
   dW_RxLxR = jnp.zeros((R, L, R), jnp.float32).at[:, :1].set(from_first_RxR)
   size = _window_size(window, L)
   if size == 0:
     return dW_RxLxR
   start = _window_start(l - size + 1, size, L)
   return jax.lax.dynamic_update_slice_in_dim(
-      dW_RxLxR, grad(_window_slots(buf_LxBxTxRx2xHd, start, size, l)), start, 1)
+      dW_RxLxR, grad(_window_slots(buf_LxRxBxTx2xHd, start, size, l)), start, 1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5, 6))
@@ -433,6 +559,7 @@ def _forward(kv_fn, layer_fn, weights_fn, groups, window, kv_shape, unroll, para
   routed kv buffer where the backward takes the router gradient as one product
   (`_backward_gram`), else None)."""
   *shape, dtype = kv_shape
+  shape = [shape[0], shape[3], shape[1], shape[2], *shape[4:]]  # slots [L, R, B, T, 2, Hd]
   L = shape[0]
   W_LxRxLxR = weights_fn(params_S)
   whole_reads = _reads_whole(groups, window)
@@ -442,11 +569,11 @@ def _forward(kv_fn, layer_fn, weights_fn, groups, window, kv_shape, unroll, para
   # Each layer's routed kv goes into a buffer of its own rather than the residuals the scan
   # stacks: the backward turns it into the readers' cotangents in place (`_backward_gram`).
   gram = save and window is None and _rest_keeps_routed(
-      kv_fn, layer_fn, groups, params_S, x_BxTxD, positions_BxT, tuple(shape[1:]), dtype,
+      kv_fn, layer_fn, groups, params_S, x_BxTxD, positions_BxT, tuple(kv_shape[1:-1]), dtype,
       unrolled)
 
   def body(carry, W_RxLxR, l):
-    x_BxTxD, buf_LxBxTxRx2xHd, *routed_buf = carry
+    x_BxTxD, buf_LxRxBxTx2xHd, *routed_buf = carry
     params_l = _layer_params(groups, l, params_S)
     first_half = lambda p, x: kv_fn(p, x, l, positions_BxT)  # noqa: E731
     rest = lambda p, x, handoff, routed: layer_fn(p, x, handoff, routed, l,  # noqa: E731
@@ -455,29 +582,31 @@ def _forward(kv_fn, layer_fn, weights_fn, groups, window, kv_shape, unroll, para
       (kv_BxTxRx2xHd, handoff), vjp_kv = jax.vjp(first_half, params_l, x_BxTxD)
     else:
       kv_BxTxRx2xHd, handoff = first_half(params_l, x_BxTxD)
-    # Written before the layer reads: its own kv is the last slot of its product. The previous
-    # layer's reads of the buffer come first by data (they made this layer's input).
-    buf_LxBxTxRx2xHd = _slot_major(jax.lax.dynamic_update_index_in_dim(
-        buf_LxBxTxRx2xHd, kv_BxTxRx2xHd.astype(dtype), l, 0), whole_reads)
+    # Its own kv goes into slot l, around the read (`_written_and_read`). The previous layer's
+    # reads of the buffer come first by data (they made this layer's input).
     if window is None:
-      routed_BxTxRx2xHd = _switch_on_group(
+      read = lambda W_RxLxR, buf_LxRxBxTx2xHd, own_written: _switch_on_group(  # noqa: E731
           groups, l,
-          functools.partial(_mix_sources, may_start_uninitialized=may_start_uninitialized),
-          W_RxLxR, buf_LxBxTxRx2xHd, l)
+          functools.partial(_mix_sources, may_start_uninitialized=may_start_uninitialized,
+                            own_written=own_written),
+          W_RxLxR, buf_LxRxBxTx2xHd, l)
     else:
-      routed_BxTxRx2xHd = _mix_window(window, l, W_RxLxR, buf_LxBxTxRx2xHd,
-                                      may_start_uninitialized)
+      read = lambda W_RxLxR, buf_LxRxBxTx2xHd, own_written: _mix_window(  # noqa: E731
+          window, l, W_RxLxR, buf_LxRxBxTx2xHd, own_written, may_start_uninitialized)
+    routed_BxTxRx2xHd, buf_LxRxBxTx2xHd = _written_and_read(
+        buf_LxRxBxTx2xHd, _to_slot(kv_BxTxRx2xHd.astype(dtype)), l, whole_reads, W_RxLxR, 1,
+        read, _mix)
     # The float32 sum, rounded once; saved for the backward in ROUTED_LAYOUTS' layout.
     routed_BxTxRx2xHd = _in_layout(routed_BxTxRx2xHd.astype(dtype), routed_layout)
     if not save:
-      return (rest(params_l, x_BxTxD, handoff, routed_BxTxRx2xHd), buf_LxBxTxRx2xHd), None
+      return (rest(params_l, x_BxTxD, handoff, routed_BxTxRx2xHd), buf_LxRxBxTx2xHd), None
     x_next, vjp_rest = jax.vjp(rest, params_l, x_BxTxD, handoff, routed_BxTxRx2xHd)
     residuals = _LayerResiduals.of(vjp_kv, vjp_rest)
     if not gram:
-      return (x_next, buf_LxBxTxRx2xHd), residuals
-    routed_LxBxTxRx2xHd = jax.lax.dynamic_update_index_in_dim(
-        routed_buf[0], routed_BxTxRx2xHd, l, 0)
-    return (x_next, buf_LxBxTxRx2xHd, routed_LxBxTxRx2xHd), residuals.without(routed_BxTxRx2xHd)
+      return (x_next, buf_LxRxBxTx2xHd), residuals
+    routed_LxRxBxTx2xHd = jax.lax.dynamic_update_index_in_dim(
+        routed_buf[0], _to_slot(routed_BxTxRx2xHd), l, 0)
+    return (x_next, buf_LxRxBxTx2xHd, routed_LxRxBxTx2xHd), residuals.without(routed_BxTxRx2xHd)
 
   carry = (x_BxTxD, _fresh_buffer(tuple(shape), dtype, may_start_uninitialized, whole_reads))
   if gram:  # every slot is written before the backward reads any
@@ -491,8 +620,8 @@ def _forward(kv_fn, layer_fn, weights_fn, groups, window, kv_shape, unroll, para
   else:
     carry, saved = jax.lax.scan(lambda carry, layer: body(carry, *layer), carry,
                                 (W_LxRxLxR, jnp.arange(L)), unroll=unroll)
-  x_BxTxD, buf_LxBxTxRx2xHd, *routed_buf = carry
-  return x_BxTxD, buf_LxBxTxRx2xHd, W_LxRxLxR, saved, (routed_buf[0] if gram else None)
+  x_BxTxD, buf_LxRxBxTx2xHd, *routed_buf = carry
+  return x_BxTxD, buf_LxRxBxTx2xHd, W_LxRxLxR, saved, (routed_buf[0] if gram else None)
 
 
 def _pull_stack_fwd(kv_fn, layer_fn, weights_fn, groups, window, kv_shape, unroll, params_S,
@@ -505,14 +634,14 @@ def _pull_stack_fwd(kv_fn, layer_fn, weights_fn, groups, window, kv_shape, unrol
 def _pull_stack_bwd(kv_fn, layer_fn, weights_fn, groups, window, kv_shape, unroll, residuals,
                     dx_BxTxD):
   del kv_fn, layer_fn, kv_shape
-  params_S, buf_LxBxTxRx2xHd, W_LxRxLxR, saved, routed_LxBxTxRx2xHd = residuals
+  params_S, buf_LxRxBxTx2xHd, W_LxRxLxR, saved, routed_LxRxBxTx2xHd = residuals
   columns_LxLxRxR = jnp.moveaxis(W_LxRxLxR, 2, 0)  # [source, reader, R, R]
-  if routed_LxBxTxRx2xHd is None:
+  if routed_LxRxBxTx2xHd is None:
     dx_BxTxD, dparams_L, dW_LxRxLxR = _backward_by_rows(
-        groups, window, unroll, buf_LxBxTxRx2xHd, columns_LxLxRxR, saved, dx_BxTxD)
+        groups, window, unroll, buf_LxRxBxTx2xHd, columns_LxLxRxR, saved, dx_BxTxD)
   else:
     dx_BxTxD, dparams_L, dW_LxRxLxR = _backward_gram(
-        groups, unroll, buf_LxBxTxRx2xHd, routed_LxBxTxRx2xHd, columns_LxLxRxR, saved, dx_BxTxD)
+        groups, unroll, buf_LxRxBxTx2xHd, routed_LxRxBxTx2xHd, columns_LxLxRxR, saved, dx_BxTxD)
   dparams_S = tuple(jax.tree.map(lambda a: a[g.start:g.stop], dparams_L) for g in groups)
   _, weights_vjp = jax.vjp(weights_fn, params_S)
   (dparams_from_W,) = weights_vjp(dW_LxRxLxR)
@@ -533,12 +662,12 @@ def _layers_in_reverse(body, carry, saved, columns_LxLxRxR, source_L, unroll):
                       (saved, columns_LxLxRxR, source_L), reverse=True, unroll=unroll)
 
 
-def _backward_by_rows(groups, window, unroll, buf_LxBxTxRx2xHd, columns_LxLxRxR, saved,
+def _backward_by_rows(groups, window, unroll, buf_LxRxBxTx2xHd, columns_LxLxRxR, saved,
                       dx_BxTxD):
   """The layers' backward, in reverse, each layer taking its router row's gradient from the
   buffer's raw kv: (dx, the layers' parameter gradients, dW [L, R, L, R])."""
-  L = buf_LxBxTxRx2xHd.shape[0]
-  dtype = buf_LxBxTxRx2xHd.dtype
+  L = buf_LxRxBxTx2xHd.shape[0]
+  dtype = buf_LxRxBxTx2xHd.dtype
   source_L = jnp.arange(L)
   whole_reads = _reads_whole(groups, window)
   first_column_LxRxR = columns_LxLxRxR[0]  # W[i, r, 0, s]: each reader's weights on layer 0
@@ -546,43 +675,46 @@ def _backward_by_rows(groups, window, unroll, buf_LxBxTxRx2xHd, columns_LxLxRxR,
   def body(carry, layer_residuals: _LayerResiduals, column_LxRxR, l):
     # buf: slots j <= l raw kv, slots i > l the cotangents of readers i's routed kv. dfirst
     # (`_sums_layer_zero_cotangent`): layer 0's raw kv cotangent from readers l+1 and later.
-    dx_BxTxD, buf_LxBxTxRx2xHd, *dfirst = carry
+    dx_BxTxD, buf_LxRxBxTx2xHd, *dfirst = carry
     vjp_kv, vjp_rest = layer_residuals.vjps()
     dparams_rest, dx_rest_BxTxD, dhandoff, drouted_BxTxRx2xHd = vjp_rest(dx_BxTxD)
     if window is None:
       dW_RxLxR = _switch_on_group(groups, l, _router_row_gradient, drouted_BxTxRx2xHd,
-                                  buf_LxBxTxRx2xHd)
+                                  buf_LxRxBxTx2xHd)
     else:
-      dW_RxLxR = _router_row_gradient_window(window, l, drouted_BxTxRx2xHd, buf_LxBxTxRx2xHd)
+      dW_RxLxR = _router_row_gradient_window(window, l, drouted_BxTxRx2xHd, buf_LxRxBxTx2xHd)
     dW_RxLxR = jnp.where((source_L <= l)[None, :, None], dW_RxLxR, 0.0)
     # Slot l's raw kv is read above and not needed again: its cotangent takes the slot, after
     # that read (nothing else orders them; a compiler that wrote first would copy the buffer).
     drouted_BxTxRx2xHd, dW_RxLxR = jax.lax.optimization_barrier((drouted_BxTxRx2xHd, dW_RxLxR))
     drouted_BxTxRx2xHd = drouted_BxTxRx2xHd.astype(dtype)
-    buf_LxBxTxRx2xHd = _slot_major(jax.lax.dynamic_update_index_in_dim(
-        buf_LxBxTxRx2xHd, drouted_BxTxRx2xHd, l, 0), whole_reads)
     if window is None:
-      dkv_BxTxRx2xHd = _switch_on_group(groups, l, _cotangent_from_readers, column_LxRxR,
-                                        buf_LxBxTxRx2xHd)
+      pull = lambda column_LxRxR, buf_LxRxBxTx2xHd, _: _switch_on_group(  # noqa: E731
+          groups, l, _cotangent_from_readers, column_LxRxR, buf_LxRxBxTx2xHd)
     else:
-      dkv_BxTxRx2xHd = _cotangent_from_window(window, l, column_LxRxR, buf_LxBxTxRx2xHd)
+      pull = lambda column_LxRxR, buf_LxRxBxTx2xHd, _: _cotangent_from_window(  # noqa: E731
+          window, l, column_LxRxR, buf_LxRxBxTx2xHd)
+    dkv_BxTxRx2xHd, buf_LxRxBxTx2xHd = _written_and_read(
+        buf_LxRxBxTx2xHd, _to_slot(drouted_BxTxRx2xHd), l, whole_reads, column_LxRxR, 0, pull,
+        _pull_readers, other_reads=dW_RxLxR)
     if dfirst:  # reader l's share of layer 0's cotangent; at layer 0 the sum is its cotangent
       dfirst = [dfirst[0] + _pull_readers(read_slots(first_column_LxRxR, l, 1),
-                                          drouted_BxTxRx2xHd[None])]
+                                          _to_slot(drouted_BxTxRx2xHd)[None])]
       dkv_BxTxRx2xHd = jnp.where(l == 0, dfirst[0], dkv_BxTxRx2xHd)
     dparams_kv, dx_kv_BxTxD = vjp_kv((dkv_BxTxRx2xHd.astype(dtype), dhandoff))
     dparams_l = jax.tree.map(jnp.add, dparams_kv, dparams_rest)
-    return (dx_rest_BxTxD + dx_kv_BxTxD, buf_LxBxTxRx2xHd, *dfirst), (dparams_l, dW_RxLxR)
+    return (dx_rest_BxTxD + dx_kv_BxTxD, buf_LxRxBxTx2xHd, *dfirst), (dparams_l, dW_RxLxR)
 
-  carry = (dx_BxTxD, buf_LxBxTxRx2xHd)
+  carry = (dx_BxTxD, buf_LxRxBxTx2xHd)
   if _sums_layer_zero_cotangent(window, not isinstance(saved, list), L):
-    carry += (jnp.zeros(buf_LxBxTxRx2xHd.shape[1:], jnp.float32),)
+    _, R, B, T, *rest = buf_LxRxBxTx2xHd.shape
+    carry += (jnp.zeros((B, T, R, *rest), jnp.float32),)
   carry, (dparams_L, dW_LxRxLxR) = _layers_in_reverse(
       body, carry, saved, columns_LxLxRxR, source_L, unroll)
   return carry[0], dparams_L, dW_LxRxLxR
 
 
-def _backward_gram(groups, unroll, buf_LxBxTxRx2xHd, routed_LxBxTxRx2xHd, columns_LxLxRxR,
+def _backward_gram(groups, unroll, buf_LxRxBxTx2xHd, routed_LxRxBxTx2xHd, columns_LxLxRxR,
                    saved, dx_BxTxD):
   """The layers' backward, in reverse, for dense reads whose forward kept each layer's routed kv
   in a buffer (`_forward`): each layer reads its routed kv from its slot there, and its
@@ -591,28 +723,30 @@ def _backward_gram(groups, unroll, buf_LxBxTxRx2xHd, routed_LxBxTxRx2xHd, column
   gradient, dW[i, r, j, s] = <drouted_i[r], kv_j[s]> for j <= i: two buffers read once, where
   a row per layer reads the raw buffer once per layer (1.2B setup: 16 reads of 1.07 GB a step
   per device)."""
-  L = buf_LxBxTxRx2xHd.shape[0]
-  dtype = buf_LxBxTxRx2xHd.dtype
+  L = buf_LxRxBxTx2xHd.shape[0]
+  dtype = buf_LxRxBxTx2xHd.dtype
   source_L = jnp.arange(L)
 
   def body(carry, residuals_but_routed: _LayerResiduals, column_LxRxR, l):
     # routed: slots i < l the routed kv of layers i, slots i >= l the cotangents of readers i
     # (the column is zero for i < l).
-    dx_BxTxD, routed_LxBxTxRx2xHd = carry
-    routed_BxTxRx2xHd = read_slots(routed_LxBxTxRx2xHd, l, 1)[0]
+    dx_BxTxD, routed_LxRxBxTx2xHd = carry
+    routed_BxTxRx2xHd = _from_slot(read_slots(routed_LxRxBxTx2xHd, l, 1)[0])
     vjp_kv, vjp_rest = residuals_but_routed.with_left_out(routed_BxTxRx2xHd).vjps()
     dparams_rest, dx_rest_BxTxD, dhandoff, drouted_BxTxRx2xHd = vjp_rest(dx_BxTxD)
-    routed_LxBxTxRx2xHd = jax.lax.dynamic_update_index_in_dim(
-        routed_LxBxTxRx2xHd, drouted_BxTxRx2xHd.astype(dtype), l, 0)
-    dkv_BxTxRx2xHd = _switch_on_group(groups, l, _cotangent_from_readers, column_LxRxR,
-                                      routed_LxBxTxRx2xHd)
+    pull = lambda column_LxRxR, routed_LxRxBxTx2xHd, _: _switch_on_group(  # noqa: E731
+        groups, l, _cotangent_from_readers, column_LxRxR, routed_LxRxBxTx2xHd)
+    # The rest's VJP reads slot l (its routed kv) for its parameters' gradients too.
+    dkv_BxTxRx2xHd, routed_LxRxBxTx2xHd = _written_and_read(
+        routed_LxRxBxTx2xHd, _to_slot(drouted_BxTxRx2xHd.astype(dtype)), l, False,
+        column_LxRxR, 0, pull, _pull_readers, other_reads=(dparams_rest, dx_rest_BxTxD))
     dparams_kv, dx_kv_BxTxD = vjp_kv((dkv_BxTxRx2xHd.astype(dtype), dhandoff))
     dparams_l = jax.tree.map(jnp.add, dparams_kv, dparams_rest)
-    return (dx_rest_BxTxD + dx_kv_BxTxD, routed_LxBxTxRx2xHd), dparams_l
+    return (dx_rest_BxTxD + dx_kv_BxTxD, routed_LxRxBxTx2xHd), dparams_l
 
-  (dx_BxTxD, drouted_LxBxTxRx2xHd), dparams_L = _layers_in_reverse(
-      body, (dx_BxTxD, routed_LxBxTxRx2xHd), saved, columns_LxLxRxR, source_L, unroll)
-  dW_LxRxLxR = jnp.einsum("ibtrcd,jbtscd->irjs", drouted_LxBxTxRx2xHd, buf_LxBxTxRx2xHd,
+  (dx_BxTxD, drouted_LxRxBxTx2xHd), dparams_L = _layers_in_reverse(
+      body, (dx_BxTxD, routed_LxRxBxTx2xHd), saved, columns_LxLxRxR, source_L, unroll)
+  dW_LxRxLxR = jnp.einsum("irbtcd,jsbtcd->irjs", drouted_LxRxBxTx2xHd, buf_LxRxBxTx2xHd,
                           preferred_element_type=jnp.float32)
   return dx_BxTxD, dparams_L, jnp.where(
       (source_L[None, :] <= source_L[:, None])[:, None, :, None], dW_LxRxLxR, 0.0)
