@@ -685,7 +685,8 @@ def _backward_by_rows(groups, window, unroll, buf_LxRxBxTx2xHd, columns_LxLxRxR,
       dW_RxLxR = _router_row_gradient_window(window, l, drouted_BxTxRx2xHd, buf_LxRxBxTx2xHd)
     dW_RxLxR = jnp.where((source_L <= l)[None, :, None], dW_RxLxR, 0.0)
     # Slot l's raw kv is read above and not needed again: its cotangent takes the slot, after
-    # that read (nothing else orders them; a compiler that wrote first would copy the buffer).
+    # that read (a compiler that wrote first would copy the buffer). Only the TPU's compiler
+    # keeps the barrier; elsewhere the write follows dW by data (`_written_and_read`).
     drouted_BxTxRx2xHd, dW_RxLxR = jax.lax.optimization_barrier((drouted_BxTxRx2xHd, dW_RxLxR))
     drouted_BxTxRx2xHd = drouted_BxTxRx2xHd.astype(dtype)
     if window is None:
