@@ -307,8 +307,8 @@ def _written(kv_NxRxBxTx2xHd: jax.Array, first, last, may_start_uninitialized: b
 
 def _mix_sources(group: ReadGroup, may_start_uninitialized: bool, own_written: bool):
   """Forward read: sum_{j, s} W[r, j, s] kv_j[s] over the group's source slots, in float32
-  (the row is zero past j = l, the reader's own slot, which `own_written` says is written
-  yet; slots not yet written are masked, `_written`)."""
+  (the row is zero past j = l, the reader's own slot). `own_written`: whether slot l is
+  written yet; slots not yet written are masked (`_written`)."""
   def mix(W_RxLxR, buf_LxRxBxTx2xHd, l):
     last = l if own_written else l - 1
     return sum(_mix(read_slots(W_RxLxR, lo, hi - lo, 1),
