@@ -131,6 +131,21 @@ def stack_grad_temp_bytes(cfg, naive=False, B=2, T=64) -> int:
   return jax.jit(jax.grad(loss)).lower(shapes, x).compile().memory_analysis().temp_size_in_bytes
 
 
+def hlo_computations(hlo: str) -> dict[str, list[str]]:
+  """The instruction lines of each computation in HLO text, by name (without its `%`; the entry
+  computation's under "ENTRY")."""
+  computations, lines = {}, None
+  for line in hlo.splitlines():
+    if line.startswith("}"):
+      lines = None
+    elif line.startswith(("%", "ENTRY ")):
+      name = "ENTRY" if line.startswith("ENTRY ") else line[1:].split(" ", 1)[0]
+      lines = computations.setdefault(name, [])
+    elif lines is not None:
+      lines.append(line)
+  return computations
+
+
 def all_jaxprs(jaxpr):
   """`jaxpr` and every jaxpr nested in its equations (scan, custom_vjp, jit...)."""
   yield jaxpr

@@ -361,15 +361,10 @@ def test_routed_buffer_writes_follow_their_reads():
 def _buffer_copies_per_layer(cfg) -> list[str]:
   """The copies of a whole kv buffer ([L, R, B, T, 2, Hd]) that the CPU's compiled gradient
   program makes outside its entry computation: inside the layer loops, once a layer."""
-  text = model_checks.lowered_gradient(cfg).compile().as_text()
+  hlo = model_checks.lowered_gradient(cfg).compile().as_text()
   buffer = re.compile(rf"= f32\[{cfg.L},{cfg.R},\d+,\d+,2,{cfg.D // cfg.H}\]\{{[\d,]*\}} copy\(")
-  copies, in_entry = [], False
-  for line in text.splitlines():
-    if line and not line.startswith(" "):  # a computation's header, or its closing brace
-      in_entry = line.startswith("ENTRY") or (in_entry and line != "}")
-    elif not in_entry and buffer.search(line):
-      copies.append(line.strip())
-  return copies
+  return [line.strip() for name, lines in model_checks.hlo_computations(hlo).items()
+          if name != "ENTRY" for line in lines if buffer.search(line)]
 
 
 @pytest.mark.parametrize("changes", [

@@ -196,17 +196,10 @@ def test_cpu_backward_is_two_dots_and_no_accumulator_copies():
   contractions = re.findall(r"lhs_contracting_dims=\{([0-9,]*)\}", hlo)
   assert len(contractions) == 2, contractions
   assert all("," not in dims for dims in contractions), contractions
-  bodies = [_computation(hlo, name) for name in re.findall(r"body=%([\w.\-]+)", hlo)]
+  computations = model_checks.hlo_computations(hlo)
+  bodies = [computations[name] for name in re.findall(r"body=%([\w.\-]+)", hlo)]
   assert len(bodies) == 2, "expected the forward's and the backward's loop"
   accumulator_shapes = (f"f32[{','.join(map(str, (I, R, *P)))}]", f"f32[{I * R},{np.prod(P)}]")
   copies = [line for body in bodies for line in body
             if " copy(" in line and any(shape in line for shape in accumulator_shapes)]
   assert not copies, copies
-
-
-def _computation(hlo, name):
-  """The instruction lines of HLO computation `name`."""
-  lines = hlo.splitlines()
-  start = next(i for i, line in enumerate(lines) if line.lstrip().startswith(f"%{name} "))
-  stop = next(i for i in range(start, len(lines)) if lines[i].startswith("}"))
-  return lines[start + 1:stop]
