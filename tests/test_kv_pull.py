@@ -362,7 +362,7 @@ def _buffer_copies_per_layer(cfg) -> list[str]:
   """The copies of a whole kv buffer ([L, R, B, T, 2, Hd]) that the CPU's compiled gradient
   program makes outside its entry computation: inside the layer loops, once a layer."""
   hlo = model_checks.lowered_gradient(cfg).compile().as_text()
-  buffer = re.compile(rf"= f32\[{cfg.L},{cfg.R},\d+,\d+,2,{cfg.D // cfg.H}\]\{{[\d,]*\}} copy\(")
+  buffer = re.compile(rf"= f32\[{cfg.L},{cfg.R},\d+,\d+,2,{cfg.Hd}\]\{{[\d,]*\}} copy\(")
   return [line.strip() for name, lines in model_checks.hlo_computations(hlo).items()
           if name != "ENTRY" for line in lines if buffer.search(line)]
 
