@@ -380,6 +380,31 @@ def test_cpu_layer_loops_copy_no_buffer(changes):
   assert _buffer_copies_per_layer(cfg) == []
 
 
+def _stacks_of_gate_up(cfg) -> int:
+  """Arrays stacked over layers in the shape of the MLP's gate_up parameter ([L, D, 2, F]) by
+  the layer loops of the CPU's compiled gradient program (fused writes of a layer's slice)."""
+  hlo = model_checks.lowered_gradient(cfg).compile().as_text()
+  stack_write = re.compile(
+      rf"ROOT %\S+ = f32\[{cfg.L},{cfg.D},2,{cfg.F}\]\{{[\d,]*\}} dynamic-update-slice\(")
+  return sum(bool(stack_write.search(line))
+             for name, lines in model_checks.hlo_computations(hlo).items() if name != "ENTRY"
+             for line in lines)
+
+
+@pytest.mark.parametrize("changes", [
+    {"scan_segments": 1}, {"scan_segments": 1, "remat_policy": "dots"},
+    {"scan_segments": 2, "router_window": 3},
+], ids=str)
+def test_cpu_forward_loop_stacks_no_parameters(changes, monkeypatch):
+  """Off the TPU the backward takes each layer's parameters from the stacked ones again
+  (kv_pull.SAVED_PARAMS_PLATFORMS), so the forward loop does not stack a copy of them with the
+  layers' residuals: only the backward's gradient is stacked. Saved, the forward's stack shows."""
+  cfg = CFG.replace(routing_impl="pull", **changes)
+  assert _stacks_of_gate_up(cfg) == 1  # the gradient
+  monkeypatch.setattr(kv_pull, "SAVED_PARAMS_PLATFORMS", ("tpu", "cpu"))
+  assert _stacks_of_gate_up(cfg) == 2  # and the saved parameters
+
+
 def test_unrolled_pull_recomputes_what_remat_dropped():
   """The scanned pull's backward loop recomputes what remat did not save, apart from the
   forward loop. Run unrolled (the cost program of `lime-jax plan`) the layers are straight-line

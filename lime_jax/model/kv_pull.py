@@ -52,7 +52,9 @@ In the row-by-row backward one buffer serves both passes: slots j <= l still hol
 (needed by the readers still to go) and slots i > l the cotangents (their raw kv is no longer
 needed). Each layer's backward uses the residuals its forward saved (a `jax.vjp` per half,
 stacked by the scan; the normed input, which both halves save, stacked once), as autodiff
-would. On the TPU the own term is one more slot of the product: no float32 partial sum is
+would, except off the TPU for the layer's parameters, which the backward takes from the stacked
+parameters again, so that the forward stacks no float32 copy of them (SAVED_PARAMS_PLATFORMS).
+On the TPU the own term is one more slot of the product: no float32 partial sum is
 written and read back, and no separate mix of the own kv (at 1.2B the largest of the routing's
 costs besides its reads). Per-layer memory is then the baseline's (the routed kv that attention
 reads replaces its kv); the stack adds one buffer: linear in depth.
@@ -207,6 +209,16 @@ def _on_platforms(platforms: tuple[str, ...], chosen: Callable, default: Callabl
 # CPU bench's shape, pull over 8 segments at 64 layers, 3.052x the baseline's step -> 1.538x
 # (the buffer [L, B, T, R, 2, Hd] and written first, as before 2026-12-07 -> now; README).
 WRITE_FIRST_PLATFORMS = ("tpu",)
+
+
+# Where the backward takes each layer's parameters from its VJP's saved residuals, which the
+# forward's scan stacks (a copy of every layer's parameters): the TPU's, whose compiler was
+# measured that way (it stored the copies in the compute dtype; taking them again cost it bytes,
+# 1.2B setup, scanned: 800.7 -> 810.0 GB a step, README). Elsewhere the backward takes them from
+# the stacked parameters again (`_layer_params`) and the compiler drops the forward's unused
+# stack, which XLA:CPU and XLA:GPU kept in float32: CPU bench shape, 64 layers, 8 segments,
+# 2198.0 -> 1943.0 MiB temp; GPU compiler, 1.2B setup on one H100, 36.97 -> 32.99 GiB.
+SAVED_PARAMS_PLATFORMS = ("tpu",)
 
 
 def _after(x: jax.Array, results) -> jax.Array:
@@ -490,13 +502,14 @@ def pull_stack(kv_fn: KvFn, layer_fn: LayerFn, weights_fn: WeightsFn,
 @jax.tree_util.register_pytree_node_class
 class _LayerResiduals:
   """One layer's saved residuals: both halves' VJPs as their distinct leaves, each stacked once
-  by the scan (both halves save the normed input; twice it would be another [L, B, T, D])."""
+  by the scan (both halves save the normed input; twice it would be another [L, B, T, D]).
+  It knows which leaves are the layer's parameters themselves (`vjps`, SAVED_PARAMS_PLATFORMS)."""
 
   def __init__(self, leaves: tuple[Any, ...], layout):
     self.leaves, self.layout = leaves, layout  # layout: static, how to rebuild the two VJPs
 
   @classmethod
-  def of(cls, vjp_kv, vjp_rest) -> "_LayerResiduals":
+  def of(cls, vjp_kv, vjp_rest, params_l) -> "_LayerResiduals":
     leaves_kv, tree_kv = jax.tree.flatten(vjp_kv)
     leaves_rest, tree_rest = jax.tree.flatten(vjp_rest)
     distinct, index, positions = [], {}, []
@@ -505,7 +518,11 @@ class _LayerResiduals:
         index[id(leaf)] = len(distinct)
         distinct.append(leaf)
       positions.append(index[id(leaf)])
-    return cls(tuple(distinct), (tree_kv, tree_rest, len(leaves_kv), tuple(positions), None))
+    # (leaf, parameter) index pairs: the residuals that are the very parameter arrays.
+    params_at = tuple((index[id(p)], j) for j, p in enumerate(jax.tree.leaves(params_l))
+                      if id(p) in index)
+    return cls(tuple(distinct),
+               (tree_kv, tree_rest, len(leaves_kv), tuple(positions), None, params_at))
 
   def without(self, leaf: jax.Array) -> "_LayerResiduals":
     """These residuals with `leaf` (one of them, the very array) left out; `with_left_out`
@@ -514,17 +531,30 @@ class _LayerResiduals:
     if k is None:  # _rest_keeps_routed said the layer would save it
       raise ValueError("kv_pull: a layer's VJP did not save its routed kv as the probe of layer 0"
                        " did; the one-product backward needs every layer to")
-    return _LayerResiduals(self.leaves[:k] + self.leaves[k + 1:], self.layout[:4] + (k,))
+    params_at = tuple((i - (i > k), j) for i, j in self.layout[5])
+    return _LayerResiduals(self.leaves[:k] + self.leaves[k + 1:],
+                           self.layout[:4] + (k, params_at))
 
   def with_left_out(self, leaf: jax.Array) -> "_LayerResiduals":
     """The residuals that `without` left `leaf` out of, with it back in its place."""
     k = self.layout[4]
-    return _LayerResiduals(self.leaves[:k] + (leaf,) + self.leaves[k:], self.layout[:4] + (None,))
+    params_at = tuple((i + (i >= k), j) for i, j in self.layout[5])
+    return _LayerResiduals(self.leaves[:k] + (leaf,) + self.leaves[k:],
+                           self.layout[:4] + (None, params_at))
 
-  def vjps(self):
-    """(the first half's VJP, the rest's)."""
-    tree_kv, tree_rest, n_kv, positions, _ = self.layout
-    leaves = [self.leaves[i] for i in positions]
+  def vjps(self, params_l):
+    """(the first half's VJP, the rest's), their parameters the saved ones where compiled for
+    SAVED_PARAMS_PLATFORMS, else those of `params_l` (the layer's, taken again)."""
+    tree_kv, tree_rest, n_kv, positions, _, params_at = self.layout
+    leaves = list(self.leaves)
+    if params_at:
+      saved = tuple(leaves[i] for i, _ in params_at)
+      taken_again = tuple(jax.tree.leaves(params_l)[j] for _, j in params_at)
+      chosen = _on_platforms(SAVED_PARAMS_PLATFORMS, lambda saved, _: saved,
+                             lambda _, taken_again: taken_again, saved, taken_again)
+      for (i, _), leaf in zip(params_at, chosen):
+        leaves[i] = leaf
+    leaves = [leaves[i] for i in positions]
     return tree_kv.unflatten(leaves[:n_kv]), tree_rest.unflatten(leaves[n_kv:])
 
   def tree_flatten(self):
@@ -601,7 +631,7 @@ def _forward(kv_fn, layer_fn, weights_fn, groups, window, kv_shape, unroll, para
     if not save:
       return (rest(params_l, x_BxTxD, handoff, routed_BxTxRx2xHd), buf_LxRxBxTx2xHd), None
     x_next, vjp_rest = jax.vjp(rest, params_l, x_BxTxD, handoff, routed_BxTxRx2xHd)
-    residuals = _LayerResiduals.of(vjp_kv, vjp_rest)
+    residuals = _LayerResiduals.of(vjp_kv, vjp_rest, params_l)
     if not gram:
       return (x_next, buf_LxRxBxTx2xHd), residuals
     routed_LxRxBxTx2xHd = jax.lax.dynamic_update_index_in_dim(
@@ -638,10 +668,11 @@ def _pull_stack_bwd(kv_fn, layer_fn, weights_fn, groups, window, kv_shape, unrol
   columns_LxLxRxR = jnp.moveaxis(W_LxRxLxR, 2, 0)  # [source, reader, R, R]
   if routed_LxRxBxTx2xHd is None:
     dx_BxTxD, dparams_L, dW_LxRxLxR = _backward_by_rows(
-        groups, window, unroll, buf_LxRxBxTx2xHd, columns_LxLxRxR, saved, dx_BxTxD)
+        groups, window, unroll, params_S, buf_LxRxBxTx2xHd, columns_LxLxRxR, saved, dx_BxTxD)
   else:
     dx_BxTxD, dparams_L, dW_LxRxLxR = _backward_gram(
-        groups, unroll, buf_LxRxBxTx2xHd, routed_LxRxBxTx2xHd, columns_LxLxRxR, saved, dx_BxTxD)
+        groups, unroll, params_S, buf_LxRxBxTx2xHd, routed_LxRxBxTx2xHd, columns_LxLxRxR, saved,
+        dx_BxTxD)
   dparams_S = tuple(jax.tree.map(lambda a: a[g.start:g.stop], dparams_L) for g in groups)
   _, weights_vjp = jax.vjp(weights_fn, params_S)
   (dparams_from_W,) = weights_vjp(dW_LxRxLxR)
@@ -662,7 +693,7 @@ def _layers_in_reverse(body, carry, saved, columns_LxLxRxR, source_L, unroll):
                       (saved, columns_LxLxRxR, source_L), reverse=True, unroll=unroll)
 
 
-def _backward_by_rows(groups, window, unroll, buf_LxRxBxTx2xHd, columns_LxLxRxR, saved,
+def _backward_by_rows(groups, window, unroll, params_S, buf_LxRxBxTx2xHd, columns_LxLxRxR, saved,
                       dx_BxTxD):
   """The layers' backward, in reverse, each layer taking its router row's gradient from the
   buffer's raw kv: (dx, the layers' parameter gradients, dW [L, R, L, R])."""
@@ -676,7 +707,7 @@ def _backward_by_rows(groups, window, unroll, buf_LxRxBxTx2xHd, columns_LxLxRxR,
     # buf: slots j <= l raw kv, slots i > l the cotangents of readers i's routed kv. dfirst
     # (`_sums_layer_zero_cotangent`): layer 0's raw kv cotangent from readers l+1 and later.
     dx_BxTxD, buf_LxRxBxTx2xHd, *dfirst = carry
-    vjp_kv, vjp_rest = layer_residuals.vjps()
+    vjp_kv, vjp_rest = layer_residuals.vjps(_layer_params(groups, l, params_S))
     dparams_rest, dx_rest_BxTxD, dhandoff, drouted_BxTxRx2xHd = vjp_rest(dx_BxTxD)
     if window is None:
       dW_RxLxR = _switch_on_group(groups, l, _router_row_gradient, drouted_BxTxRx2xHd,
@@ -715,7 +746,7 @@ def _backward_by_rows(groups, window, unroll, buf_LxRxBxTx2xHd, columns_LxLxRxR,
   return carry[0], dparams_L, dW_LxRxLxR
 
 
-def _backward_gram(groups, unroll, buf_LxRxBxTx2xHd, routed_LxRxBxTx2xHd, columns_LxLxRxR,
+def _backward_gram(groups, unroll, params_S, buf_LxRxBxTx2xHd, routed_LxRxBxTx2xHd, columns_LxLxRxR,
                    saved, dx_BxTxD):
   """The layers' backward, in reverse, for dense reads whose forward kept each layer's routed kv
   in a buffer (`_forward`): each layer reads its routed kv from its slot there, and its
@@ -733,7 +764,8 @@ def _backward_gram(groups, unroll, buf_LxRxBxTx2xHd, routed_LxRxBxTx2xHd, column
     # (the column is zero for i < l).
     dx_BxTxD, routed_LxRxBxTx2xHd = carry
     routed_BxTxRx2xHd = _from_slot(read_slots(routed_LxRxBxTx2xHd, l, 1)[0])
-    vjp_kv, vjp_rest = residuals_but_routed.with_left_out(routed_BxTxRx2xHd).vjps()
+    vjp_kv, vjp_rest = residuals_but_routed.with_left_out(routed_BxTxRx2xHd).vjps(
+        _layer_params(groups, l, params_S))
     dparams_rest, dx_rest_BxTxD, dhandoff, drouted_BxTxRx2xHd = vjp_rest(dx_BxTxD)
     pull = lambda column_LxRxR, routed_LxRxBxTx2xHd, _: _switch_on_group(  # noqa: E731
         groups, l, _cotangent_from_readers, column_LxRxR, routed_LxRxBxTx2xHd)
