@@ -127,6 +127,28 @@ def test_pull_in_its_tpu_layouts_equals_push(changes, monkeypatch):
   chex.assert_trees_all_close(grads_pull, grads_push, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("changes", [
+    {"scan_segments": 1, "remat_policy": "dots"}, {"scan_segments": 2},
+], ids=str)
+def test_pull_in_its_gpu_layouts_equals_push(changes, monkeypatch):
+  """On a GPU every buffer the layers write is constrained row-major
+  (kv_pull.ROW_MAJOR_BUFFER_PLATFORMS); the CPU's program has no constraint. Here the CPU takes
+  that path: the program then carries row-major constraints on the buffers only (their fresh
+  fills and each write, forward and backward) and gives the push's loss and gradients."""
+  cfg = CFG.replace(**changes)
+  pull = cfg.replace(routing_impl="pull")
+  assert not _layout_constraints(pull)
+  monkeypatch.setattr(kv_pull, "ROW_MAJOR_BUFFER_PLATFORMS", ("cpu",))
+  constraints = _layout_constraints(pull)
+  assert set(constraints) == {(5, 4, 3, 2, 1, 0)}  # minor to major: [L, R, B, T, 2, Hd] as is
+  # The raw buffer's fill and forward write; the routed kv buffer's fill, where the backward is
+  # the one product (remat), and the backward's write of the buffer it pulls from.
+  assert constraints[(5, 4, 3, 2, 1, 0)] == (4 if cfg.remat_policy == "dots" else 3)
+  (loss_push, grads_push), (loss_pull, grads_pull) = _push_and_pull(cfg)
+  np.testing.assert_allclose(loss_pull, loss_push, rtol=1e-6)
+  chex.assert_trees_all_close(grads_pull, grads_push, rtol=1e-5, atol=1e-6)
+
+
 def test_pull_in_bfloat16_stays_close_to_push():
   """bf16 compute: the buffer holds bf16 raw kv, the mix accumulates in float32 (as the push)."""
   cfg = CFG.replace(compute_dtype="bfloat16")
