@@ -131,7 +131,7 @@ def test_pull_in_its_tpu_layouts_equals_push(changes, monkeypatch):
     {"scan_segments": 1, "remat_policy": "dots"}, {"scan_segments": 2},
 ], ids=str)
 def test_pull_in_its_gpu_layouts_equals_push(changes, monkeypatch):
-  """On a GPU every buffer the layers write is constrained row-major
+  """On a GPU the buffers the products read are constrained row-major
   (kv_pull.ROW_MAJOR_BUFFER_PLATFORMS); the CPU's program has no constraint. Here the CPU takes
   that path: the program then carries row-major constraints on the buffers only (their fresh
   fills and each write, forward and backward) and gives the push's loss and gradients."""

@@ -47,7 +47,7 @@ written. Other platforms, and a stack unrolled over its layers, zero-fill it
 (UNINITIALIZED_BUFFER_PLATFORMS). Each layer's routed kv, which it saves for the backward, is
 constrained on a TPU too, to the layout in which the compiler counted the fewest bytes
 (ROUTED_LAYOUTS; for dense reads, the one the backward reads it in). On a GPU the buffers the
-layers write are kept row-major, the layout the products read (ROW_MAJOR_BUFFER_PLATFORMS).
+products read are kept row-major, the layout they read (ROW_MAJOR_BUFFER_PLATFORMS).
 
 In the row-by-row backward one buffer serves both passes: slots j <= l still hold raw kv
 (needed by the readers still to go) and slots i > l the cotangents (their raw kv is no longer
@@ -193,14 +193,15 @@ WINDOW_BUFFER_LAYOUT = (0, 2, 4, 5, 1, 3)
 # TPU compiler the dot forms cost the windowed deep setup 1% more (scanned: 228.8 -> 231.4 GB).
 EINSUM_PLATFORMS = ("tpu",)
 
-# Where every buffer the layers write is constrained to row-major ([L, R, B, T, 2, Hd] as it
-# lies, in which the products read it as an [L*R, rest] matrix): GPUs'. Unconstrained, XLA:GPU
-# carried the one-product backward's routed kv buffer in the layout in which the attention reads
-# a slot ([B, L, R, 2, Hd, T]) and transposed all of it before each layer's pull of the readers'
-# cotangents: 1 GiB read and written a layer at the accelerator check's shapes (deviceless
-# compile for one H100, 1.2B and deep setups). Now the forward writes that layout and the buffer
-# is transposed once, between the loops: HBM 1.2B 32.99 -> 34.10 GiB, deep 15.89 (the same).
-# Not timed on a GPU.
+# Where the buffers the products read are constrained to row-major ([L, R, B, T, 2, Hd] as it
+# lies, in which the products read it as an [L*R, rest] matrix), at their fills and at each write
+# a product reads after (`_written_and_read`; not the forward's writes of the routed kv): GPUs'.
+# Unconstrained, XLA:GPU carried the one-product backward's routed kv buffer in the layout in
+# which the attention reads a slot ([B, L, R, 2, Hd, T]) and transposed all of it before each
+# layer's pull of the readers' cotangents: 1 GiB read and written a layer at the accelerator
+# check's shapes (deviceless compile for one H100, 1.2B and deep setups). Now the forward writes
+# that layout and the buffer is transposed once, between the loops: HBM 1.2B 32.99 -> 34.10 GiB,
+# deep 15.89 (the same). Not timed on a GPU.
 ROW_MAJOR_BUFFER_PLATFORMS = ("cuda", "rocm")
 
 
