@@ -133,8 +133,8 @@ def test_pull_in_its_tpu_layouts_equals_push(changes, monkeypatch):
 def test_pull_in_its_gpu_layouts_equals_push(changes, monkeypatch):
   """On a GPU the buffers the products read are constrained row-major
   (kv_pull.ROW_MAJOR_BUFFER_PLATFORMS); the CPU's program has no constraint. Here the CPU takes
-  that path: the program then carries row-major constraints on the buffers only (their fresh
-  fills and each write, forward and backward) and gives the push's loss and gradients."""
+  that path: the program then carries row-major constraints on the buffers only (their fills
+  and the writes a product reads after) and gives the push's loss and gradients."""
   cfg = CFG.replace(**changes)
   pull = cfg.replace(routing_impl="pull")
   assert not _layout_constraints(pull)

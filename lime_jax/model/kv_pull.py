@@ -301,21 +301,24 @@ def _fresh_buffer(shape: tuple[int, ...], dtype, may_start_uninitialized: bool,
                        zeros)
 
 
-def _in_layout(x: jax.Array, layout: tuple[int, ...] | None) -> jax.Array:
-  """`x` constrained to `layout` (major to minor) where compiled for a platform of
-  LAYOUT_PLATFORMS (chosen when lowering); otherwise, or with no layout, as it is."""
+def _in_layout(x: jax.Array, layout: tuple[int, ...] | None,
+               platforms: tuple[str, ...] | None = None) -> jax.Array:
+  """`x` constrained to `layout` (major to minor) where compiled for one of `platforms`
+  (LAYOUT_PLATFORMS by default, read when tracing; chosen when lowering); otherwise, or with no
+  layout, as it is."""
   if layout is None:
     return x
   constrained = lambda x: with_layout_constraint(x, Layout(layout))  # noqa: E731
-  return _on_platforms(LAYOUT_PLATFORMS, constrained, lambda x: x, x)
+  return _on_platforms(LAYOUT_PLATFORMS if platforms is None else platforms, constrained,
+                       lambda x: x, x)
 
 
 def _in_buffer_layout(buf_LxRxBxTx2xHd: jax.Array, whole_reads: bool) -> jax.Array:
   """A buffer in its platform's layout: on a TPU, SLOT_MAJOR_LAYOUT where read whole
   (`_in_layout`); on a GPU row-major (ROW_MAJOR_BUFFER_PLATFORMS); elsewhere as it is."""
   buf_LxRxBxTx2xHd = _in_layout(buf_LxRxBxTx2xHd, SLOT_MAJOR_LAYOUT if whole_reads else None)
-  row_major = lambda x: with_layout_constraint(x, Layout(tuple(range(x.ndim))))  # noqa: E731
-  return _on_platforms(ROW_MAJOR_BUFFER_PLATFORMS, row_major, lambda x: x, buf_LxRxBxTx2xHd)
+  return _in_layout(buf_LxRxBxTx2xHd, tuple(range(buf_LxRxBxTx2xHd.ndim)),
+                    ROW_MAJOR_BUFFER_PLATFORMS)
 
 
 def _written(kv_NxRxBxTx2xHd: jax.Array, first, last, may_start_uninitialized: bool
@@ -514,14 +517,26 @@ def pull_stack(kv_fn: KvFn, layer_fn: LayerFn, weights_fn: WeightsFn,
   return x_BxTxD
 
 
+class _ResidualsLayout(NamedTuple):
+  """How to rebuild a layer's two VJPs from its distinct residual leaves (static). Indices are
+  into all the distinct leaves, `left_out` (by `without`) included."""
+
+  tree_kv: Any
+  tree_rest: Any
+  n_kv: int  # the first half's leaf count
+  positions: tuple[int, ...]  # each VJP leaf's distinct leaf
+  left_out: int | None
+  params_at: tuple[tuple[int, int], ...]  # (distinct leaf, parameter leaf): the very parameters
+
+
 @jax.tree_util.register_pytree_node_class
 class _LayerResiduals:
   """One layer's saved residuals: both halves' VJPs as their distinct leaves, each stacked once
   by the scan (both halves save the normed input; twice it would be another [L, B, T, D]).
   It knows which leaves are the layer's parameters themselves (`vjps`, SAVED_PARAMS_PLATFORMS)."""
 
-  def __init__(self, leaves: tuple[Any, ...], layout):
-    self.leaves, self.layout = leaves, layout  # layout: static, how to rebuild the two VJPs
+  def __init__(self, leaves: tuple[Any, ...], layout: _ResidualsLayout):
+    self.leaves, self.layout = leaves, layout
 
   @classmethod
   def of(cls, vjp_kv, vjp_rest, params_l) -> "_LayerResiduals":
@@ -533,11 +548,10 @@ class _LayerResiduals:
         index[id(leaf)] = len(distinct)
         distinct.append(leaf)
       positions.append(index[id(leaf)])
-    # (leaf, parameter) index pairs: the residuals that are the very parameter arrays.
     params_at = tuple((index[id(p)], j) for j, p in enumerate(jax.tree.leaves(params_l))
                       if id(p) in index)
-    return cls(tuple(distinct),
-               (tree_kv, tree_rest, len(leaves_kv), tuple(positions), None, params_at))
+    return cls(tuple(distinct), _ResidualsLayout(tree_kv, tree_rest, len(leaves_kv),
+                                                 tuple(positions), None, params_at))
 
   def without(self, leaf: jax.Array) -> "_LayerResiduals":
     """These residuals with `leaf` (one of them, the very array) left out; `with_left_out`
@@ -546,20 +560,18 @@ class _LayerResiduals:
     if k is None:  # _rest_keeps_routed said the layer would save it
       raise ValueError("kv_pull: a layer's VJP did not save its routed kv as the probe of layer 0"
                        " did; the one-product backward needs every layer to")
-    params_at = tuple((i - (i > k), j) for i, j in self.layout[5])
-    return _LayerResiduals(self.leaves[:k] + self.leaves[k + 1:],
-                           self.layout[:4] + (k, params_at))
+    return _LayerResiduals(self.leaves[:k] + self.leaves[k + 1:], self.layout._replace(left_out=k))
 
   def with_left_out(self, leaf: jax.Array) -> "_LayerResiduals":
     """The residuals that `without` left `leaf` out of, with it back in its place."""
-    k = self.layout[4]
-    params_at = tuple((i + (i >= k), j) for i, j in self.layout[5])
+    k = self.layout.left_out
     return _LayerResiduals(self.leaves[:k] + (leaf,) + self.leaves[k:],
-                           self.layout[:4] + (None, params_at))
+                           self.layout._replace(left_out=None))
 
   def vjps(self, params_l):
     """(the first half's VJP, the rest's), their parameters the saved ones where compiled for
-    SAVED_PARAMS_PLATFORMS, else those of `params_l` (the layer's, taken again)."""
+    SAVED_PARAMS_PLATFORMS, else those of `params_l` (the layer's, taken again). Not on
+    residuals that `without` left a leaf out of."""
     tree_kv, tree_rest, n_kv, positions, _, params_at = self.layout
     leaves = list(self.leaves)
     if params_at:
