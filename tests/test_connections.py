@@ -274,7 +274,8 @@ def test_denseformer_training_memory_grows_linearly_with_depth():
   def temp(c):
     params = jax.eval_shape(functools.partial(M.init_params, c), jax.random.key(0))
     tokens = jax.ShapeDtypeStruct((2, c.T + 1), jnp.int32)
-    compiled = jax.jit(jax.grad(_loss), static_argnums=1).lower(params, c, tokens).compile()
+    compiled = model_checks.compiled_as_users(
+        jax.jit(jax.grad(_loss), static_argnums=1).lower(params, c, tokens))
     return compiled.memory_analysis().temp_size_in_bytes
 
   temp_L, temp_2L = temp(cfg), temp(cfg.replace(L=8))

@@ -12,6 +12,7 @@ from lime_jax.inference import decode
 from lime_jax.model import transformer as M
 from lime_jax.model import stack
 from lime_jax.config import ModelConfig
+import model_checks
 
 # L=3 with two segments: the scanned LIMe stack runs segments of 1 and 2 layers.
 MHA = ModelConfig(V=64, D=32, L=3, H=4, R=4, F=64, T=32, scan_segments=2)
@@ -119,7 +120,8 @@ def test_cache_memory_equals_baseline():
     _, new_cache = jax.eval_shape(functools.partial(decode.decode_step, cfg=cfg), params,
                                   token_Bx1=token_Bx1, cache=cache)
     chex.assert_trees_all_equal_shapes_and_dtypes(new_cache, cache)
-    compiled = decode._decode_step.lower(params, token_Bx1, cache, cfg=cfg).compile()
+    compiled = model_checks.compiled_as_users(
+        decode._decode_step.lower(params, token_Bx1, cache, cfg=cfg))
     memory = compiled.memory_analysis()
     assert memory.alias_size_in_bytes == expected  # donated: output cache = input buffers
     temp[cfg.router] = memory.temp_size_in_bytes

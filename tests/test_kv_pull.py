@@ -383,7 +383,7 @@ def test_routed_buffer_writes_follow_their_reads():
 def _buffer_copies_per_layer(cfg) -> list[str]:
   """The copies of a whole kv buffer ([L, R, B, T, 2, Hd]) that the CPU's compiled gradient
   program makes outside its entry computation: inside the layer loops, once a layer."""
-  hlo = model_checks.lowered_gradient(cfg).compile().as_text()
+  hlo = model_checks.compiled_as_users(model_checks.lowered_gradient(cfg)).as_text()
   buffer = re.compile(rf"= f32\[{cfg.L},{cfg.R},\d+,\d+,2,{cfg.Hd}\]\{{[\d,]*\}} copy\(")
   return [line.strip() for name, lines in model_checks.hlo_computations(hlo).items()
           if name != "ENTRY" for line in lines if buffer.search(line)]
@@ -405,7 +405,7 @@ def test_cpu_layer_loops_copy_no_buffer(changes):
 def _stacks_of_gate_up(cfg) -> int:
   """Arrays stacked over layers in the shape of the MLP's gate_up parameter ([L, D, 2, F]) by
   the layer loops of the CPU's compiled gradient program (fused writes of a layer's slice)."""
-  hlo = model_checks.lowered_gradient(cfg).compile().as_text()
+  hlo = model_checks.compiled_as_users(model_checks.lowered_gradient(cfg)).as_text()
   stack_write = re.compile(
       rf"ROOT %\S+ = f32\[{cfg.L},{cfg.D},2,{cfg.F}\]\{{[\d,]*\}} dynamic-update-slice\(")
   return sum(bool(stack_write.search(line))

@@ -183,7 +183,7 @@ def _scanned_push_gradient_hlo(I, R, S, P):
     return jnp.sum(reads_L)
 
   grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-  return grad.lower(weights_LxIxRxS, payload_LxSxP).compile().as_text()
+  return model_checks.compiled_as_users(grad.lower(weights_LxIxRxS, payload_LxSxP)).as_text()
 
 
 def test_cpu_backward_is_two_dots_and_no_accumulator_copies():

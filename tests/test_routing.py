@@ -146,7 +146,8 @@ def test_windowed_ring_work_and_memory_are_linear_in_depth():
   def temp_bytes(c):
     params = jax.eval_shape(lambda: M.init_params(c, jax.random.key(0)))
     tokens = jax.ShapeDtypeStruct((2, c.T + 1), jnp.int32)
-    compiled = jax.jit(jax.grad(_loss), static_argnums=1).lower(params, c, tokens).compile()
+    compiled = model_checks.compiled_as_users(
+        jax.jit(jax.grad(_loss), static_argnums=1).lower(params, c, tokens))
     return compiled.memory_analysis().temp_size_in_bytes
 
   # 16 -> 32 layers (at 8 the default scan_segments split every layer into its own scan).
@@ -192,7 +193,9 @@ def test_recomputed_raw_kv_saves_a_float32_kv_per_layer(changes):
   cfg = ModelConfig(V=64, D=64, L=8, H=4, R=4, F=128, T=64, **changes)
   B = 2
   temp_bytes = {mode: bench.bench_point(cfg.replace(push_raw_kv=mode), B, steps=0,
-                                        measure_flops=False)["temp_bytes"]
+                                        measure_flops=False,
+                                        compiler_options=model_checks.USERS_CPU_CODEGEN
+                                        )["temp_bytes"]
                 for mode in ("recompute", "save")}
   raw_kv_bytes = B * cfg.T * cfg.R * 2 * cfg.Hd * 4
   assert temp_bytes["save"] - temp_bytes["recompute"] >= (cfg.L - 1) * raw_kv_bytes, temp_bytes

@@ -71,10 +71,11 @@ class ReadyPoint:
   finite: Callable[[], bool]
 
 
-def prepare_point(cfg: ModelConfig, batch: int, seed: int = 0,
-                  measure_flops: bool = True) -> ReadyPoint:
+def prepare_point(cfg: ModelConfig, batch: int, seed: int = 0, measure_flops: bool = True,
+                  compiler_options: dict[str, Any] | None = None) -> ReadyPoint:
   """The train step at `cfg` on `batch` random sequences, compiled (its temp memory, and the
-  unrolled step's FLOPs unless not `measure_flops`); no step has run yet."""
+  unrolled step's FLOPs unless not `measure_flops`); no step has run yet. `compiler_options`:
+  XLA options for the step's compile, over XLA_FLAGS (None: XLA_FLAGS' alone)."""
   tx = make_optimizer(OptimConfig(total_steps=1000, warmup_steps=10))
   step_fn = functools.partial(train_step, model_cfg=cfg, tx=tx)
   rng = jax.random.key(seed)
@@ -84,7 +85,7 @@ def prepare_point(cfg: ModelConfig, batch: int, seed: int = 0,
 
   jitted = jax.jit(step_fn, donate_argnums=(0,))
   start = time.perf_counter()
-  compiled = jitted.lower(state, batch_arrays).compile()
+  compiled = jitted.lower(state, batch_arrays).compile(compiler_options=compiler_options)
   compile_s = time.perf_counter() - start
   temp_bytes = int(compiled.memory_analysis().temp_size_in_bytes)
 
@@ -135,9 +136,10 @@ def finish_point(point: ReadyPoint, times: list[float], timing: str) -> dict[str
 
 
 def bench_point(cfg: ModelConfig, batch: int, steps: int, seed: int = 0,
-                measure_flops: bool = True) -> dict[str, Any]:
+                measure_flops: bool = True,
+                compiler_options: dict[str, Any] | None = None) -> dict[str, Any]:
   """One point compiled and timed on its own."""
-  point = prepare_point(cfg, batch, seed, measure_flops)
+  point = prepare_point(cfg, batch, seed, measure_flops, compiler_options)
   (times,) = time_rounds([point], steps)
   return finish_point(point, times, "sequential")
 
