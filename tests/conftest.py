@@ -14,17 +14,14 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "rbg")
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_backend_optimization_level=0").strip()
-for flag in ("--xla_cpu_use_fusion_emitters=false", "--xla_cpu_parallel_codegen_split_count=1"):
-  if flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " " + flag
-# 8 fake CPU devices for the sharding tests (tests/test_sharding.py). Everything else still
-# runs on one: jit places unsharded work on device 0, and the default mesh is one device.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ["XLA_FLAGS"]
-                             + " --xla_force_host_platform_device_count=8").strip()
+# Each added unless XLA_FLAGS sets it already. The last: 8 fake CPU devices for the sharding
+# tests (tests/test_sharding.py). Everything else still runs on one: jit places unsharded work
+# on device 0, and the default mesh is one device.
+for flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false",
+             "--xla_cpu_parallel_codegen_split_count=1",
+             "--xla_force_host_platform_device_count=8"):
+  if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -12,6 +12,7 @@ import numpy as np
 from lime_jax.inference import decode
 from lime_jax.model import transformer as M
 from lime_jax.model import stack
+from lime_jax.studies import bench
 from lime_jax.train.loss import mean_loss
 
 
@@ -41,6 +42,12 @@ USERS_CPU_CODEGEN = {"xla_cpu_use_fusion_emitters": True}
 def compiled_as_users(lowered):
   """`lowered` compiled as a user's CPU program is: for checks of its structure or memory."""
   return lowered.compile(compiler_options=USERS_CPU_CODEGEN)
+
+
+def train_step_temp_bytes(cfg, batch: int = 2) -> int:
+  """Compiled temp bytes of the bench's training step at `cfg` (`lime-jax bench`'s measure)."""
+  return bench.bench_point(cfg, batch, steps=0, measure_flops=False,
+                           compiler_options=USERS_CPU_CODEGEN)["temp_bytes"]
 
 
 def lowered_gradient(cfg, B=2):

@@ -14,11 +14,6 @@ import model_checks
 SMALL = ModelConfig(V=64, D=64, L=4, H=4, R=4, F=128, T=64)
 
 
-def _train_step_temp_bytes(cfg: ModelConfig, batch: int = 2) -> int:
-  return bench.bench_point(cfg, batch, steps=0, measure_flops=False,
-                           compiler_options=model_checks.USERS_CPU_CODEGEN)["temp_bytes"]
-
-
 def _naive_carried_buffer_temp_bytes(L: int, B=2, T=64, R=4, Hd=16) -> int:
   """The spec's memory trap: carry the whole kv buffer and read it (masked) in every layer."""
   def loss(w_LxRxLxR, kv_LxBxTxRx2xHd):
@@ -39,11 +34,11 @@ def _naive_carried_buffer_temp_bytes(L: int, B=2, T=64, R=4, Hd=16) -> int:
 @pytest.mark.parametrize("segments", [1, 2])
 def test_lime_training_memory_grows_linearly_with_depth(segments):
   cfg = SMALL.replace(scan_segments=segments)
-  temp_L = _train_step_temp_bytes(cfg.replace(L=4))
-  temp_2L = _train_step_temp_bytes(cfg.replace(L=8))
+  temp_L = model_checks.train_step_temp_bytes(cfg.replace(L=4))
+  temp_2L = model_checks.train_step_temp_bytes(cfg.replace(L=8))
   assert temp_2L <= 2.1 * temp_L, (temp_L, temp_2L)
   # LIMe stays close to the baseline at the deeper point too.
-  base_2L = _train_step_temp_bytes(cfg.replace(L=8, router="none"))
+  base_2L = model_checks.train_step_temp_bytes(cfg.replace(L=8, router="none"))
   assert temp_2L <= 1.5 * base_2L, (temp_2L, base_2L)
 
 

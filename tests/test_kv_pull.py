@@ -17,7 +17,7 @@ from lime_jax.model import flops, kv_pull, stack
 from lime_jax.model.mixers import kv_routing
 from lime_jax.model import transformer as M
 import model_checks
-from test_bench import SMALL, _train_step_temp_bytes
+from test_bench import SMALL
 
 CFG = ModelConfig(V=64, D=32, L=6, H=4, R=2, F=64, T=8, scan_segments=2)
 
@@ -168,10 +168,10 @@ def test_pull_training_memory_grows_linearly_with_depth(changes):
   """test_bench.py's criterion (which catches the quadratic carried buffer), for the window's
   reads too."""
   cfg = SMALL.replace(routing_impl="pull", **changes)
-  temp_L = _train_step_temp_bytes(cfg.replace(L=4))
-  temp_2L = _train_step_temp_bytes(cfg.replace(L=8))
+  temp_L = model_checks.train_step_temp_bytes(cfg.replace(L=4))
+  temp_2L = model_checks.train_step_temp_bytes(cfg.replace(L=8))
   assert temp_2L <= 2.1 * temp_L, (temp_L, temp_2L)
-  base_2L = _train_step_temp_bytes(cfg.replace(L=8, router="none", router_window=None))
+  base_2L = model_checks.train_step_temp_bytes(cfg.replace(L=8, router="none", router_window=None))
   assert temp_2L <= 1.5 * base_2L, (temp_2L, base_2L)
 
 

@@ -14,7 +14,6 @@ from lime_jax.model import transformer as M
 from lime_jax.model import stack
 from lime_jax.model.mixers import kv_routing as routing
 from lime_jax.config import ModelConfig
-from lime_jax.studies import bench
 from lime_jax.train.loss import mean_loss
 import model_checks
 
@@ -192,10 +191,7 @@ def test_recomputed_raw_kv_saves_a_float32_kv_per_layer(changes):
   since the MLP's activation is rematerialized, 8 before), and the same loss and gradients."""
   cfg = ModelConfig(V=64, D=64, L=8, H=4, R=4, F=128, T=64, **changes)
   B = 2
-  temp_bytes = {mode: bench.bench_point(cfg.replace(push_raw_kv=mode), B, steps=0,
-                                        measure_flops=False,
-                                        compiler_options=model_checks.USERS_CPU_CODEGEN
-                                        )["temp_bytes"]
+  temp_bytes = {mode: model_checks.train_step_temp_bytes(cfg.replace(push_raw_kv=mode), B)
                 for mode in ("recompute", "save")}
   raw_kv_bytes = B * cfg.T * cfg.R * 2 * cfg.Hd * 4
   assert temp_bytes["save"] - temp_bytes["recompute"] >= (cfg.L - 1) * raw_kv_bytes, temp_bytes

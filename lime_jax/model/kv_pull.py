@@ -572,8 +572,8 @@ class _LayerResiduals:
     """(the first half's VJP, the rest's), their parameters the saved ones where compiled for
     SAVED_PARAMS_PLATFORMS, else those of `params_l` (the layer's, taken again). Not on
     residuals that `without` left a leaf out of."""
-    tree_kv, tree_rest, n_kv, positions, _, params_at = self.layout
-    leaves = list(self.leaves)
+    layout, leaves = self.layout, list(self.leaves)
+    params_at = layout.params_at
     if params_at:
       saved = tuple(leaves[i] for i, _ in params_at)
       taken_again = tuple(jax.tree.leaves(params_l)[j] for _, j in params_at)
@@ -581,8 +581,9 @@ class _LayerResiduals:
                              lambda _, taken_again: taken_again, saved, taken_again)
       for (i, _), leaf in zip(params_at, chosen):
         leaves[i] = leaf
-    leaves = [leaves[i] for i in positions]
-    return tree_kv.unflatten(leaves[:n_kv]), tree_rest.unflatten(leaves[n_kv:])
+    leaves = [leaves[i] for i in layout.positions]
+    return (layout.tree_kv.unflatten(leaves[:layout.n_kv]),
+            layout.tree_rest.unflatten(leaves[layout.n_kv:]))
 
   def tree_flatten(self):
     return self.leaves, self.layout
